@@ -1,0 +1,201 @@
+"""In-process secure inference: the five roles as asyncio tasks over in-memory links.
+
+``secure_segment`` compiles the model (model owner), deploys masks (dealer),
+opens E (servers), generates and ships one bundle (offline), then shares the
+image, walks the plan and reconstructs (online). Every byte between roles is
+a serialized frame on a :class:`~blindseg.channel.MemoryLink`, so the counts
+are those the networked service sends (before transport encryption).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from data_owner import reconstruct, share_image, validate_image
+from dealer import Bundle, Dealer
+from dealer.core import model_mask_shares
+from model_owner import share_weights, weights_frame
+
+from .channel import MemoryLink
+from .errors import UsageError
+from .plan import Compiled, Plan, compile_model
+from .preprocessing import DEFAULT_ARITIES
+from .server import RunStats, ServerCore, drive
+from .wire import decode_frame, encode_frame
+
+
+@dataclass
+class SegmentResult:
+    """What the data owner gets back, plus the run's measured costs."""
+
+    mask: np.ndarray | None
+    logits: np.ndarray | None
+    stats: dict[str, Any]
+    plan: Plan
+
+
+def bundle_frame(b: Bundle) -> bytes:
+    """A bundle as one frame: seed in the header, corrections as arrays."""
+    flat = [a for op in b.corrections for a in op]
+    header = {"t": "bundle", "id": b.bundle_id, "model": b.model_id, "batch": b.batch, "party": b.party,
+              "seed": b.seed, "counts": [len(op) for op in b.corrections]}
+    return encode_frame(header, flat)
+
+
+def parse_bundle(frame: bytes) -> Bundle:
+    header, arrays = decode_frame(frame)
+    counts = header.get("counts", [])
+    if header.get("t") != "bundle" or sum(counts) != len(arrays):
+        from .errors import ProtocolError
+
+        raise ProtocolError("bundle frame is malformed")
+    corr, k = [], 0
+    for c in counts:
+        corr.append(arrays[k : k + c])
+        k += c
+    return Bundle(header["id"], header["model"], int(header["batch"]), int(header["party"]), header["seed"], corr)
+
+
+def parse_weights(frame: bytes) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+    header, arrays = decode_frame(frame)
+    out: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+    k = 0
+    for i, hb in zip(header["ops"], header["bias"], strict=True):
+        w = arrays[k]
+        k += 1
+        b = arrays[k] if hb else None
+        k += 1 if hb else 0
+        out[int(i)] = (w, b)
+    return out
+
+
+def secure_segment(model: Any, image: Any, frac_bits: int | str = "auto", output: str = "mask",
+                   calibration: Any = None, arities: tuple[int, ...] = DEFAULT_ARITIES) -> SegmentResult:
+    """Segment ``image`` (N x C x H x W float) with ``model`` on secret shares, in-process.
+
+    ``calibration``: the model owner's sample inputs for ``frac_bits="auto"``
+    (defaults to the image itself, which is fine for a single-process run).
+    """
+    return asyncio.run(secure_segment_async(model, image, frac_bits, output, calibration, arities))
+
+
+async def secure_segment_async(model: Any, image: Any, frac_bits: int | str = "auto", output: str = "mask",
+                               calibration: Any = None, arities: tuple[int, ...] = DEFAULT_ARITIES) -> SegmentResult:
+    """Async form of :func:`secure_segment`."""
+    arr = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
+    if arr.ndim != 4:
+        raise UsageError(f"image must be N x C x H x W, got shape {arr.shape}")
+    comp = compile_model(model, tuple(arr.shape[1:]), output, frac_bits,  # type: ignore[arg-type]
+                         samples=np.asarray(calibration) if calibration is not None else _finite(arr))
+    return await run_compiled(comp, arr, arities)
+
+
+def _finite(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.kind not in "fiu" or not np.all(np.isfinite(arr)):
+        raise UsageError("image contains NaN or infinite values" if arr.dtype.kind in "fiu"
+                         else f"image must be numeric, got dtype {arr.dtype}")
+    return arr
+
+
+async def run_compiled(comp: Compiled, image: Any, arities: tuple[int, ...] = DEFAULT_ARITIES) -> SegmentResult:
+    """Deploy a compiled model and run one job through all five roles."""
+    plan = comp.plan
+    x = validate_image(plan, image)
+    batch = x.shape[0]
+    model_id = "model"
+    srv = [ServerCore(0, plan, arities), ServerCore(1, plan, arities)]
+    mo = [MemoryLink(), MemoryLink()]  # model owner <-> server i
+    de = [MemoryLink(), MemoryLink()]  # dealer <-> server i
+    do = [MemoryLink(), MemoryLink()]  # data owner <-> server i
+    ss = MemoryLink()  # server0 <-> server1
+    peer = [ss.a, ss.b]
+
+    # ---- deploy (once per model)
+    t_dep = time.perf_counter()
+    dealer = Dealer(arities)
+    w_shares = share_weights(comp)
+    mask_seeds = dealer.deploy(model_id, plan)
+    for i in (0, 1):
+        await mo[i].a.send("deploy:weights", weights_frame(model_id, w_shares[i]))
+        await de[i].a.send("deploy:masks", encode_frame({"t": "masks", "model": model_id, "seed": mask_seeds[i]}))
+
+    async def deploy_server(i: int) -> None:
+        w = parse_weights(await mo[i].b.recv("deploy:weights"))
+        mh, _ = decode_frame(await de[i].b.recv("deploy:masks"))
+        masks = model_mask_shares(plan, mh["seed"])
+        await drive(srv[i].deploy(w, masks), i, peer[i], "deploy")
+
+    await asyncio.gather(deploy_server(0), deploy_server(1))
+    deploy_seconds = time.perf_counter() - t_dep
+    deploy_bytes = [peer[i].counters.bytes_sent + mo[i].a.counters.bytes_sent for i in (0, 1)]
+    for ep in peer:
+        ep.counters.reset()
+
+    # ---- offline (before the image exists)
+    t_off = time.perf_counter()
+    b0, b1 = await asyncio.to_thread(dealer.make_bundle, model_id, batch)
+    dealer_seconds = time.perf_counter() - t_off
+    await de[0].a.send("bundle", bundle_frame(b0))
+    await de[1].a.send("bundle", bundle_frame(b1))
+
+    async def offline_server(i: int) -> Any:
+        b = parse_bundle(await de[i].b.recv("bundle"))
+        return await asyncio.to_thread(srv[i].prepare, b.bundle_id, b.batch, b.seed, b.corrections if i else None)
+
+    preps = await asyncio.gather(offline_server(0), offline_server(1))
+    offline_seconds = time.perf_counter() - t_off
+    offline_bytes = [de[i].a.counters.bytes_sent - de[i].a.counters.log[0][1] for i in (0, 1)]
+
+    # ---- online
+    t_on = time.perf_counter()
+    x0, x1 = share_image(plan, x)
+    for i, xs in enumerate((x0, x1)):
+        await do[i].a.send("job:input", encode_frame({"t": "input"}, [xs]))
+    stats = [RunStats(), RunStats()]
+
+    async def online_server(i: int) -> None:
+        _, (xs,) = decode_frame(await do[i].b.recv("job:input"))
+        out = await drive(srv[i].run(preps[i], xs), i, peer[i], "job", stats[i])
+        await do[i].b.send("job:output", encode_frame({"t": "output"}, [np.ascontiguousarray(out)]))
+
+    await asyncio.gather(online_server(0), online_server(1))
+    outs = [decode_frame(await do[i].a.recv("job:output"))[1][0] for i in (0, 1)]
+    result = reconstruct(plan, outs[0], outs[1])
+    online_seconds = time.perf_counter() - t_on
+
+    online_bytes = [peer[i].counters.bytes_sent + do[i].b.counters.bytes_sent for i in (0, 1)]
+    layers = []
+    for j, op in enumerate(plan.ops):
+        s0, s1 = stats[0].per_op.get(j), stats[1].per_op.get(j)
+        corr = sum(a.nbytes for a in b1.corrections[j])
+        if s0 is None and corr == 0:
+            continue
+        layers.append({
+            "op": j, "kind": op.kind, "name": op.name, "shape": list(op.shape),
+            "online_seconds": max(s0.seconds if s0 else 0.0, s1.seconds if s1 else 0.0),
+            "online_bytes": max(s0.bytes_sent if s0 else 0, s1.bytes_sent if s1 else 0),
+            "rounds": s0.rounds if s0 else 0, "offline_bytes": corr,
+        })
+    st: dict[str, Any] = {
+        "online_seconds": online_seconds,
+        "offline_seconds": offline_seconds,
+        "dealer_seconds": dealer_seconds,
+        "deploy_seconds": deploy_seconds,
+        "online_bytes": online_bytes,
+        "offline_bytes": offline_bytes,
+        "deploy_bytes": deploy_bytes,
+        "online_bytes_per_server": max(online_bytes),
+        "offline_bytes_per_server": max(offline_bytes),
+        "rounds": stats[0].rounds,
+        "frac_bits": plan.frac_bits,
+        "batch": batch,
+        "layers": layers,
+    }
+    if plan.output == "mask":
+        return SegmentResult(result, None, st, plan)
+    return SegmentResult(None, result, st, plan)

@@ -1,0 +1,72 @@
+"""Reference U-Nets (names the benchmark accepts) built from MPC-friendly layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import UsageError
+
+
+def _unet_class() -> Any:
+    import torch
+    import torch.nn as nn
+
+    class UNet(nn.Module):
+        """U-Net: per stage two 3x3 conv (pad 1) + ReLU, 2x2 max-pool, k2s2 up, skip concat, 1x1 head."""
+
+        def __init__(self, channels: tuple[int, ...], bottleneck: int, in_channels: int = 1, classes: int = 2,
+                     batchnorm: bool = False) -> None:
+            super().__init__()
+
+            def block(cin: int, cout: int) -> nn.Sequential:
+                layers: list[nn.Module] = []
+                for a, b in ((cin, cout), (cout, cout)):
+                    layers.append(nn.Conv2d(a, b, 3, padding=1, bias=not batchnorm))
+                    if batchnorm:
+                        layers.append(nn.BatchNorm2d(b))
+                    layers.append(nn.ReLU())
+                return nn.Sequential(*layers)
+
+            self.down = nn.ModuleList()
+            cin = in_channels
+            for ch in channels:
+                self.down.append(block(cin, ch))
+                cin = ch
+            self.pool = nn.MaxPool2d(2)
+            self.bottom = block(cin, bottleneck)
+            self.up = nn.ModuleList()
+            self.dec = nn.ModuleList()
+            cin = bottleneck
+            for ch in reversed(channels):
+                self.up.append(nn.ConvTranspose2d(cin, ch, 2, stride=2))
+                self.dec.append(block(2 * ch, ch))
+                cin = ch
+            self.head = nn.Conv2d(cin, classes, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            skips = []
+            for blk in self.down:
+                x = blk(x)
+                skips.append(x)
+                x = self.pool(x)
+            x = self.bottom(x)
+            for up, dec, skip in zip(self.up, self.dec, reversed(skips)):
+                x = dec(torch.cat([skip, up(x)], dim=1))
+            return self.head(x)
+
+    return UNet
+
+
+def build_model(name: str, classes: int = 2, in_channels: int = 1, seed: int = 0, batchnorm: bool = False) -> Any:
+    """``ref-unet`` (16-32-64-128, bottleneck 256) or ``trustmis-unet`` (64..512, 1024), seeded weights."""
+    import torch
+
+    specs = {"ref-unet": ((16, 32, 64, 128), 256), "trustmis-unet": ((64, 128, 256, 512), 1024)}
+    if name not in specs:
+        raise UsageError(f"unknown model {name!r}; known: {', '.join(specs)}")
+    torch.manual_seed(seed)
+    ch, bott = specs[name]
+    return _unet_class()(ch, bott, in_channels, classes, batchnorm).eval()
+
+
+MODEL_NAMES = ("ref-unet", "trustmis-unet")

@@ -1,0 +1,159 @@
+"""What each plan op consumes from the dealer, and how a server expands its bundle.
+
+A *bundle* is everything one job consumes. Each op's material is a list of
+items (arithmetic uint32 arrays or bit-sliced uint64 words). An item is either
+
+- *random*: both servers draw their share from their own PRG stream (so the
+  secret value is uniform and known only to the dealer, who holds both seeds), or
+- *derived*: a function of random items (e.g. Beaver C = f(A, B)); server 0
+  draws its share from its PRG, server 1 receives ``value - share0`` (or XOR)
+  as a *correction* -- the only offline bytes that must travel.
+
+Server 0's bundle is therefore a 32-byte seed; server 1's is a seed plus the
+corrections. PRG streams are per op (AES-CTR nonce = op index), so material
+can be expanded op by op.
+
+Material kinds:
+
+- ``beaver``: A (random, input shape), C (derived, output shape).
+- ``trunc``: r (random), u = -((r mod 2^31) >> s), v = 2^(31-s) * msb(r) (derived).
+- ``select`` (ReLU, max, argmax): bits of r (random, 32 rows), rho (random bit),
+  multi-AND masks per circuit level (random); r-bit pair products, mask
+  products, r, u, v, rho, rho*u, rho*v (derived).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bits import nwords
+from .circuit import Circuit, build_circuit
+from .plan import LINEAR, Op, Plan
+from .prg import Prg
+
+DEFAULT_ARITIES = (3, 5)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One array of preprocessing material."""
+
+    name: str
+    kind: str  # "arith" (uint32, additive) or "bool" (uint64 words, XOR)
+    shape: tuple[int, ...]
+    derived: bool
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * (4 if self.kind == "arith" else 8)
+
+
+@dataclass(frozen=True)
+class MatSpec:
+    """One protocol instance's material: kind, sizes and its items (random first, then derived)."""
+
+    kind: str  # "beaver" | "trunc" | "select"
+    n: int  # elements (select/trunc)
+    shift: int
+    items: tuple[Item, ...]
+
+
+def beaver_spec(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> MatSpec:
+    return MatSpec("beaver", 0, 0, (Item("A", "arith", in_shape, False), Item("C", "arith", out_shape, True)))
+
+
+def trunc_spec(n: int, shift: int) -> MatSpec:
+    return MatSpec(
+        "trunc", n, shift,
+        (Item("r", "arith", (n,), False), Item("u", "arith", (n,), True), Item("v", "arith", (n,), True)),
+    )
+
+
+def select_spec(n: int, shift: int, circuit: Circuit) -> MatSpec:
+    nw = nwords(n)
+    items = [Item("rbits", "bool", (32, nw), False), Item("rho", "bool", (nw,), False)]
+    items += [Item(f"mask{k}", "bool", (lv.nvars, nw), False) for k, lv in enumerate(circuit.levels)]
+    items.append(Item("rpairs", "bool", (circuit.groups, nw), True))
+    items += [Item(f"prod{k}", "bool", (len(lv.subsets), nw), True) for k, lv in enumerate(circuit.levels)]
+    items += [Item(name, "arith", (n,), True) for name in ("r", "u", "v", "rho_a", "rho_u", "rho_v")]
+    return MatSpec("select", n, shift, tuple(items))
+
+
+def tournament(count: int) -> list[int]:
+    """Pairs compared at each level of a max tournament over ``count`` candidates."""
+    levels = []
+    while count > 1:
+        levels.append(count // 2)
+        count = count - count // 2
+    return levels
+
+
+def op_specs(plan: Plan, i: int, batch: int, circuit: Circuit) -> list[MatSpec]:
+    """The material op ``i`` consumes for a batch of ``batch`` images."""
+    op: Op = plan.ops[i]
+    if op.kind in LINEAR:
+        src = plan.ops[op.inputs[0]].shape
+        return [beaver_spec((batch, *src), (batch, *op.shape))]
+    n = batch * int(np.prod(op.shape))
+    if op.kind == "rescale":
+        s = int(op.p("shift"))
+        return [select_spec(n, s, circuit)] if op.p("relu") else [trunc_spec(n, s)]
+    if op.kind == "maxpool":
+        return [select_spec(p * n, 0, circuit) for p in tournament(int(op.p("kernel")) ** 2)]
+    if op.kind == "argmax":
+        return [select_spec(p * n, 0, circuit) for p in tournament(int(op.p("classes")))]
+    return []
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The whole job's material, per op."""
+
+    plan: Plan
+    batch: int
+    circuit: Circuit
+    specs: tuple[tuple[MatSpec, ...], ...]
+
+    @staticmethod
+    def of(plan: Plan, batch: int, arities: tuple[int, ...] = DEFAULT_ARITIES) -> Layout:
+        circuit = build_circuit(30, arities)
+        return Layout(plan, batch, circuit, tuple(tuple(op_specs(plan, i, batch, circuit)) for i in range(len(plan.ops))))
+
+    def correction_bytes(self) -> int:
+        return sum(it.nbytes for op in self.specs for ms in op for it in ms.items if it.derived)
+
+
+def draw(prg: Prg, item: Item) -> np.ndarray:
+    """A share of ``item`` from a PRG stream."""
+    return prg.uint32(item.shape) if item.kind == "arith" else prg.uint64(item.shape)
+
+
+Material = dict[str, np.ndarray]
+
+
+def expand_op(
+    specs: tuple[MatSpec, ...], party: int, seed: bytes, op_index: int, corrections: Iterator[np.ndarray] | None
+) -> list[Material]:
+    """Server side: this party's shares of op ``op_index``'s material (PRG stream = op index)."""
+    prg = Prg(seed, stream=op_index)
+    out = []
+    for ms in specs:
+        mat: Material = {}
+        for it in ms.items:
+            if it.derived and party == 1:
+                if corrections is None:
+                    raise ValueError("server 1 needs corrections to expand derived items")
+                arr = next(corrections)
+                want = np.uint32 if it.kind == "arith" else np.uint64
+                if arr.dtype != want or arr.shape != it.shape:
+                    from .errors import ProtocolError
+
+                    raise ProtocolError(f"bundle item {it.name} of op {op_index} has the wrong dtype or shape")
+                mat[it.name] = arr
+            else:
+                mat[it.name] = draw(prg, it)
+        out.append(mat)
+    return out

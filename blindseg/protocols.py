@@ -1,0 +1,165 @@
+"""Secure layers as pure, I/O-free generator protocols for one server.
+
+Each protocol is a generator: it yields :class:`Open` (shares to open this
+round, arithmetic ones by addition mod 2^32, boolean words by XOR), receives
+the opened values, and finally returns its output share. The runtime moves the
+bytes; nothing here touches a socket, a clock or a global.
+
+Costs are per server and per element unless stated; ``L`` = circuit levels
+(2 with the default (3, 5) tree).
+
+- :func:`linear` (SecConv / SecTrConv, Beaver with fixed model masks):
+  open D = X - A (1 round, 4 B per input element); Z_i = F_i + f(D, B_i + i*E)
+  with F_i = C_i + f(A_i, E) + bias_i precomputed offline. One ring conv online.
+- :func:`trunc`: open c = x + 2^(s-1) + 2^30 + r (1 round, 4 B);
+  x >> s = (c_L >> s) + 2^(31-s) c_H - 2^(30-s) + u + (1 - 2c_H) v, error in {0, +1} LSB.
+- :func:`select` (fused truncation + ReLU; max when s = 0): the same opening of
+  c, then the borrow circuit (``circuit.py``) gives sign bit b (L rounds,
+  ``opened_bits`` bits), then e = b ^ rho is opened (1 round, 1 bit) and
+  b * (x >> s) is linear in the dealer's rho, rho*u, rho*v. 2 + L rounds.
+- :func:`maxpool`: tournament, max(a, b) = b + ReLU(a - b); 2x2 -> 2 levels,
+  3 comparisons per output.
+- :func:`argmax`: values lifted to x * 2^bits + (K - 1 - k), tournament of
+  max; the low ``bits`` of the maximum are the label. Only those bits leave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import circuit as cc
+from .bits import bitslice, unslice
+from .linalg import conv2d, conv_transpose2d
+from .plan import Op, windows
+from .preprocessing import Material, tournament
+
+
+@dataclass
+class Open:
+    """One round: shares this server contributes to the openings."""
+
+    arith: list[np.ndarray] = field(default_factory=list)
+    boolean: list[np.ndarray] = field(default_factory=list)
+
+
+Opened = tuple[list[np.ndarray], list[np.ndarray]]
+Proto = Generator[Open, Opened, np.ndarray]
+
+HALF = np.uint32(1 << 30)
+
+
+def apply_linear(op: Op, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The op's exact ring bilinear function f(x, w)."""
+    if op.kind == "conv":
+        return conv2d(x, w, op.p("stride"), op.p("padding"), op.p("dilation"))
+    return conv_transpose2d(x, w, op.p("stride"), op.p("padding"), op.p("output_padding"), op.p("dilation"))
+
+
+def linear_offline(party: int, op: Op, mat: Material, e: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """F_i = C_i + f(A_i, E) (+ bias_i): everything that does not depend on the image."""
+    f = mat["C"] + apply_linear(op, mat["A"], e)
+    if bias is not None:
+        f += bias[None, :, None, None]
+    return f
+
+
+def linear(op: Op, x: np.ndarray, mat: Material, f_pre: np.ndarray, w_online: np.ndarray) -> Proto:
+    """Beaver for a bilinear op: open D = X - A, then Z_i = F_i + f(D, B_i + i*E)."""
+    (d,), _ = yield Open(arith=[x - mat["A"]])
+    return f_pre + apply_linear(op, d, w_online)
+
+
+def _public_part(c: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """T = (c_L >> s) + 2^(31-s) c_H - 2^(30-s) and K = 1 - 2 c_H (ring elements)."""
+    ch = c >> np.uint32(31)
+    t = ((c & np.uint32(0x7FFFFFFF)) >> np.uint32(s)) + (ch << np.uint32(31 - s)) - np.uint32(1 << (30 - s))
+    k = np.uint32(1) - (ch << np.uint32(1))
+    return t, k
+
+
+def _masked(party: int, z: np.ndarray, r: np.ndarray, s: int) -> np.ndarray:
+    c = z + r
+    if party == 0:
+        c += HALF + np.uint32((1 << s) >> 1)
+    return c
+
+
+def trunc(party: int, z: np.ndarray, mat: Material, s: int) -> Proto:
+    """Dealer-assisted exact truncation by s (round to nearest, +1 LSB at most). 1 round."""
+    shape = z.shape
+    (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], s)])
+    t, k = _public_part(c, s)
+    out = mat["u"] + k * mat["v"]
+    if party == 0:
+        out += t
+    return out.reshape(shape)
+
+
+def sign_bits(party: int, c: np.ndarray, mat: Material, circ: cc.Circuit) -> Generator[Open, Opened, np.ndarray]:
+    """Shares of [x >= 0] (bit-sliced) from the public c = x + 2^30 + r. L rounds."""
+    a = bitslice(c, 0, 31)
+    g, p = cc.level0(party, a[:30], mat["rbits"][:30], mat["rpairs"])
+    for k, level in enumerate(circ.levels):
+        _, (d,) = yield Open(boolean=[cc.open_vars(level, g, p, mat[f"mask{k}"])])
+        g, p = cc.combine(party, level, g, p, d, mat[f"mask{k}"], mat[f"prod{k}"])
+    ge = g[0] ^ mat["rbits"][30]
+    if party == 0:
+        ge ^= a[30]
+    return ge
+
+
+def select(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit) -> Proto:
+    """ReLU(z >> s) (s = 0: ReLU(z)). 2 + L rounds; the sign and truncation share one opening."""
+    shape = z.shape
+    n = z.size
+    (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], s)])
+    ge = yield from sign_bits(party, c, mat, circ)
+    _, (ew,) = yield Open(boolean=[ge ^ mat["rho"]])
+    e = unslice(ew, n)
+    t, k = _public_part(c, s)
+    one_m2e = np.uint32(1) - (e << np.uint32(1))
+    out = e * (mat["u"] + k * mat["v"]) + one_m2e * (t * mat["rho_a"] + mat["rho_u"] + k * mat["rho_v"])
+    if party == 0:
+        out += e * t
+    return out.reshape(shape)
+
+
+def tournament_max(party: int, cands: list[np.ndarray], mats: list[Material], circ: cc.Circuit) -> Proto:
+    """Max over candidates (same shape) by levels of max(a, b) = b + ReLU(a - b), batched per level."""
+    for pairs, mat in zip(tournament(len(cands)), mats, strict=True):
+        a = np.stack(cands[0 : 2 * pairs : 2])
+        b = np.stack(cands[1 : 2 * pairs : 2])
+        m = b + (yield from select(party, a - b, mat, 0, circ))
+        cands = list(m) + cands[2 * pairs :]
+    return cands[0]
+
+
+def maxpool(party: int, op: Op, x: np.ndarray, mats: list[Material], circ: cc.Circuit) -> Proto:
+    """k x k max-pool as a tournament (2x2: 2 comparison depths, 3 comparisons per output)."""
+    cands = [np.ascontiguousarray(w) for w in windows(x, int(op.p("kernel")), int(op.p("stride")))]
+    return (yield from tournament_max(party, cands, mats, circ))
+
+
+def avgsum(op: Op, x: np.ndarray) -> np.ndarray:
+    """Window sums (local); the following rescale divides."""
+    ws = windows(x, int(op.p("kernel")), int(op.p("stride")))
+    out = ws[0].copy()
+    for w in ws[1:]:
+        out += w
+    return out
+
+
+def argmax(party: int, op: Op, z: np.ndarray, mats: list[Material], circ: cc.Circuit) -> Proto:
+    """Label shares mod 2^bits: tournament over the lifted channels x*2^b + (K-1-k)."""
+    k_cls, bits = int(op.p("classes")), int(op.p("bits"))
+    cands = []
+    for k in range(k_cls):
+        v = z[:, k] << np.uint32(bits)
+        if party == 0:
+            v += np.uint32(k_cls - 1 - k)
+        cands.append(v)
+    m = yield from tournament_max(party, cands, mats, circ)
+    return (m & np.uint32((1 << bits) - 1)).astype(np.uint8)

@@ -1,0 +1,72 @@
+"""Frames: ``BSG1`` | u32 header length | msgpack header | raw array bytes.
+
+The header names the frame type, its label fields and each array's dtype and
+shape; arrays follow back to back. Decoding validates everything against an
+allowlist of dtypes and a size limit before touching the payload, so a
+malformed frame raises :class:`ProtocolError` and never allocates more than
+the frame holds. Never pickles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import ProtocolError
+
+MAGIC = b"BSG1"
+DTYPES = {"<u4": np.uint32, "<u8": np.uint64, "|u1": np.uint8}
+MAX_FRAME = 1 << 34
+MAX_ARRAYS = 4096
+
+
+def encode_frame(header: dict[str, Any], arrays: list[np.ndarray] | tuple[np.ndarray, ...] = ()) -> bytes:
+    """Serialize a header and arrays (C order) into one frame."""
+    specs = []
+    for a in arrays:
+        key = a.dtype.str
+        if key not in DTYPES:
+            raise ValueError(f"dtype {a.dtype} is not allowed on the wire")
+        specs.append([key, list(a.shape)])
+    head = msgpack.packb({**header, "arrays": specs}, use_bin_type=True)
+    parts = [MAGIC, len(head).to_bytes(4, "big"), head]
+    parts += [np.ascontiguousarray(a).tobytes() for a in arrays]
+    return b"".join(parts)
+
+
+def decode_frame(buf: bytes | memoryview, max_bytes: int = MAX_FRAME) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Parse and validate a frame; raises ProtocolError naming what is wrong."""
+    mv = memoryview(buf)
+    if len(mv) > max_bytes:
+        raise ProtocolError(f"frame of {len(mv)} bytes exceeds the {max_bytes}-byte limit")
+    if len(mv) < 8 or bytes(mv[:4]) != MAGIC:
+        raise ProtocolError("frame does not start with the BSG1 magic")
+    hlen = int.from_bytes(mv[4:8], "big")
+    if hlen > len(mv) - 8:
+        raise ProtocolError("frame header length runs past the end of the frame")
+    try:
+        header = msgpack.unpackb(mv[8 : 8 + hlen], raw=False, strict_map_key=True, max_bin_len=1 << 16)
+    except Exception as exc:  # msgpack raises several types
+        raise ProtocolError(f"frame header is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("arrays"), list):
+        raise ProtocolError("frame header is not a map with an 'arrays' list")
+    specs = header.pop("arrays")
+    if len(specs) > MAX_ARRAYS:
+        raise ProtocolError(f"frame declares {len(specs)} arrays (limit {MAX_ARRAYS})")
+    arrays = []
+    off = 8 + hlen
+    for spec in specs:
+        if (not isinstance(spec, list) or len(spec) != 2 or spec[0] not in DTYPES or not isinstance(spec[1], list)
+                or not all(isinstance(s, int) and 0 <= s < 1 << 40 for s in spec[1]) or len(spec[1]) > 8):
+            raise ProtocolError("frame declares an invalid array dtype or shape")
+        dt = np.dtype(DTYPES[spec[0]])
+        n = int(np.prod(spec[1], dtype=np.int64)) * dt.itemsize
+        if off + n > len(mv):
+            raise ProtocolError("frame payload is shorter than its header declares")
+        arrays.append(np.frombuffer(mv[off : off + n], dtype=dt).reshape(spec[1]).copy())
+        off += n
+    if off != len(mv):
+        raise ProtocolError("frame has trailing bytes after its declared arrays")
+    return header, arrays

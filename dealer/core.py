@@ -1,0 +1,161 @@
+"""Dealer logic: model masks, bundle generation, a bounded pool ahead of demand."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from blindseg import circuit as cc
+from blindseg.bits import unslice
+from blindseg.errors import PreprocessingExhausted, UsageError
+from blindseg.plan import LINEAR, Plan
+from blindseg.preprocessing import DEFAULT_ARITIES, Layout, MatSpec, draw
+from blindseg.prg import Prg, new_seed
+from blindseg.protocols import apply_linear
+
+
+@dataclass
+class Bundle:
+    """One server's preprocessing for one job: a seed (+ corrections for server 1)."""
+
+    bundle_id: str
+    model_id: str
+    batch: int
+    party: int
+    seed: bytes
+    corrections: list[list[np.ndarray]] = field(default_factory=list)  # per op, party 1 only
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.seed) + sum(a.nbytes for op in self.corrections for a in op)
+
+
+def model_mask_shares(plan: Plan, seed: bytes) -> dict[int, np.ndarray]:
+    """A server's share B_i of the model-share masks, expanded from its mask seed."""
+    out = {}
+    for i in plan.linear_ops():
+        op = plan.ops[i]
+        cin = plan.ops[op.inputs[0]].shape[0]
+        kh, kw = op.p("kernel")
+        shape = (op.shape[0], cin, kh, kw) if op.kind == "conv" else (cin, op.shape[0], kh, kw)
+        out[i] = Prg(seed, stream=i).uint32(shape)
+    return out
+
+
+def _derive(ms: MatSpec, rand: dict[str, np.ndarray], plan: Plan, op_index: int, masks: dict[int, np.ndarray],
+            circ: cc.Circuit) -> dict[str, np.ndarray]:
+    """Plain values of the derived items from the plain values of the random ones."""
+    if ms.kind == "beaver":
+        return {"C": apply_linear(plan.ops[op_index], rand["A"], masks[op_index])}
+    s = ms.shift
+    if ms.kind == "trunc":
+        r = rand["r"]
+    else:
+        r = unslice(rand["rbits"], ms.n)
+    u = np.uint32(0) - ((r & np.uint32(0x7FFFFFFF)) >> np.uint32(s))
+    v = (r >> np.uint32(31)) << np.uint32(31 - s)
+    if ms.kind == "trunc":
+        return {"u": u, "v": v}
+    rb = rand["rbits"]
+    out = {"rpairs": rb[0:30:2] & rb[1:30:2]}
+    for k, level in enumerate(circ.levels):
+        out[f"prod{k}"] = cc.mask_products(level, rand[f"mask{k}"])
+    rho = unslice(rand["rho"], ms.n)
+    out.update(r=r, u=u, v=v, rho_a=rho, rho_u=rho * u, rho_v=rho * v)
+    return out
+
+
+class Dealer:
+    """Generates model masks and job bundles. Sees no image, weight or output."""
+
+    def __init__(self, arities: tuple[int, ...] = DEFAULT_ARITIES) -> None:
+        self.arities = arities
+        self._models: dict[str, tuple[Plan, bytes, bytes, dict[int, np.ndarray]]] = {}
+
+    def deploy(self, model_id: str, plan: Plan) -> tuple[bytes, bytes]:
+        """New model: returns the two mask seeds (one per server)."""
+        s0, s1 = new_seed(), new_seed()
+        b0, b1 = model_mask_shares(plan, s0), model_mask_shares(plan, s1)
+        self._models[model_id] = (plan, s0, s1, {i: b0[i] + b1[i] for i in b0})
+        return s0, s1
+
+    def make_bundle(self, model_id: str, batch: int) -> tuple[Bundle, Bundle]:
+        """Both servers' bundles for one job of ``batch`` images."""
+        if model_id not in self._models:
+            raise UsageError(f"unknown model {model_id!r}")
+        plan, _, _, masks = self._models[model_id]
+        layout = Layout.of(plan, batch, self.arities)
+        seed0, seed1 = new_seed(), new_seed()
+        bid = uuid.uuid4().hex
+        corrections: list[list[np.ndarray]] = []
+        for i, specs in enumerate(layout.specs):
+            prg0, prg1 = Prg(seed0, stream=i), Prg(seed1, stream=i)
+            op_corr: list[np.ndarray] = []
+            for ms in specs:
+                rand: dict[str, np.ndarray] = {}
+                for it in ms.items:
+                    if not it.derived:
+                        a0, a1 = draw(prg0, it), draw(prg1, it)
+                        rand[it.name] = a0 + a1 if it.kind == "arith" else a0 ^ a1
+                values = _derive(ms, rand, plan, i, masks, layout.circuit)
+                for it in ms.items:
+                    if it.derived:
+                        share0 = draw(prg0, it)
+                        val = values[it.name]
+                        op_corr.append(val - share0 if it.kind == "arith" else val ^ share0)
+            corrections.append(op_corr)
+        return Bundle(bid, model_id, batch, 0, seed0), Bundle(bid, model_id, batch, 1, seed1, corrections)
+
+
+class DealerSource(Protocol):
+    """Where servers get bundles from: in-process here, over MQTT in a deployment."""
+
+    async def bundle(self, model_id: str, batch: int) -> tuple[Bundle, Bundle]: ...
+
+
+class InProcessDealer:
+    """A pool of ready bundles per (model, batch), refilled ahead of demand in a worker thread.
+
+    ``bundle`` takes one from the pool; an empty pool waits for the filler
+    (back-pressure), never generates inline on the caller's path.
+    """
+
+    def __init__(self, dealer: Dealer, pool_size: int = 1) -> None:
+        self.dealer = dealer
+        self.pool_size = pool_size
+        self._pools: dict[tuple[str, int], asyncio.Queue[tuple[Bundle, Bundle]]] = {}
+        self._fillers: dict[tuple[str, int], asyncio.Task[None]] = {}
+
+    async def _fill(self, key: tuple[str, int]) -> None:
+        q = self._pools[key]
+        while True:
+            pair = await asyncio.to_thread(self.dealer.make_bundle, *key)
+            await q.put(pair)
+
+    def prefill(self, model_id: str, batch: int) -> None:
+        """Start keeping ``pool_size`` bundles ready for this model and batch."""
+        key = (model_id, batch)
+        if key not in self._pools:
+            self._pools[key] = asyncio.Queue(maxsize=self.pool_size)
+            self._fillers[key] = asyncio.get_running_loop().create_task(self._fill(key))
+
+    async def bundle(self, model_id: str, batch: int, timeout: float | None = None) -> tuple[Bundle, Bundle]:
+        self.prefill(model_id, batch)
+        key = (model_id, batch)
+        try:
+            return await asyncio.wait_for(self._pools[key].get(), timeout)
+        except TimeoutError:
+            raise PreprocessingExhausted(f"no bundle for model {model_id!r} within {timeout} s") from None
+
+    async def close(self) -> None:
+        for t in self._fillers.values():
+            t.cancel()
+        for t in self._fillers.values():
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
