@@ -41,7 +41,7 @@ from .errors import ScaleOverflowError, UnsupportedLayerError, UsageError
 KINDS = ("input", "conv", "convt", "rescale", "maxpool", "avgsum", "concat", "add", "argmax", "output")
 LINEAR = ("conv", "convt")
 MARGIN_LOG2 = 28  # bound for any pre-truncation value after calibration
-MAX_FW = 16
+MAX_FW = 15  # keeps msb corrections in 16-bit shares (DESIGN 4)
 
 
 @dataclass(frozen=True)

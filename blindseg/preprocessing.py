@@ -34,7 +34,7 @@ from .circuit import Circuit, build_circuit
 from .plan import LINEAR, Op, Plan
 from .prg import Prg
 
-DEFAULT_ARITIES = (3, 5)
+DEFAULT_ARITIES = (3, 3, 2)
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,20 @@ class Item:
     """One array of preprocessing material."""
 
     name: str
-    kind: str  # "arith" (uint32, additive) or "bool" (uint64 words, XOR)
+    kind: str  # "arith" (additive mod 2^width) or "bool" (uint64 words, XOR)
     shape: tuple[int, ...]
     derived: bool
+    width: int = 32  # arith only: shares live mod 2^width (8, 16 or 32 bits)
+
+    @property
+    def dtype(self) -> type[np.unsignedinteger]:
+        if self.kind == "bool":
+            return np.uint64
+        return {8: np.uint8, 16: np.uint16}.get(self.width, np.uint32)
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * (4 if self.kind == "arith" else 8)
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -65,10 +72,16 @@ def beaver_spec(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> MatSpe
     return MatSpec("beaver", 0, 0, (Item("A", "arith", in_shape, False), Item("C", "arith", out_shape, True)))
 
 
+def msb_width(shift: int) -> int:
+    """v = 2^(31-s) * msb(r) only needs shares of msb(r) mod 2^(s+1): the narrowest dtype that holds them."""
+    return 8 if shift + 1 <= 8 else 16 if shift + 1 <= 16 else 32
+
+
 def trunc_spec(n: int, shift: int) -> MatSpec:
+    w = msb_width(shift)
     return MatSpec(
         "trunc", n, shift,
-        (Item("r", "arith", (n,), False), Item("u", "arith", (n,), True), Item("v", "arith", (n,), True)),
+        (Item("r", "arith", (n,), False), Item("u", "arith", (n,), True), Item("v", "arith", (n,), True, w)),
     )
 
 
@@ -78,7 +91,9 @@ def select_spec(n: int, shift: int, circuit: Circuit) -> MatSpec:
     items += [Item(f"mask{k}", "bool", (lv.nvars, nw), False) for k, lv in enumerate(circuit.levels)]
     items.append(Item("rpairs", "bool", (circuit.groups, nw), True))
     items += [Item(f"prod{k}", "bool", (len(lv.subsets), nw), True) for k, lv in enumerate(circuit.levels)]
-    items += [Item(name, "arith", (n,), True) for name in ("r", "u", "v", "rho_a", "rho_u", "rho_v")]
+    w = msb_width(shift)
+    items += [Item(name, "arith", (n,), True, w if name in ("v", "rho_v") else 32)
+              for name in ("r", "u", "v", "rho_a", "rho_u", "rho_v")]
     return MatSpec("select", n, shift, tuple(items))
 
 
@@ -128,7 +143,8 @@ class Layout:
 
 def draw(prg: Prg, item: Item) -> np.ndarray:
     """A share of ``item`` from a PRG stream."""
-    return prg.uint32(item.shape) if item.kind == "arith" else prg.uint64(item.shape)
+    n = int(np.prod(item.shape))
+    return prg.bytes_(n * np.dtype(item.dtype).itemsize).view(item.dtype).reshape(item.shape)
 
 
 Material = dict[str, np.ndarray]
@@ -147,8 +163,7 @@ def expand_op(
                 if corrections is None:
                     raise ValueError("server 1 needs corrections to expand derived items")
                 arr = next(corrections)
-                want = np.uint32 if it.kind == "arith" else np.uint64
-                if arr.dtype != want or arr.shape != it.shape:
+                if arr.dtype != it.dtype or arr.shape != it.shape:
                     from .errors import ProtocolError
 
                     raise ProtocolError(f"bundle item {it.name} of op {op_index} has the wrong dtype or shape")

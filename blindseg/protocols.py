@@ -80,6 +80,11 @@ def _public_part(c: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
     return t, k
 
 
+def _msb_term(share: np.ndarray, s: int) -> np.ndarray:
+    """Shares of 2^(31-s) * bit from shares of the bit mod 2^(s+1) (narrow dtype)."""
+    return share.astype(np.uint32) << np.uint32(31 - s)
+
+
 def _masked(party: int, z: np.ndarray, r: np.ndarray, s: int) -> np.ndarray:
     c = z + r
     if party == 0:
@@ -92,7 +97,7 @@ def trunc(party: int, z: np.ndarray, mat: Material, s: int) -> Proto:
     shape = z.shape
     (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], s)])
     t, k = _public_part(c, s)
-    out = mat["u"] + k * mat["v"]
+    out = mat["u"] + k * _msb_term(mat["v"], s)
     if party == 0:
         out += t
     return out.reshape(shape)
@@ -121,7 +126,8 @@ def select(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit) -
     e = unslice(ew, n)
     t, k = _public_part(c, s)
     one_m2e = np.uint32(1) - (e << np.uint32(1))
-    out = e * (mat["u"] + k * mat["v"]) + one_m2e * (t * mat["rho_a"] + mat["rho_u"] + k * mat["rho_v"])
+    v, rho_v = _msb_term(mat["v"], s), _msb_term(mat["rho_v"], s)
+    out = e * (mat["u"] + k * v) + one_m2e * (t * mat["rho_a"] + mat["rho_u"] + k * rho_v)
     if party == 0:
         out += e * t
     return out.reshape(shape)

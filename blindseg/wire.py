@@ -17,7 +17,7 @@ import numpy as np
 from .errors import ProtocolError
 
 MAGIC = b"BSG1"
-DTYPES = {"<u4": np.uint32, "<u8": np.uint64, "|u1": np.uint8}
+DTYPES = {"<u4": np.uint32, "<u8": np.uint64, "<u2": np.uint16, "|u1": np.uint8}
 MAX_FRAME = 1 << 34
 MAX_ARRAYS = 4096
 

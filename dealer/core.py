@@ -57,15 +57,15 @@ def _derive(ms: MatSpec, rand: dict[str, np.ndarray], plan: Plan, op_index: int,
     else:
         r = unslice(rand["rbits"], ms.n)
     u = np.uint32(0) - ((r & np.uint32(0x7FFFFFFF)) >> np.uint32(s))
-    v = (r >> np.uint32(31)) << np.uint32(31 - s)
+    msb = r >> np.uint32(31)  # v's items carry msb(r) mod 2^(s+1); the server shifts by 31 - s
     if ms.kind == "trunc":
-        return {"u": u, "v": v}
+        return {"u": u, "v": msb}
     rb = rand["rbits"]
     out = {"rpairs": rb[0:30:2] & rb[1:30:2]}
     for k, level in enumerate(circ.levels):
         out[f"prod{k}"] = cc.mask_products(level, rand[f"mask{k}"])
     rho = unslice(rand["rho"], ms.n)
-    out.update(r=r, u=u, v=v, rho_a=rho, rho_u=rho * u, rho_v=rho * v)
+    out.update(r=r, u=u, v=msb, rho_a=rho, rho_u=rho * u, rho_v=rho * msb)
     return out
 
 
@@ -105,7 +105,7 @@ class Dealer:
                 for it in ms.items:
                     if it.derived:
                         share0 = draw(prg0, it)
-                        val = values[it.name]
+                        val = values[it.name].astype(it.dtype)
                         op_corr.append(val - share0 if it.kind == "arith" else val ^ share0)
             corrections.append(op_corr)
         return Bundle(bid, model_id, batch, 0, seed0), Bundle(bid, model_id, batch, 1, seed1, corrections)
