@@ -1,0 +1,76 @@
+"""Shared test helpers: run two servers' sans-IO protocols in lockstep, in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from blindseg.preprocessing import MatSpec, Layout
+from blindseg.prg import Prg, new_seed
+
+
+def run_pair(g0: Generator[Any, Any, Any], g1: Generator[Any, Any, Any], log: list[Any] | None = None) -> tuple[Any, Any]:
+    """Drive two protocol generators round by round; openings add (arith) or XOR (bool)."""
+    v0 = v1 = None
+    while True:
+        try:
+            r0 = g0.send(v0)
+        except StopIteration as s0:
+            try:
+                g1.send(v1)
+            except StopIteration as s1:
+                return s0.value, s1.value
+            raise AssertionError("server 1 wants more rounds than server 0") from None
+        r1 = g1.send(v1)
+        r0 = r0[1] if isinstance(r0, tuple) else r0
+        r1 = r1[1] if isinstance(r1, tuple) else r1
+        if log is not None:
+            log.append((r0, r1))
+        ar = [a + b for a, b in zip(r0.arith, r1.arith, strict=True)]
+        bo = [a ^ b for a, b in zip(r0.boolean, r1.boolean, strict=True)]
+        v0 = v1 = (ar, bo)
+
+
+def deal(specs: list[MatSpec], plan: Any = None, op_index: int = 0, masks: Any = None) -> tuple[list[dict], list[dict]]:
+    """Material for a list of specs, via the real dealer derivation and server expansion."""
+    from dealer.core import _derive
+    from blindseg.circuit import build_circuit
+    from blindseg.preprocessing import DEFAULT_ARITIES, draw, expand_op
+
+    circ = build_circuit(30, DEFAULT_ARITIES)
+    seed0, seed1 = new_seed(), new_seed()
+    prg0, prg1 = Prg(seed0, stream=op_index), Prg(seed1, stream=op_index)
+    corr = []
+    for ms in specs:
+        rand = {}
+        for it in ms.items:
+            if not it.derived:
+                a0, a1 = draw(prg0, it), draw(prg1, it)
+                rand[it.name] = a0 + a1 if it.kind == "arith" else a0 ^ a1
+        vals = _derive(ms, rand, plan, op_index, masks, circ)
+        for it in ms.items:
+            if it.derived:
+                s0 = draw(prg0, it)
+                v = vals[it.name].astype(it.dtype)
+                corr.append(v - s0 if it.kind == "arith" else v ^ s0)
+    m0 = expand_op(tuple(specs), 0, seed0, op_index, None)
+    m1 = expand_op(tuple(specs), 1, seed1, op_index, iter(corr))
+    return m0, m1
+
+
+def split(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x).astype(np.int64).astype(np.uint32)
+    x0 = rng.integers(0, 1 << 32, size=x.shape, dtype=np.uint64).astype(np.uint32)
+    return x0, x - x0
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def circuit() -> Any:
+    return Layout.of.__globals__["build_circuit"](30, Layout.of.__defaults__[0])

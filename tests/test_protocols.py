@@ -1,0 +1,161 @@
+"""Every secure protocol vs its plaintext reference, run by two servers in lockstep.
+
+Bit-exact where no truncation happens; within 1 LSB per truncation otherwise
+(the dealer-assisted truncation returns floor or floor + 1). Values reach the
+ring's documented limits (|x| < 2^30).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from blindseg import protocols as P
+from blindseg.circuit import build_circuit
+from blindseg.plan import Op
+from blindseg.preprocessing import DEFAULT_ARITIES, Layout, select_spec, tournament, trunc_spec
+from blindseg.ring import signed
+
+from .conftest import deal, run_pair, split
+
+LIM = 1 << 30
+CIRC = build_circuit(30, DEFAULT_ARITIES)
+
+
+def values(rng: np.random.Generator, n: int, bound: int = LIM) -> np.ndarray:
+    """Mixed magnitudes including the edges -2^30, 2^30 - 1, 0 and +-1."""
+    v = np.concatenate([
+        rng.integers(-bound, bound, n),
+        rng.integers(-1000, 1000, n),
+        np.array([-bound, bound - 1, 0, -1, 1, -bound + 1]),
+    ])
+    return v.astype(np.int64)
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 777])
+@pytest.mark.parametrize("s", [0, 1, 8, 13, 15])
+def test_trunc(rng: np.random.Generator, n: int, s: int) -> None:
+    v = values(rng, n, LIM - (1 << s))
+    m0, m1 = deal([trunc_spec(v.size, s)])
+    x0, x1 = split(v, rng)
+    o0, o1 = run_pair(P.trunc(0, x0, m0[0], s), P.trunc(1, x1, m1[0], s))
+    got = signed(o0 + o1)
+    exact = (v + ((1 << s) >> 1)) >> s
+    diff = got - exact
+    assert np.all((diff == 0) | (diff == 1)), f"trunc off by {np.unique(diff)}"
+
+
+@pytest.mark.parametrize("n", [1, 64, 129, 1000])
+@pytest.mark.parametrize("s", [0, 12])
+def test_relu_select(rng: np.random.Generator, n: int, s: int) -> None:
+    v = values(rng, n, LIM - (1 << s))
+    m0, m1 = deal([select_spec(v.size, s, CIRC)])
+    x0, x1 = split(v, rng)
+    log: list = []
+    o0, o1 = run_pair(P.select(0, x0, m0[0], s, CIRC), P.select(1, x1, m1[0], s, CIRC), log)
+    got = signed(o0 + o1)
+    exact = np.maximum((v + ((1 << s) >> 1)) >> s, 0)
+    diff = got - exact
+    if s == 0:
+        np.testing.assert_array_equal(got, exact)
+    else:
+        assert np.all((diff == 0) | (diff == 1))
+    # the sign is always exact: negative inputs give exactly 0
+    assert np.all(got[v < -(1 << s)] == 0)
+    assert len(log) == 2 + CIRC.rounds <= 8
+
+
+def test_relu_traffic_within_budget(rng: np.random.Generator) -> None:
+    n = 64 * 200
+    v = values(rng, n)[:n]
+    m0, m1 = deal([select_spec(n, 0, CIRC)])
+    log: list = []
+    run_pair(P.select(0, *split(v, rng)[:1], m0[0], 0, CIRC), P.select(1, split(v, rng)[1], m1[0], 0, CIRC), log)
+    sent = sum(a.nbytes for r0, _ in log for a in r0.arith + r0.boolean)
+    assert sent / n <= 24, f"ReLU sends {sent / n:.2f} B per element per server"
+
+
+@pytest.mark.parametrize("shape,k,stride", [((1, 3, 8, 8), 2, 2), ((2, 2, 7, 9), 2, 2), ((1, 1, 9, 9), 3, 3),
+                                            ((1, 2, 6, 6), 3, 1)])
+def test_maxpool(rng: np.random.Generator, shape: tuple[int, ...], k: int, stride: int) -> None:
+    v = rng.integers(-(1 << 29), 1 << 29, size=shape)
+    v.reshape(-1)[:3] = [-(1 << 29), (1 << 29) - 1, 0]
+    op = Op("maxpool", (0,), (shape[1], (shape[2] - k) // stride + 1, (shape[3] - k) // stride + 1),
+            {"kernel": k, "stride": stride})
+    n = shape[0] * int(np.prod(op.shape))
+    specs = [select_spec(p * n, 0, CIRC) for p in tournament(k * k)]
+    m0, m1 = deal(specs)
+    x0, x1 = split(v, rng)
+    log: list = []
+    o0, o1 = run_pair(P.maxpool(0, op, x0, m0, CIRC), P.maxpool(1, op, x1, m1, CIRC), log)
+    import torch
+
+    want = torch.nn.functional.max_pool2d(torch.tensor(v, dtype=torch.float64), k, stride).numpy().astype(np.int64)
+    np.testing.assert_array_equal(signed(o0 + o1), want)
+    if k == 2:
+        assert len(log) <= 16
+        sent = sum(a.nbytes for r0, _ in log for a in r0.arith + r0.boolean)
+        assert sent / v.size <= 30
+
+
+@pytest.mark.parametrize("classes", [2, 3, 4, 5])
+def test_argmax_with_ties(rng: np.random.Generator, classes: int) -> None:
+    z = rng.integers(-(1 << 25), 1 << 25, size=(2, classes, 5, 7))
+    z[0, :, 0, 0] = 17  # full tie -> class 0, as torch.argmax
+    z[1, 1, 1, 1] = z[1, 0, 1, 1]
+    op = Op("argmax", (0,), (1, 5, 7), {"classes": classes, "bits": (classes - 1).bit_length()})
+    n = 2 * 5 * 7
+    m0, m1 = deal([select_spec(p * n, 0, CIRC) for p in tournament(classes)])
+    x0, x1 = split(z, rng)
+    o0, o1 = run_pair(P.argmax(0, op, x0, m0, CIRC), P.argmax(1, op, x1, m1, CIRC))
+    from data_owner import reconstruct
+    from blindseg.plan import Plan
+
+    plan = Plan((Op("input", (), (classes, 5, 7)), op), 8, "mask")
+    np.testing.assert_array_equal(reconstruct(plan, o0, o1), np.argmax(z, axis=1))
+    assert o0.dtype == np.uint8  # only the label bits leave a server
+
+
+def test_beaver_conv_exact(rng: np.random.Generator) -> None:
+    from blindseg.preprocessing import beaver_spec
+
+    op = Op("conv", (0,), (4, 6, 5), {"kernel": [3, 3], "stride": 1, "padding": 1, "dilation": 1, "fw": 8})
+    x = rng.integers(-(1 << 15), 1 << 15, size=(2, 3, 6, 5))
+    w = rng.integers(-(1 << 10), 1 << 10, size=(4, 3, 3, 3))
+    b_mask = rng.integers(0, 1 << 32, size=w.shape, dtype=np.uint64).astype(np.uint32)
+    from blindseg.plan import Plan
+
+    plan = Plan((Op("input", (), (3, 6, 5)), op), 8, "logits")
+    m0, m1 = deal([beaver_spec((2, 3, 6, 5), (2, 4, 6, 5))], plan, 1, {1: b_mask})
+    e = w.astype(np.uint32) - b_mask
+    f0 = P.linear_offline(0, op, m0[0], e, None)
+    f1 = P.linear_offline(1, op, m1[0], e, None)
+    x0, x1 = split(x, rng)
+    b0, b1 = split(b_mask, rng)  # the servers' shares of the model mask B
+    o0, o1 = run_pair(P.linear(op, x0, m0[0], f0, b0), P.linear(op, x1, m1[0], f1, b1 + e))
+    import torch
+
+    want = torch.nn.functional.conv2d(torch.tensor(x, dtype=torch.float64), torch.tensor(w, dtype=torch.float64),
+                                      padding=1).numpy().astype(np.int64)
+    np.testing.assert_array_equal(signed(o0 + o1), want)
+
+
+def test_openings_uniform_and_independent_of_secret(rng: np.random.Generator) -> None:
+    """What a server sees of the ReLU opening c is uniform whatever the secret (chi-square)."""
+    n = 40000
+    seen = []
+    for secret in (np.zeros(n, dtype=np.int64), np.full(n, (1 << 29) - 7), rng.integers(-LIM, LIM, n)):
+        m0, m1 = deal([select_spec(n, 0, CIRC)])
+        x0, x1 = split(secret, rng)
+        log: list = []
+        run_pair(P.select(0, x0, m0[0], 0, CIRC), P.select(1, x1, m1[0], 0, CIRC), log)
+        c = log[0][0].arith[0] + log[0][1].arith[0]
+        counts = np.bincount((c >> np.uint32(26)).astype(np.int64), minlength=64)
+        assert stats.chisquare(counts).pvalue > 1e-4
+        e_bits = np.unpackbits((log[-1][0].boolean[0] ^ log[-1][1].boolean[0])[:-1].view(np.uint8)).astype(np.int64)
+        assert abs(e_bits.mean() - 0.5) < 0.02
+        seen.append(counts)
+    # the distributions seen for different secrets are indistinguishable
+    table = np.stack(seen[:2])
+    assert stats.chi2_contingency(table).pvalue > 1e-4

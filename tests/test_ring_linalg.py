@@ -1,0 +1,135 @@
+"""Ring, fixed point, PRG, bit-slicing and exact ring linear algebra vs slow Python-int references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blindseg import linalg
+from blindseg.bits import bitslice, unslice
+from blindseg.errors import ScaleOverflowError, UsageError
+from blindseg.prg import Prg
+from blindseg.ring import decode, encode, reconstruct, share
+
+M = 1 << 32
+
+
+def slow_conv2d(x: np.ndarray, w: np.ndarray, stride: int, pad: int, dil: int) -> np.ndarray:
+    n, cin, h, wd = x.shape
+    cout, _, kh, kw = w.shape
+    ho = (h + 2 * pad - dil * (kh - 1) - 1) // stride + 1
+    wo = (wd + 2 * pad - dil * (kw - 1) - 1) // stride + 1
+    out = np.zeros((n, cout, ho, wo), dtype=np.uint32)
+    xl, wl = x.astype(object), w.astype(object)
+    for b in range(n):
+        for co in range(cout):
+            for y in range(ho):
+                for xx in range(wo):
+                    acc = 0
+                    for ci in range(cin):
+                        for ky in range(kh):
+                            for kx in range(kw):
+                                iy, ix = y * stride + ky * dil - pad, xx * stride + kx * dil - pad
+                                if 0 <= iy < h and 0 <= ix < wd:
+                                    acc += int(xl[b, ci, iy, ix]) * int(wl[co, ci, ky, kx])
+                    out[b, co, y, xx] = acc % M
+    return out
+
+
+def slow_conv_t(x: np.ndarray, w: np.ndarray, stride: int, pad: int, opad: int, dil: int) -> np.ndarray:
+    n, cin, h, wd = x.shape
+    _, cout, kh, kw = w.shape
+    ho = (h - 1) * stride - 2 * pad + dil * (kh - 1) + opad + 1
+    wo = (wd - 1) * stride - 2 * pad + dil * (kw - 1) + opad + 1
+    acc = np.zeros((n, cout, ho, wo), dtype=object)
+    for b in range(n):
+        for ci in range(cin):
+            for y in range(h):
+                for xx in range(wd):
+                    for co in range(cout):
+                        for ky in range(kh):
+                            for kx in range(kw):
+                                oy, ox = y * stride + ky * dil - pad, xx * stride + kx * dil - pad
+                                if 0 <= oy < ho and 0 <= ox < wo:
+                                    acc[b, co, oy, ox] += int(x[b, ci, y, xx]) * int(w[ci, co, ky, kx])
+    return (acc % M).astype(np.uint32)
+
+
+def rand_u32(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.integers(0, M, size=shape, dtype=np.uint64).astype(np.uint32)
+
+
+@pytest.mark.parametrize("shape,k,stride,pad,dil", [
+    ((1, 3, 7, 6), 3, 1, 1, 1), ((2, 2, 8, 8), 3, 2, 1, 1), ((1, 4, 9, 9), 3, 1, 2, 2),
+    ((1, 1, 5, 5), 1, 1, 0, 1), ((1, 2, 6, 7), 2, 2, 0, 1), ((1, 5, 4, 4), 3, 1, 0, 1),
+])
+def test_conv2d_bit_exact(rng: np.random.Generator, shape: tuple[int, ...], k: int, stride: int, pad: int, dil: int) -> None:
+    x = rand_u32(rng, shape)
+    w = rand_u32(rng, (3, shape[1], k, k))
+    np.testing.assert_array_equal(linalg.conv2d(x, w, stride, pad, dil), slow_conv2d(x, w, stride, pad, dil))
+
+
+@pytest.mark.parametrize("shape,k,stride,pad,opad,dil", [
+    ((1, 3, 4, 5), 2, 2, 0, 0, 1), ((2, 2, 3, 3), 3, 2, 1, 1, 1), ((1, 2, 4, 4), 3, 1, 1, 0, 1),
+    ((1, 2, 3, 3), 2, 2, 0, 0, 2), ((1, 1, 5, 4), 4, 2, 1, 0, 1),
+])
+def test_conv_transpose2d_bit_exact(rng: np.random.Generator, shape: tuple[int, ...], k: int, stride: int, pad: int,
+                                    opad: int, dil: int) -> None:
+    x = rand_u32(rng, shape)
+    w = rand_u32(rng, (shape[1], 3, k, k))
+    got = linalg.conv_transpose2d(x, w, stride, pad, opad, dil)
+    np.testing.assert_array_equal(got, slow_conv_t(x, w, stride, pad, opad, dil))
+    # the shape agrees with torch's
+    ref = torch.nn.functional.conv_transpose2d(torch.zeros(shape), torch.zeros(shape[1], 3, k, k), None, stride, pad, opad, 1, dil)
+    assert got.shape == tuple(ref.shape)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 9), st.integers(1, 7), st.integers(0, 2**32 - 1))
+def test_matmul_property(m: int, k: int, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    a, b = rand_u32(rng, (m, k)), rand_u32(rng, (k, n))
+    want = np.array([[sum(int(a[i, t]) * int(b[t, j]) for t in range(k)) % M for j in range(n)] for i in range(m)],
+                    dtype=np.uint32).reshape(m, n)
+    np.testing.assert_array_equal(linalg.matmul(a, b), want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1000, 1000, allow_nan=False), min_size=1, max_size=50), st.integers(0, 16))
+def test_encode_share_roundtrip(vals: list[float], f: int) -> None:
+    x = np.array(vals)
+    enc = encode(x, f)
+    x0, x1 = share(enc, Prg(b"k" * 32))
+    np.testing.assert_array_equal(reconstruct(x0, x1), enc)
+    assert np.max(np.abs(decode(enc, f) - x)) <= 2.0 ** (-f - 1) + 1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.integers(0, 2**32 - 1))
+def test_bitslice_roundtrip(n: int, seed: int) -> None:
+    x = rand_u32(np.random.default_rng(seed), (n,))
+    w = bitslice(x, 0, 32)
+    assert w.shape == (32, (n + 63) // 64)
+    np.testing.assert_array_equal(unslice(w, n), x)
+    j = seed % 32
+    bits = ((x >> np.uint32(j)) & 1).astype(np.uint32)
+    np.testing.assert_array_equal(unslice(bitslice(x, j, 1), n), bits)
+
+
+def test_encode_refuses_bad_values() -> None:
+    with pytest.raises(UsageError, match="NaN"):
+        encode(np.array([1.0, np.nan]), 8)
+    with pytest.raises(ScaleOverflowError, match="does not fit"):
+        encode(np.array([2.0**30]), 4)
+
+
+def test_prg_streams_deterministic_and_distinct() -> None:
+    seed = b"s" * 32
+    a = Prg(seed, stream=3).uint32(1000)
+    np.testing.assert_array_equal(a, Prg(seed, stream=3).uint32(1000))
+    assert not np.array_equal(a, Prg(seed, stream=4).uint32(1000))
+    with pytest.raises(ValueError):
+        Prg(b"short")
