@@ -227,22 +227,24 @@ def compile_model(
         fn = node.target if node.op in ("call_function", "call_method") else None
         x = arg(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if kind is nn.Conv2d:
-            assert_mod = mod
-            if assert_mod.groups != 1 or assert_mod.padding_mode != "zeros" or isinstance(assert_mod.padding, str):
+            conv_mod = mod
+            if conv_mod.groups != 1 or conv_mod.padding_mode != "zeros" or isinstance(conv_mod.padding, str):
                 raise UnsupportedLayerError(f"{node.target} ({desc}): only groups=1, numeric zero padding")
             src = settle(x)  # type: ignore[arg-type]
-            k = _pair(assert_mod.kernel_size)
-            st = _square(assert_mod.stride, "stride", node.target)
-            pd = _square(assert_mod.padding, "padding", node.target)
-            dl = _square(assert_mod.dilation, "dilation", node.target)
+            k = _pair(conv_mod.kernel_size)
+            st = _square(conv_mod.stride, "stride", node.target)
+            pd = _square(conv_mod.padding, "padding", node.target)
+            dl = _square(conv_mod.dilation, "dilation", node.target)
             cin, hi, wi = ops[src].shape
+            if cin != conv_mod.in_channels:
+                raise UsageError(f"{node.target} expects {conv_mod.in_channels} input channels, the input has {cin}")
             from .linalg import conv2d_out_hw
 
             ho, wo = conv2d_out_hw(hi, wi, k, st, pd, dl)
-            idx = add("conv", (src,), (assert_mod.out_channels, ho, wo), node.target,
+            idx = add("conv", (src,), (conv_mod.out_channels, ho, wo), node.target,
                       kernel=list(k), stride=st, padding=pd, dilation=dl, fw=0)
-            wt = assert_mod.weight.detach().double().numpy().copy()
-            bias = assert_mod.bias.detach().double().numpy().copy() if assert_mod.bias is not None else None
+            wt = conv_mod.weight.detach().double().numpy().copy()
+            bias = conv_mod.bias.detach().double().numpy().copy() if conv_mod.bias is not None else None
             weights[idx] = (wt, bias)
             vals[node.name] = _Val(idx, pending=True)
             last_bn_conv[node.name] = idx
@@ -257,6 +259,8 @@ def compile_model(
             op_ = _square(m.output_padding, "output_padding", node.target)
             dl = _square(m.dilation, "dilation", node.target)
             cin, hi, wi = ops[src].shape
+            if cin != m.in_channels:
+                raise UsageError(f"{node.target} expects {m.in_channels} input channels, the input has {cin}")
             from .linalg import conv_transpose2d_out_hw
 
             ho, wo = conv_transpose2d_out_hw(hi, wi, k, st, pd, op_, dl)

@@ -1,0 +1,120 @@
+"""Whole secure U-Net runs (in-process, all five roles) vs float and fixed-point references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from blindseg import secure_segment
+from blindseg.errors import ScaleOverflowError, UnsupportedLayerError, UsageError
+from blindseg.models import build_model
+from blindseg.plan import encode_weights, reference
+from blindseg.ring import encode
+
+
+def structured(n: int, size: int) -> np.ndarray:
+    """Blobs and rings: image-like inputs with large flat regions and sharp edges."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    imgs = []
+    for k in range(n):
+        r = np.hypot(yy - 0.3 - 0.1 * k, xx - 0.6)
+        imgs.append(np.where(r < 0.25, 1.5, 0.0) + np.sin(8 * xx + k) * 0.3 - 0.5 * (r > 0.4))
+    return np.stack(imgs)[:, None]
+
+
+def float_mask(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch.argmax(model(torch.tensor(x, dtype=torch.float32)), 1).numpy()
+
+
+@pytest.mark.parametrize("kind", ["random", "structured"])
+def test_ref_unet_mask_matches_float(kind: str) -> None:
+    model = build_model("ref-unet", seed=3)
+    x = np.random.default_rng(5).normal(size=(2, 1, 48, 48)) if kind == "random" else structured(2, 48)
+    res = secure_segment(model, x)
+    assert res.mask is not None and res.mask.shape == (2, 48, 48)
+    agree = float(np.mean(res.mask == float_mask(model, x)))
+    assert agree >= 0.999, f"pixel agreement {agree:.5f}"
+    st = res.stats
+    assert st["rounds"] > 0 and st["online_bytes_per_server"] > 0 and st["offline_bytes_per_server"] > 0
+    assert st["offline_bytes"][0] < 200  # server 0's bundle is only a seed
+    assert sum(layer["rounds"] for layer in st["layers"]) == st["rounds"]
+
+
+def test_logits_match_fixed_point_reference_and_float() -> None:
+    model = build_model("ref-unet", classes=3, seed=1)
+    x = np.random.default_rng(2).normal(size=(1, 1, 32, 32))
+    res = secure_segment(model, x, output="logits")
+    assert res.logits is not None and res.mask is None
+    from blindseg.plan import compile_model
+
+    comp = compile_model(model, (1, 32, 32), "logits", "auto", samples=x)
+    ref = reference(comp.plan, encode_weights(comp), encode(x, comp.plan.frac_bits))[-1]
+    f = comp.plan.frac_bits
+    # fixed-point reference: each truncation may add one LSB that propagates; stay within a few LSB scaled
+    err_fx = np.max(np.abs(res.logits - ref / 2.0**f))
+    with torch.no_grad():
+        fl = model(torch.tensor(x, dtype=torch.float32)).numpy()
+    err_float = np.max(np.abs(res.logits - fl))
+    assert err_fx <= 64 * 2.0**-f, f"logit error vs fixed-point reference {err_fx}"
+    assert err_float <= 0.01 * max(1.0, float(np.max(np.abs(fl)))), f"logit error vs float {err_float}"
+
+
+def test_batchnorm_avgpool_add_identity_fold() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.pool = nn.AvgPool2d(2)
+            self.pool3 = nn.AvgPool2d(3, 1)
+            self.drop = nn.Dropout(0.5)
+            self.idn = nn.Identity()
+            self.head = nn.Conv2d(4, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = torch.relu(self.bn(self.c1(x)))
+            b = torch.relu(self.c2(a)) + a
+            return self.head(self.idn(self.drop(self.pool3(self.pool(b)))))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    x = np.random.default_rng(1).normal(size=(1, 2, 20, 20))
+    res = secure_segment(net, x, output="logits")
+    with torch.no_grad():
+        fl = net(torch.tensor(x, dtype=torch.float32)).numpy()
+    assert np.max(np.abs(res.logits - fl)) < 0.02
+
+
+def test_unsupported_layer_is_named() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid())
+    with pytest.raises(UnsupportedLayerError, match="Sigmoid"):
+        secure_segment(net, np.zeros((1, 1, 8, 8)))
+
+
+def test_bad_inputs_get_clear_errors() -> None:
+    model = build_model("ref-unet")
+    with pytest.raises(UsageError, match="N x C x H x W"):
+        secure_segment(model, np.zeros((16, 16)))
+    with pytest.raises(UsageError, match="NaN"):
+        secure_segment(model, np.full((1, 1, 16, 16), np.nan))
+    with pytest.raises(UsageError, match="numeric"):
+        secure_segment(model, np.array([[[["a"]]]]))
+    with pytest.raises(UsageError):
+        secure_segment(model, np.zeros((1, 2, 16, 16)))  # 2 channels into a 1-channel conv
+
+
+def test_overflowing_scale_is_refused() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 2, 3))
+    with torch.no_grad():
+        net[0].weight.fill_(1e6)
+    with pytest.raises(ScaleOverflowError):
+        secure_segment(net, np.ones((1, 1, 8, 8)), frac_bits=12, output="logits")
+    with pytest.raises(ScaleOverflowError):
+        secure_segment(net, np.ones((1, 1, 8, 8)) * 1e4, output="logits")
