@@ -1,0 +1,20 @@
+# The two commands: `make demo` and `make test`. Both set up .venv on first use.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+.PHONY: demo test bench lint
+demo: $(VENV)/.installed
+	$(PY) -m blindseg bench --model ref-unet --size 128
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy blindseg dealer data_owner model_owner

@@ -1,0 +1,88 @@
+"""``blindseg bench``: secure vs plaintext figures for a reference model, measured in one run."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+from typing import Any
+
+import numpy as np
+
+from .engine import run_compiled
+from .models import build_model
+from .plan import compile_model
+
+
+def test_image(batch: int, size: int, seed: int = 0) -> np.ndarray:
+    """A structured synthetic scan-like image (smooth blobs + noise), N x 1 x size x size."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(batch):
+        img = np.zeros((size, size))
+        for _ in range(6):
+            cy, cx, r = rng.uniform(0.2, 0.8, 2).tolist() + [rng.uniform(0.05, 0.25)]
+            img += rng.uniform(0.5, 1.5) * (np.hypot(yy - cy, xx - cx) < r)
+        out.append(img + 0.1 * rng.normal(size=(size, size)))
+    return np.stack(out)[:, None]
+
+
+def plaintext_seconds(model: Any, x: np.ndarray, repeats: int = 5) -> float:
+    """Median float32 forward time of the same model on the same input (torch, this machine's threads)."""
+    import torch
+
+    xt = torch.tensor(x, dtype=torch.float32)
+    times = []
+    with torch.no_grad():
+        model(xt)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(xt)
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def run_bench(model_name: str, size: int, batch: int = 1, classes: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Compile, deploy and run one secure job; return the figures (JSON-ready)."""
+    import torch
+
+    model = build_model(model_name, classes=classes, seed=seed)
+    x = test_image(batch, size, seed)
+    t_plain = plaintext_seconds(model, x)
+    comp = compile_model(model, tuple(x.shape[1:]), "mask", "auto", samples=x)  # type: ignore[arg-type]
+    res = asyncio.run(run_compiled(comp, x))
+    with torch.no_grad():
+        ref = torch.argmax(model(torch.tensor(x, dtype=torch.float32)), 1).numpy()
+    st = res.stats
+    return {
+        "model": model_name, "size": size, "batch": batch, "transport": "memory", "net": "none",
+        "online_seconds": st["online_seconds"], "offline_seconds": st["offline_seconds"],
+        "dealer_seconds": st["dealer_seconds"],
+        "online_bytes_per_server": st["online_bytes_per_server"],
+        "offline_bytes_per_server": st["offline_bytes_per_server"],
+        "deploy_bytes_per_server": max(st["deploy_bytes"]),
+        "rounds": st["rounds"], "plaintext_seconds": t_plain,
+        "online_over_plaintext": st["online_seconds"] / t_plain,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "pixel_agreement": float(np.mean(res.mask == ref)), "frac_bits": st["frac_bits"],
+        "layers": st["layers"],
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """Human-readable table of a bench result."""
+    mb = 1e6
+    lines = [f"{'op':>4} {'kind':8} {'name':26} {'online s':>9} {'online MB':>10} {'rounds':>6} {'offline MB':>10}"]
+    for L in r["layers"]:
+        lines.append(f"{L['op']:>4} {L['kind']:8} {L['name'][:26]:26} {L['online_seconds']:9.4f} "
+                     f"{L['online_bytes'] / mb:10.3f} {L['rounds']:6d} {L['offline_bytes'] / mb:10.3f}")
+    lines += [
+        "",
+        f"model {r['model']} {r['size']}x{r['size']} batch {r['batch']}  (f = {r['frac_bits']})",
+        f"online   {r['online_seconds']:.3f} s   {r['online_bytes_per_server'] / mb:.2f} MB/server   {r['rounds']} rounds",
+        f"offline  {r['offline_seconds']:.3f} s   {r['offline_bytes_per_server'] / mb:.2f} MB/server (dealer {r['dealer_seconds']:.3f} s)",
+        f"plaintext float32 {r['plaintext_seconds'] * 1e3:.1f} ms   secure/plaintext {r['online_over_plaintext']:.1f}x",
+        f"pixel agreement with float {100 * r['pixel_agreement']:.3f}%   peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB",
+    ]
+    return "\n".join(lines)
