@@ -107,7 +107,8 @@ def build_circuit(width: int = 30, arities: tuple[int, ...] = (3, 3, 2)) -> Circ
         variables: list[tuple[int, int]] = []
         index: dict[tuple[int, int], int] = {}
 
-        def var(key: tuple[int, int]) -> int:
+        def var(key: tuple[int, int], variables: list[tuple[int, int]] = variables,
+                index: dict[tuple[int, int], int] = index) -> int:
             if key not in index:
                 index[key] = len(variables)
                 variables.append(key)

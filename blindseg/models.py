@@ -50,7 +50,7 @@ def _unet_class() -> Any:
                 skips.append(x)
                 x = self.pool(x)
             x = self.bottom(x)
-            for up, dec, skip in zip(self.up, self.dec, reversed(skips)):
+            for up, dec, skip in zip(self.up, self.dec, reversed(skips), strict=False):
                 x = dec(torch.cat([skip, up(x)], dim=1))
             return self.head(x)
 

@@ -220,7 +220,9 @@ def compile_model(
                 raise UnsupportedLayerError("models with several outputs are not supported")
             final = arg(out)
             break
-        kind, mod = None, None
+        kind: Any = None
+        mod: Any = None
+        k: Any
         if node.op == "call_module":
             mod = modules[node.target]
             kind = type(mod)

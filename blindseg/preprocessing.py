@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class Item:
     width: int = 32  # arith only: shares live mod 2^width (8, 16 or 32 bits)
 
     @property
-    def dtype(self) -> type[np.unsignedinteger]:
+    def dtype(self) -> Any:
         if self.kind == "bool":
             return np.uint64
         return {8: np.uint8, 16: np.uint16}.get(self.width, np.uint32)

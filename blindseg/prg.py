@@ -40,7 +40,7 @@ class Prg:
         if self._zeros.size < n:
             self._zeros = np.zeros(max(n, 1 << 16), dtype=np.uint8)
         out = np.empty(n + _BLOCK - 1, dtype=np.uint8)
-        written = self._enc.update_into(memoryview(self._zeros[:n]), memoryview(out))
+        written = self._enc.update_into(self._zeros[:n].data, out.data)
         if written != n:  # CTR mode is a stream cipher: never buffers
             raise RuntimeError("AES-CTR returned a short keystream")
         self.drawn += n

@@ -193,7 +193,7 @@ async def exchange(party: int, peer: Endpoint, label: str, req: P.Open, timeout:
         if a.shape != b.shape or a.dtype != b.dtype:
             raise ProtocolError(f"peer share for {label!r} has shape {b.shape}/{b.dtype}, expected {a.shape}/{a.dtype}")
     na = len(req.arith)
-    return [a + b for a, b in zip(mine[:na], theirs[:na])], [a ^ b for a, b in zip(mine[na:], theirs[na:])]
+    return [a + b for a, b in zip(mine[:na], theirs[:na], strict=False)], [a ^ b for a, b in zip(mine[na:], theirs[na:], strict=False)]
 
 
 async def drive(gen: Step, party: int, peer: Endpoint, job: str, stats: RunStats | None = None,

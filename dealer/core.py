@@ -12,7 +12,7 @@ import numpy as np
 from blindseg import circuit as cc
 from blindseg.bits import unslice
 from blindseg.errors import PreprocessingExhausted, UsageError
-from blindseg.plan import LINEAR, Plan
+from blindseg.plan import Plan
 from blindseg.preprocessing import DEFAULT_ARITIES, Layout, MatSpec, draw
 from blindseg.prg import Prg, new_seed
 from blindseg.protocols import apply_linear

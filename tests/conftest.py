@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from blindseg.preprocessing import MatSpec, Layout
+from blindseg.preprocessing import Layout, MatSpec
 from blindseg.prg import Prg, new_seed
 
 
@@ -36,9 +36,9 @@ def run_pair(g0: Generator[Any, Any, Any], g1: Generator[Any, Any, Any], log: li
 
 def deal(specs: list[MatSpec], plan: Any = None, op_index: int = 0, masks: Any = None) -> tuple[list[dict], list[dict]]:
     """Material for a list of specs, via the real dealer derivation and server expansion."""
-    from dealer.core import _derive
     from blindseg.circuit import build_circuit
     from blindseg.preprocessing import DEFAULT_ARITIES, draw, expand_op
+    from dealer.core import _derive
 
     circ = build_circuit(30, DEFAULT_ARITIES)
     seed0, seed1 = new_seed(), new_seed()

@@ -14,7 +14,7 @@ from scipy import stats
 from blindseg import protocols as P
 from blindseg.circuit import build_circuit
 from blindseg.plan import Op
-from blindseg.preprocessing import DEFAULT_ARITIES, Layout, select_spec, tournament, trunc_spec
+from blindseg.preprocessing import DEFAULT_ARITIES, select_spec, tournament, trunc_spec
 from blindseg.ring import signed
 
 from .conftest import deal, run_pair, split
@@ -109,8 +109,8 @@ def test_argmax_with_ties(rng: np.random.Generator, classes: int) -> None:
     m0, m1 = deal([select_spec(p * n, 0, CIRC) for p in tournament(classes)])
     x0, x1 = split(z, rng)
     o0, o1 = run_pair(P.argmax(0, op, x0, m0, CIRC), P.argmax(1, op, x1, m1, CIRC))
-    from data_owner import reconstruct
     from blindseg.plan import Plan
+    from data_owner import reconstruct
 
     plan = Plan((Op("input", (), (classes, 5, 7)), op), 8, "mask")
     np.testing.assert_array_equal(reconstruct(plan, o0, o1), np.argmax(z, axis=1))
