@@ -162,6 +162,19 @@ def _square(v: Any, what: str, name: str) -> int:
     return a
 
 
+def _pool_params(node: Any, mod: Any, desc: str) -> tuple[int, int]:
+    """(kernel, stride) of a pooling module or functional call; padding is refused."""
+    if mod is not None:
+        k, st, pd = mod.kernel_size, mod.stride, mod.padding
+    else:
+        k = node.args[1] if len(node.args) > 1 else node.kwargs["kernel_size"]
+        st = node.args[2] if len(node.args) > 2 else node.kwargs.get("stride")
+        pd = node.args[3] if len(node.args) > 3 else node.kwargs.get("padding", 0)
+    if _square(pd, "padding", desc):
+        raise UnsupportedLayerError(f"{desc}: padded pooling is not supported")
+    return _square(k, "kernel", desc), _square(st if st else k, "stride", desc)
+
+
 def compile_model(
     model: Any,
     input_shape: tuple[int, int, int],
@@ -293,33 +306,17 @@ def compile_model(
         elif kind in (nn.Identity, nn.Dropout, nn.Dropout2d) or fn in (F.dropout, "contiguous"):
             vals[node.name] = x  # type: ignore[assignment]
         elif kind is nn.MaxPool2d or fn is F.max_pool2d:
-            if mod is not None:
-                k, st, pd = mod.kernel_size, mod.stride, mod.padding
-                if mod.dilation not in (1, (1, 1)) or mod.ceil_mode or mod.return_indices:
-                    raise UnsupportedLayerError(f"{desc}: MaxPool2d dilation/ceil_mode/return_indices unsupported")
-            else:
-                k = node.args[1] if len(node.args) > 1 else node.kwargs["kernel_size"]
-                st = node.args[2] if len(node.args) > 2 else node.kwargs.get("stride") or k
-                pd = node.kwargs.get("padding", 0)
-            k, st, pd = _square(k, "kernel", desc), _square(st if st is not None else k, "stride", desc), _square(pd, "padding", desc)
-            if pd:
-                raise UnsupportedLayerError(f"{desc}: padded max-pooling is not supported")
+            if mod is not None and (mod.dilation not in (1, (1, 1)) or mod.ceil_mode or mod.return_indices):
+                raise UnsupportedLayerError(f"{desc}: MaxPool2d dilation/ceil_mode/return_indices unsupported")
+            k, st = _pool_params(node, mod, desc)
             src = settle(x)  # type: ignore[arg-type]
             cc, hi, wi = ops[src].shape
             idx = add("maxpool", (src,), (cc, (hi - k) // st + 1, (wi - k) // st + 1), str(node.target), kernel=k, stride=st)
             vals[node.name] = _Val(idx)
         elif kind is nn.AvgPool2d or fn is F.avg_pool2d:
-            if mod is not None:
-                k, st, pd = mod.kernel_size, mod.stride, mod.padding
-                if mod.ceil_mode:
-                    raise UnsupportedLayerError(f"{desc}: AvgPool2d ceil_mode unsupported")
-            else:
-                k = node.args[1] if len(node.args) > 1 else node.kwargs["kernel_size"]
-                st = node.args[2] if len(node.args) > 2 else node.kwargs.get("stride") or k
-                pd = node.kwargs.get("padding", 0)
-            k, st, pd = _square(k, "kernel", desc), _square(st if st is not None else k, "stride", desc), _square(pd, "padding", desc)
-            if pd:
-                raise UnsupportedLayerError(f"{desc}: padded average pooling is not supported")
+            if mod is not None and mod.ceil_mode:
+                raise UnsupportedLayerError(f"{desc}: AvgPool2d ceil_mode unsupported")
+            k, st = _pool_params(node, mod, desc)
             src = settle(x)  # type: ignore[arg-type]
             cc, hi, wi = ops[src].shape
             shp = (cc, (hi - k) // st + 1, (wi - k) // st + 1)
