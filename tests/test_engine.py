@@ -118,3 +118,24 @@ def test_overflowing_scale_is_refused() -> None:
         secure_segment(net, np.ones((1, 1, 8, 8)), frac_bits=12, output="logits")
     with pytest.raises(ScaleOverflowError):
         secure_segment(net, np.ones((1, 1, 8, 8)) * 1e4, output="logits")
+
+
+def test_functional_pooling_and_relu() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(1, 3, 3, padding=1)
+            self.h = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.nn.functional.max_pool2d(torch.nn.functional.relu(self.c(x)), 2)
+            return self.h(torch.nn.functional.avg_pool2d(y, kernel_size=2, stride=2))
+
+    torch.manual_seed(4)
+    net = Net().eval()
+    x = np.random.default_rng(3).normal(size=(1, 1, 16, 16))
+    res = secure_segment(net, x, output="logits")
+    with torch.no_grad():
+        fl = net(torch.tensor(x, dtype=torch.float32)).numpy()
+    assert res.logits.shape == fl.shape
+    assert np.max(np.abs(res.logits - fl)) < 0.01
