@@ -515,7 +515,6 @@ def reference(plan: Plan, wq: dict[int, tuple[np.ndarray, np.ndarray | None]], x
     from .ring import signed
 
     vals: list[np.ndarray] = []
-    f = plan.frac_bits
     for i, op in enumerate(plan.ops):
         ins = [vals[j] for j in op.inputs]
         if op.kind == "input":
@@ -550,5 +549,4 @@ def reference(plan: Plan, wq: dict[int, tuple[np.ndarray, np.ndarray | None]], x
         else:
             v = ins[0]
         vals.append(v)
-    _ = f
     return vals

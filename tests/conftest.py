@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from blindseg.preprocessing import Layout, MatSpec
+from blindseg.preprocessing import MatSpec
 from blindseg.prg import Prg, new_seed
 
 
@@ -71,6 +71,3 @@ def split(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
-
-def circuit() -> Any:
-    return Layout.of.__globals__["build_circuit"](30, Layout.of.__defaults__[0])
