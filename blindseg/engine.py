@@ -10,22 +10,25 @@ are those the networked service sends (before transport encryption).
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from data_owner import reconstruct, share_image, validate_image
-from dealer import Bundle, Dealer
-from dealer.core import model_mask_shares
+from dealer import Dealer
+from dealer.core import model_mask_shares, stream_bundle
 from model_owner import share_weights, weights_frame
 
 from .channel import MemoryLink
 from .errors import UsageError
 from .plan import Compiled, Plan, compile_model
 from .preprocessing import DEFAULT_ARITIES
-from .server import RunStats, ServerCore, drive
+from .server import Prepared, RunStats, ServerCore, drive, receive_bundle
+from .store import BundleStore
 from .wire import decode_frame, encode_frame
 
 
@@ -37,28 +40,6 @@ class SegmentResult:
     logits: np.ndarray | None
     stats: dict[str, Any]
     plan: Plan
-
-
-def bundle_frame(b: Bundle) -> bytes:
-    """A bundle as one frame: seed in the header, corrections as arrays."""
-    flat = [a for op in b.corrections for a in op]
-    header = {"t": "bundle", "id": b.bundle_id, "model": b.model_id, "batch": b.batch, "party": b.party,
-              "seed": b.seed, "counts": [len(op) for op in b.corrections]}
-    return encode_frame(header, flat)
-
-
-def parse_bundle(frame: bytes) -> Bundle:
-    header, arrays = decode_frame(frame)
-    counts = header.get("counts", [])
-    if header.get("t") != "bundle" or sum(counts) != len(arrays):
-        from .errors import ProtocolError
-
-        raise ProtocolError("bundle frame is malformed")
-    corr, k = [], 0
-    for c in counts:
-        corr.append(arrays[k : k + c])
-        k += c
-    return Bundle(header["id"], header["model"], int(header["batch"]), int(header["party"]), header["seed"], corr)
 
 
 def parse_weights(frame: bytes) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
@@ -102,8 +83,33 @@ def _finite(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-async def run_compiled(comp: Compiled, image: Any, arities: tuple[int, ...] = DEFAULT_ARITIES) -> SegmentResult:
-    """Deploy a compiled model and run one job through all five roles."""
+def _per_op_bytes(log: list[tuple[str, int]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for label, n in log:
+        parts = label.split(":")
+        if len(parts) == 3 and parts[0] == "bundle":
+            out[int(parts[2])] = out.get(int(parts[2]), 0) + n
+    return out
+
+
+async def run_compiled(comp: Compiled, image: Any, arities: tuple[int, ...] = DEFAULT_ARITIES,
+                       state_dir: str | Path | None = None) -> SegmentResult:
+    """Deploy a compiled model and run one job through all five roles.
+
+    Each server keeps its bundle in a :class:`~blindseg.store.BundleStore` under
+    ``state_dir/server<i>`` (a temporary directory, removed afterwards, if None).
+    """
+    with tempfile.TemporaryDirectory(prefix="blindseg-") as tmp:
+        root = Path(state_dir) if state_dir is not None else Path(tmp)
+        stores = [BundleStore(root / "server0"), BundleStore(root / "server1")]
+        try:
+            return await _run(comp, image, arities, stores)
+        finally:
+            for st in stores:
+                st.close()
+
+
+async def _run(comp: Compiled, image: Any, arities: tuple[int, ...], stores: list[BundleStore]) -> SegmentResult:
     plan = comp.plan
     x = validate_image(plan, image)
     batch = x.shape[0]
@@ -136,20 +142,21 @@ async def run_compiled(comp: Compiled, image: Any, arities: tuple[int, ...] = DE
     for ep in peer:
         ep.counters.reset()
 
-    # ---- offline (before the image exists)
+    # ---- offline (before the image exists): streamed op by op into each server's store
     t_off = time.perf_counter()
-    b0, b1 = await asyncio.to_thread(dealer.make_bundle, model_id, batch)
-    dealer_seconds = time.perf_counter() - t_off
-    await de[0].a.send("bundle", bundle_frame(b0))
-    await de[1].a.send("bundle", bundle_frame(b1))
 
-    async def offline_server(i: int) -> Any:
-        b = parse_bundle(await de[i].b.recv("bundle"))
-        return await asyncio.to_thread(srv[i].prepare, b.bundle_id, b.batch, b.seed, b.corrections if i else None)
+    async def offline_server(i: int) -> Prepared:
+        frame = await de[i].b.recv(f"bundle:{bid}")
+        await receive_bundle(srv[i], stores[i], frame, de[i].b)
+        return srv[i].begin(stores[i], bid, "job")
 
+    bid = dealer.new_bundle_id()
+    dealer_task = asyncio.ensure_future(stream_bundle(dealer, model_id, batch, de[0].a, de[1].a, bid))
     preps = await asyncio.gather(offline_server(0), offline_server(1))
+    _, dealer_seconds = await dealer_task
     offline_seconds = time.perf_counter() - t_off
     offline_bytes = [de[i].a.counters.bytes_sent - de[i].a.counters.log[0][1] for i in (0, 1)]
+    offline_per_op = _per_op_bytes(de[1].a.counters.log)
 
     # ---- online
     t_on = time.perf_counter()
@@ -160,7 +167,10 @@ async def run_compiled(comp: Compiled, image: Any, arities: tuple[int, ...] = DE
 
     async def online_server(i: int) -> None:
         _, (xs,) = decode_frame(await do[i].b.recv("job:input"))
-        out = await drive(srv[i].run(preps[i], xs), i, peer[i], "job", stats[i])
+        try:
+            out = await drive(srv[i].run(preps[i], xs), i, peer[i], "job", stats[i])
+        finally:
+            stores[i].discard(bid)
         await do[i].b.send("job:output", encode_frame({"t": "output"}, [np.ascontiguousarray(out)]))
 
     await asyncio.gather(online_server(0), online_server(1))
@@ -172,7 +182,7 @@ async def run_compiled(comp: Compiled, image: Any, arities: tuple[int, ...] = DE
     layers = []
     for j, op in enumerate(plan.ops):
         s0, s1 = stats[0].per_op.get(j), stats[1].per_op.get(j)
-        corr = sum(a.nbytes for a in b1.corrections[j])
+        corr = offline_per_op.get(j, 0)
         if s0 is None and corr == 0:
             continue
         layers.append({

@@ -152,14 +152,21 @@ Material = dict[str, np.ndarray]
 
 
 def expand_op(
-    specs: tuple[MatSpec, ...], party: int, seed: bytes, op_index: int, corrections: Iterator[np.ndarray] | None
+    specs: tuple[MatSpec, ...], party: int, seed: bytes, op_index: int, corrections: Iterator[np.ndarray] | None,
+    skip: tuple[str, ...] = (),
 ) -> list[Material]:
-    """Server side: this party's shares of op ``op_index``'s material (PRG stream = op index)."""
+    """Server side: this party's shares of op ``op_index``'s material (PRG stream = op index).
+
+    Items named in ``skip`` are left out (derived items only, which come after
+    every random item in the stream, so the stream stays aligned).
+    """
     prg = Prg(seed, stream=op_index)
     out = []
     for ms in specs:
         mat: Material = {}
         for it in ms.items:
+            if it.name in skip:
+                continue
             if it.derived and party == 1:
                 if corrections is None:
                     raise ValueError("server 1 needs corrections to expand derived items")

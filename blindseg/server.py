@@ -25,8 +25,10 @@ from .circuit import build_circuit
 from .errors import ProtocolError, UsageError
 from .plan import LINEAR, Plan
 from .preprocessing import DEFAULT_ARITIES, Layout, Material, expand_op
+from .store import BundleStore, BundleWriter, StoredBundle
 from .wire import decode_frame, encode_frame
 
+LOCAL = frozenset({"input", "avgsum", "concat", "add", "output"})
 Step = Generator[tuple[int, P.Open], P.Opened, Any]
 
 
@@ -39,14 +41,29 @@ class LinearState:
     bias: np.ndarray | None
 
 
-@dataclass
 class Prepared:
-    """A bundle expanded for one job, with F_i precomputed for every linear op."""
+    """A consumed bundle, expanded op by op while the job runs (one op's material in memory at a time).
 
-    bundle_id: str
-    batch: int
-    mats: list[list[Material]]
-    f_pre: dict[int, np.ndarray]
+    Random items come from this server's PRG stream for the op; derived ones
+    (server 1) and the precomputed F_i come from the store.
+    """
+
+    def __init__(self, layout: Layout, party: int, bundle: StoredBundle) -> None:
+        self.layout = layout
+        self.party = party
+        self.bundle = bundle
+        self.batch = bundle.batch
+
+    def material(self, i: int) -> tuple[list[Material], np.ndarray | None]:
+        """Op ``i``'s material and, for a linear op, its F_i."""
+        specs = self.layout.specs[i]
+        stored = self.bundle.arrays(i)
+        if self.layout.plan.ops[i].kind in LINEAR:
+            if len(stored) != 1:
+                raise ProtocolError(f"bundle {self.bundle.bundle_id} lacks F for op {i}")
+            return expand_op(specs, self.party, self.bundle.seed, i, None, skip=("C",)), stored[0]
+        corr = iter(stored) if self.party == 1 else None
+        return expand_op(specs, self.party, self.bundle.seed, i, corr), None
 
 
 @dataclass
@@ -98,26 +115,32 @@ class ServerCore:
             self.model[i] = LinearState(e, w_on, weights[i][1])
 
     # --------------------------------------------------------------- offline
-    def prepare(self, bundle_id: str, batch: int, seed: bytes, corrections: list[list[np.ndarray]] | None) -> Prepared:
-        """Expand the bundle and precompute F_i = C_i + f(A_i, E) + bias_i (no image needed)."""
+    def layout(self, batch: int) -> Layout:
+        return Layout.of(self.plan, batch, self.arities)
+
+    def ingest_op(self, writer: BundleWriter, layout: Layout, seed: bytes, i: int, corrections: list[np.ndarray]) -> None:
+        """Offline work for op ``i`` of a bundle: check server 1's corrections, precompute
+        F_i = C_i + f(A_i, E) + bias_i for a linear op (one ring conv), store what the job needs."""
         if not self.model:
             raise UsageError("model is not deployed on this server")
-        layout = Layout.of(self.plan, batch, self.arities)
-        if corrections is not None and len(corrections) != len(layout.specs):
-            raise ProtocolError("bundle does not match the plan (op count)")
-        mats = []
-        f_pre = {}
-        for i, specs in enumerate(layout.specs):
-            corr = iter(corrections[i]) if corrections is not None else None
-            m = expand_op(specs, self.party, seed, i, corr)
-            if corr is not None and next(corr, None) is not None:
-                raise ProtocolError(f"bundle has extra items for op {i}")
-            if self.plan.ops[i].kind in LINEAR:
-                st = self.model[i]
-                f_pre[i] = P.linear_offline(self.party, self.plan.ops[i], m[0], st.e, st.bias)
-                del m[0]["C"]
-            mats.append(m)
-        return Prepared(bundle_id, batch, mats, f_pre)
+        specs = layout.specs[i]
+        want = [it for ms in specs for it in ms.items if it.derived] if self.party == 1 else []
+        if len(corrections) != len(want):
+            raise ProtocolError(f"bundle has {len(corrections)} items for op {i}, expected {len(want)}")
+        for it, arr in zip(want, corrections, strict=True):
+            if arr.dtype != it.dtype or arr.shape != it.shape:
+                raise ProtocolError(f"bundle item {it.name} of op {i} has the wrong dtype or shape")
+        if self.plan.ops[i].kind in LINEAR:
+            (mat,) = expand_op(specs, self.party, seed, i, iter(corrections) if self.party == 1 else None)
+            st = self.model[i]
+            writer.put(i, [P.linear_offline(self.party, self.plan.ops[i], mat, st.e, st.bias)])
+        elif corrections:
+            writer.put(i, corrections)
+
+    def begin(self, store: BundleStore, bundle_id: str, job: str) -> Prepared:
+        """Consume a ready bundle for ``job`` (durably, before the first opening)."""
+        b = store.consume(bundle_id, job)
+        return Prepared(self.layout(b.batch), self.party, b)
 
     # ---------------------------------------------------------------- online
     def run(self, prep: Prepared, x: np.ndarray) -> Step:
@@ -130,13 +153,15 @@ class ServerCore:
         vals: dict[int, np.ndarray] = {}
         for i, op in enumerate(plan.ops):
             ins = [vals[j] for j in op.inputs]
-            mats = prep.mats[i]
+            mats, f_pre = prep.material(i) if op.kind not in LOCAL else ([], None)
             k = op.kind
             gen: P.Proto | None = None
             if k == "input":
                 out: np.ndarray = x
             elif k in LINEAR:
-                gen = P.linear(op, ins[0], mats[0], prep.f_pre.pop(i), self.model[i].w_online)
+                if f_pre is None:
+                    raise ProtocolError(f"no precomputed F for linear op {i}")
+                gen = P.linear(op, ins[0], mats[0], f_pre, self.model[i].w_online)
             elif k == "rescale":
                 z = ins[0] * np.uint32(op.p("mul")) if op.p("mul") != 1 else ins[0]
                 s = int(op.p("shift"))
@@ -158,7 +183,7 @@ class ServerCore:
             if gen is not None:
                 out = yield from _tag(i, gen)
             vals[i] = out
-            prep.mats[i] = []
+            del mats, f_pre
             for j in op.inputs:
                 if self._last_use.get(j) == i:
                     del vals[j]
@@ -221,3 +246,42 @@ async def drive(gen: Step, party: int, peer: Endpoint, job: str, stats: RunStats
         st.rounds += 1
         stats.rounds += 1
         stats.bytes_sent += peer.counters.bytes_sent - before
+
+
+def bundle_header(b: Any) -> bytes:
+    """The frame that announces a bundle to one server (its seed travels only inside the encrypted link)."""
+    return encode_frame({"t": "bundle", "id": b.bundle_id, "model": b.model_id, "batch": b.batch,
+                         "party": b.party, "seed": b.seed})
+
+
+async def receive_bundle(core: ServerCore, store: BundleStore, frame: bytes, dealer: Endpoint,
+                         timeout: float | None = 600.0) -> str:
+    """Offline, at a server: take a bundle announced by ``frame``, receive server 1's corrections op
+    by op (labels ``bundle:<id>:<op>``), precompute F_i, store durably. Returns the bundle id.
+    A bundle cut off midway is dropped, never left usable."""
+    header, _ = decode_frame(frame)
+    try:
+        bid, model, batch, party, seed = (str(header["id"]), str(header["model"]), int(header["batch"]),
+                                          int(header["party"]), bytes(header["seed"]))
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError("bundle announcement is malformed") from None
+    if header.get("t") != "bundle" or party != core.party or len(seed) != 32 or not 1 <= batch <= 4096:
+        raise ProtocolError("bundle announcement does not fit this server")
+    layout = core.layout(batch)
+    writer = store.writer(bid, model, batch, party, seed)
+    try:
+        for i, specs in enumerate(layout.specs):
+            needs = core.party == 1 and any(it.derived for ms in specs for it in ms.items)
+            corr: list[np.ndarray] = []
+            if needs:
+                h, corr = decode_frame(await dealer.recv(f"bundle:{bid}:{i}", timeout))
+                if h.get("t") != "bundle-op" or h.get("op") != i:
+                    raise ProtocolError(f"bundle frame for op {i} is malformed")
+            if needs or core.plan.ops[i].kind in LINEAR:
+                await asyncio.to_thread(core.ingest_op, writer, layout, seed, i, corr)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return bid
+

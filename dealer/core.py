@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -15,7 +17,10 @@ from blindseg.errors import PreprocessingExhausted, UsageError
 from blindseg.plan import Plan
 from blindseg.preprocessing import DEFAULT_ARITIES, Layout, MatSpec, draw
 from blindseg.prg import Prg, new_seed
+from blindseg.channel import Endpoint
 from blindseg.protocols import apply_linear
+from blindseg.server import bundle_header
+from blindseg.wire import encode_frame
 
 
 @dataclass
@@ -83,17 +88,23 @@ class Dealer:
         self._models[model_id] = (plan, s0, s1, {i: b0[i] + b1[i] for i in b0})
         return s0, s1
 
-    def make_bundle(self, model_id: str, batch: int) -> tuple[Bundle, Bundle]:
-        """Both servers' bundles for one job of ``batch`` images."""
+    @staticmethod
+    def new_bundle_id() -> str:
+        return uuid.uuid4().hex
+
+    def new_bundle(self, model_id: str, batch: int, bundle_id: str | None = None) -> tuple[Bundle, Bundle]:
+        """Fresh seeds and id for one job's bundles; corrections come from :meth:`corrections`."""
         if model_id not in self._models:
             raise UsageError(f"unknown model {model_id!r}")
-        plan, _, _, masks = self._models[model_id]
-        layout = Layout.of(plan, batch, self.arities)
-        seed0, seed1 = new_seed(), new_seed()
-        bid = uuid.uuid4().hex
-        corrections: list[list[np.ndarray]] = []
+        bid = bundle_id or self.new_bundle_id()
+        return Bundle(bid, model_id, batch, 0, new_seed()), Bundle(bid, model_id, batch, 1, new_seed())
+
+    def corrections(self, b0: Bundle, b1: Bundle) -> Iterator[tuple[int, list[np.ndarray]]]:
+        """Server 1's corrections, op by op (ops with none are skipped); one op in memory at a time."""
+        plan, _, _, masks = self._models[b0.model_id]
+        layout = Layout.of(plan, b0.batch, self.arities)
         for i, specs in enumerate(layout.specs):
-            prg0, prg1 = Prg(seed0, stream=i), Prg(seed1, stream=i)
+            prg0, prg1 = Prg(b0.seed, stream=i), Prg(b1.seed, stream=i)
             op_corr: list[np.ndarray] = []
             for ms in specs:
                 rand: dict[str, np.ndarray] = {}
@@ -102,13 +113,43 @@ class Dealer:
                         a0, a1 = draw(prg0, it), draw(prg1, it)
                         rand[it.name] = a0 + a1 if it.kind == "arith" else a0 ^ a1
                 values = _derive(ms, rand, plan, i, masks, layout.circuit)
+                del rand
                 for it in ms.items:
                     if it.derived:
                         share0 = draw(prg0, it)
                         val = values[it.name].astype(it.dtype)
                         op_corr.append(val - share0 if it.kind == "arith" else val ^ share0)
-            corrections.append(op_corr)
-        return Bundle(bid, model_id, batch, 0, seed0), Bundle(bid, model_id, batch, 1, seed1, corrections)
+            if op_corr:
+                yield i, op_corr
+
+    def make_bundle(self, model_id: str, batch: int) -> tuple[Bundle, Bundle]:
+        """Both servers' bundles for one job, corrections held in memory (small jobs, tests)."""
+        b0, b1 = self.new_bundle(model_id, batch)
+        layout = Layout.of(self._models[model_id][0], batch, self.arities)
+        b1.corrections = [[] for _ in layout.specs]
+        for i, corr in self.corrections(b0, b1):
+            b1.corrections[i] = corr
+        return b0, b1
+
+
+async def stream_bundle(dealer: Dealer, model_id: str, batch: int, to0: Endpoint, to1: Endpoint,
+                        bundle_id: str | None = None) -> tuple[str, float]:
+    """Generate one job's bundles and send them: an announcement (seed) to each server, then
+    server 1's corrections op by op as they are made (labels ``bundle:<id>:<op>``).
+    Returns the bundle id and the dealer's compute seconds."""
+    b0, b1 = dealer.new_bundle(model_id, batch, bundle_id)
+    await to0.send(f"bundle:{b0.bundle_id}", bundle_header(b0))
+    await to1.send(f"bundle:{b1.bundle_id}", bundle_header(b1))
+    gen = dealer.corrections(b0, b1)
+    busy = 0.0
+    while True:
+        t = time.perf_counter()
+        item = await asyncio.to_thread(next, gen, None)
+        busy += time.perf_counter() - t
+        if item is None:
+            return b0.bundle_id, busy
+        i, corr = item
+        await to1.send(f"bundle:{b1.bundle_id}:{i}", encode_frame({"t": "bundle-op", "id": b1.bundle_id, "op": i}, corr))
 
 
 class DealerSource(Protocol):

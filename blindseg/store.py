@@ -1,0 +1,187 @@
+"""A server's durable bundle store: single-use preprocessing on disk.
+
+Layout under the server's state directory::
+
+    bundles.sqlite        one row per bundle: id, model, batch, party, seed, state, job, index
+    bundles/<id>.bin      the arrays a bundle leaves after offline work, op by op
+                          (server 1's corrections, both servers' F_i = C_i + f(A_i, E) + bias_i)
+
+States: ``receiving`` -> ``ready`` -> ``consumed``. :meth:`BundleStore.consume`
+flips ``ready`` to ``consumed`` in one durable sqlite transaction (synchronous
+FULL) *before* the first opening that uses the bundle, so after a crash or a
+restart a bundle is never used twice (DESIGN.md section 8, invariant 2).
+Material is read back op by op (``np.fromfile`` at the op's offset), so a job
+never holds more than one op's preprocessing in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import msgpack
+import numpy as np
+
+from .errors import ProtocolError, UsageError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bundles (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    batch INTEGER NOT NULL,
+    party INTEGER NOT NULL,
+    seed BLOB NOT NULL,
+    state TEXT NOT NULL,
+    job TEXT,
+    idx BLOB,
+    created REAL NOT NULL
+)
+"""
+
+IndexEntry = tuple[int, str, tuple[int, ...]]  # offset, dtype string, shape
+
+
+class BundleWriter:
+    """Appends one bundle's arrays op by op; :meth:`commit` makes it ``ready``."""
+
+    def __init__(self, store: BundleStore, bundle_id: str, path: Path) -> None:
+        self._store = store
+        self.bundle_id = bundle_id
+        self._path = path
+        self._f: BinaryIO | None = open(path, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._offset = 0
+        self.index: dict[int, list[IndexEntry]] = {}
+
+    def put(self, op: int, arrays: list[np.ndarray]) -> None:
+        """Store ``arrays`` as op ``op``'s material (called once per op, in any order)."""
+        if self._f is None:
+            raise UsageError("bundle writer is closed")
+        if op in self.index:
+            raise ProtocolError(f"bundle {self.bundle_id} has op {op} twice")
+        entries: list[IndexEntry] = []
+        for a in arrays:
+            a = np.ascontiguousarray(a)
+            self._f.write(memoryview(a).cast("B"))
+            entries.append((self._offset, a.dtype.str, tuple(a.shape)))
+            self._offset += a.nbytes
+        self.index[op] = entries
+
+    def commit(self) -> None:
+        """fsync the data, then mark the bundle ready (durable)."""
+        if self._f is None:
+            raise UsageError("bundle writer is closed")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+        self._store._mark_ready(self.bundle_id, self.index)
+
+    def abort(self) -> None:
+        """Drop a partly received bundle (nothing half-written stays usable)."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self._store._forget(self.bundle_id)
+
+
+@dataclass
+class StoredBundle:
+    """A consumed bundle's stored arrays, read op by op."""
+
+    bundle_id: str
+    model: str
+    batch: int
+    party: int
+    seed: bytes
+    path: Path
+    index: dict[int, list[IndexEntry]]
+
+    def arrays(self, op: int) -> list[np.ndarray]:
+        """Op ``op``'s stored arrays, read into memory."""
+        out = []
+        for offset, dtype, shape in self.index.get(op, []):
+            dt = np.dtype(dtype)
+            count = int(np.prod(shape))
+            arr = np.fromfile(self.path, dtype=dt, count=count, offset=offset)
+            if arr.size != count:
+                raise ProtocolError(f"bundle {self.bundle_id} is truncated on disk (op {op})")
+            out.append(arr.reshape(shape))
+        return out
+
+
+class BundleStore:
+    """sqlite-indexed, file-backed bundles for one server (see module docstring)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        (self.root / "bundles").mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.root / "bundles.sqlite", isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(_SCHEMA)
+        # a bundle still "receiving" after a restart was cut off mid-transfer: drop it
+        for (bid,) in self._db.execute("SELECT id FROM bundles WHERE state = 'receiving'").fetchall():
+            self._forget(bid)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _file(self, bundle_id: str) -> Path:
+        if not bundle_id.isalnum() or len(bundle_id) > 64:
+            raise ProtocolError("bundle id must be 1-64 alphanumeric characters")
+        return self.root / "bundles" / f"{bundle_id}.bin"
+
+    def writer(self, bundle_id: str, model: str, batch: int, party: int, seed: bytes) -> BundleWriter:
+        """Start receiving a new bundle; an id seen before (in any state) is refused."""
+        path = self._file(bundle_id)
+        try:
+            self._db.execute(
+                "INSERT INTO bundles (id, model, batch, party, seed, state, created) VALUES (?, ?, ?, ?, ?, 'receiving', ?)",
+                (bundle_id, model, batch, party, seed, time.time()),
+            )
+        except sqlite3.IntegrityError:
+            raise ProtocolError(f"bundle {bundle_id} was already received; bundles are single-use") from None
+        return BundleWriter(self, bundle_id, path)
+
+    def _mark_ready(self, bundle_id: str, index: dict[int, list[IndexEntry]]) -> None:
+        blob = msgpack.packb({str(k): [[o, d, list(s)] for o, d, s in v] for k, v in index.items()})
+        self._db.execute("UPDATE bundles SET state = 'ready', idx = ? WHERE id = ? AND state = 'receiving'", (blob, bundle_id))
+
+    def _forget(self, bundle_id: str) -> None:
+        self._db.execute("DELETE FROM bundles WHERE id = ? AND state = 'receiving'", (bundle_id,))
+        self._file(bundle_id).unlink(missing_ok=True)
+
+    def ready(self, model: str | None = None, batch: int | None = None) -> list[str]:
+        """Ids of ready bundles (oldest first), optionally for one model and batch."""
+        rows = self._db.execute("SELECT id, model, batch FROM bundles WHERE state = 'ready' ORDER BY created").fetchall()
+        return [r[0] for r in rows if (model is None or r[1] == model) and (batch is None or r[2] == batch)]
+
+    def state(self, bundle_id: str) -> str | None:
+        row = self._db.execute("SELECT state FROM bundles WHERE id = ?", (bundle_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def consume(self, bundle_id: str, job: str) -> StoredBundle:
+        """Mark ``bundle_id`` consumed by ``job`` (durably, before any use) and return it.
+
+        Raises :class:`ProtocolError` if the bundle is unknown, still arriving or
+        already consumed -- reusing preprocessing would leak the inputs.
+        """
+        cur = self._db.execute(
+            "UPDATE bundles SET state = 'consumed', job = ? WHERE id = ? AND state = 'ready'", (job, bundle_id)
+        )
+        if cur.rowcount != 1:
+            st = self.state(bundle_id)
+            why = "unknown" if st is None else "already consumed" if st == "consumed" else f"not ready ({st})"
+            raise ProtocolError(f"bundle {bundle_id} cannot be used: {why}; preprocessing is single-use")
+        row = self._db.execute("SELECT model, batch, party, seed, idx FROM bundles WHERE id = ?", (bundle_id,)).fetchone()
+        raw = msgpack.unpackb(row[4], strict_map_key=False)
+        index = {int(k): [(int(o), str(d), tuple(int(x) for x in s)) for o, d, s in v] for k, v in raw.items()}
+        return StoredBundle(bundle_id, row[0], int(row[1]), int(row[2]), bytes(row[3]), self._file(bundle_id), index)
+
+    def discard(self, bundle_id: str) -> None:
+        """Delete a consumed bundle's data (its row stays, so the id is never accepted again)."""
+        self._file(bundle_id).unlink(missing_ok=True)
