@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,23 +93,26 @@ def _per_op_bytes(log: list[tuple[str, int]]) -> dict[int, int]:
 
 
 async def run_compiled(comp: Compiled, image: Any, arities: tuple[int, ...] = DEFAULT_ARITIES,
-                       state_dir: str | Path | None = None) -> SegmentResult:
+                       state_dir: str | Path | None = None, preload_bytes: int = 1 << 30) -> SegmentResult:
     """Deploy a compiled model and run one job through all five roles.
 
     Each server keeps its bundle in a :class:`~blindseg.store.BundleStore` under
     ``state_dir/server<i>`` (a temporary directory, removed afterwards, if None).
+    A job whose material fits in ``preload_bytes`` per server is expanded before
+    the image arrives; a bigger one is expanded op by op while it runs.
     """
     with tempfile.TemporaryDirectory(prefix="blindseg-") as tmp:
         root = Path(state_dir) if state_dir is not None else Path(tmp)
         stores = [BundleStore(root / "server0"), BundleStore(root / "server1")]
         try:
-            return await _run(comp, image, arities, stores)
+            return await _run(comp, image, arities, stores, preload_bytes)
         finally:
             for st in stores:
                 st.close()
 
 
-async def _run(comp: Compiled, image: Any, arities: tuple[int, ...], stores: list[BundleStore]) -> SegmentResult:
+async def _run(comp: Compiled, image: Any, arities: tuple[int, ...], stores: list[BundleStore],
+               preload_bytes: int) -> SegmentResult:
     plan = comp.plan
     x = validate_image(plan, image)
     batch = x.shape[0]
@@ -148,7 +151,9 @@ async def _run(comp: Compiled, image: Any, arities: tuple[int, ...], stores: lis
     async def offline_server(i: int) -> Prepared:
         frame = await de[i].b.recv(f"bundle:{bid}")
         await receive_bundle(srv[i], stores[i], frame, de[i].b)
-        return srv[i].begin(stores[i], bid, "job")
+        prep = srv[i].begin(stores[i], bid, "job")
+        await asyncio.to_thread(prep.preload, preload_bytes)
+        return prep
 
     bid = dealer.new_bundle_id()
     dealer_task = asyncio.ensure_future(stream_bundle(dealer, model_id, batch, de[0].a, de[1].a, bid))

@@ -138,6 +138,10 @@ class Layout:
         circuit = build_circuit(30, arities)
         return Layout(plan, batch, circuit, tuple(tuple(op_specs(plan, i, batch, circuit)) for i in range(len(plan.ops))))
 
+    def material_bytes(self) -> int:
+        """One server's expanded material for the whole job (upper bound: every item, both kinds)."""
+        return sum(it.nbytes for op in self.specs for ms in op for it in ms.items)
+
     def correction_bytes(self) -> int:
         return sum(it.nbytes for op in self.specs for ms in op for it in ms.items if it.derived)
 

@@ -53,9 +53,24 @@ class Prepared:
         self.party = party
         self.bundle = bundle
         self.batch = bundle.batch
+        self._ready: dict[int, tuple[list[Material], np.ndarray | None]] = {}
+
+    def preload(self, budget_bytes: int = 1 << 30) -> bool:
+        """Expand every op now (before the image arrives) if it all fits in ``budget_bytes``."""
+        if self.layout.material_bytes() > budget_bytes:
+            return False
+        for i in range(len(self.layout.specs)):
+            if self.layout.specs[i]:
+                self._ready[i] = self._expand(i)
+        return True
 
     def material(self, i: int) -> tuple[list[Material], np.ndarray | None]:
-        """Op ``i``'s material and, for a linear op, its F_i."""
+        """Op ``i``'s material and, for a linear op, its F_i (each op's material is handed out once)."""
+        if i in self._ready:
+            return self._ready.pop(i)
+        return self._expand(i)
+
+    def _expand(self, i: int) -> tuple[list[Material], np.ndarray | None]:
         specs = self.layout.specs[i]
         stored = self.bundle.arrays(i)
         if self.layout.plan.ops[i].kind in LINEAR:

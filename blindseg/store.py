@@ -65,7 +65,7 @@ class BundleWriter:
         entries: list[IndexEntry] = []
         for a in arrays:
             a = np.ascontiguousarray(a)
-            self._f.write(memoryview(a).cast("B"))
+            self._f.write(a.data)
             entries.append((self._offset, a.dtype.str, tuple(a.shape)))
             self._offset += a.nbytes
         self.index[op] = entries

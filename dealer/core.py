@@ -5,19 +5,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from blindseg import circuit as cc
 from blindseg.bits import unslice
+from blindseg.channel import Endpoint
 from blindseg.errors import PreprocessingExhausted, UsageError
 from blindseg.plan import Plan
 from blindseg.preprocessing import DEFAULT_ARITIES, Layout, MatSpec, draw
 from blindseg.prg import Prg, new_seed
-from blindseg.channel import Endpoint
 from blindseg.protocols import apply_linear
 from blindseg.server import bundle_header
 from blindseg.wire import encode_frame
