@@ -22,6 +22,7 @@ from data_owner import reconstruct, share_image, validate_image
 from dealer import Dealer
 from dealer.core import model_mask_shares, stream_bundle
 from model_owner import share_weights, weights_frame
+from netsim import PROFILES, Profile, wrap
 
 from .channel import MemoryLink
 from .errors import UsageError
@@ -93,11 +94,13 @@ def _per_op_bytes(log: list[tuple[str, int]]) -> dict[int, int]:
 
 
 async def run_compiled(comp: Compiled, image: Any, arities: tuple[int, ...] = DEFAULT_ARITIES,
-                       state_dir: str | Path | None = None, preload_bytes: int = 1 << 30) -> SegmentResult:
+                       state_dir: str | Path | None = None, preload_bytes: int = 1 << 30,
+                       net: Profile = PROFILES["none"]) -> SegmentResult:
     """Deploy a compiled model and run one job through all five roles.
 
     Each server keeps its bundle in a :class:`~blindseg.store.BundleStore` under
     ``state_dir/server<i>`` (a temporary directory, removed afterwards, if None).
+    ``net`` shapes the online links (server <-> server, data owner <-> servers).
     A job whose material fits in ``preload_bytes`` per server is expanded before
     the image arrives; a bigger one is expanded op by op while it runs.
     """
@@ -105,14 +108,14 @@ async def run_compiled(comp: Compiled, image: Any, arities: tuple[int, ...] = DE
         root = Path(state_dir) if state_dir is not None else Path(tmp)
         stores = [BundleStore(root / "server0"), BundleStore(root / "server1")]
         try:
-            return await _run(comp, image, arities, stores, preload_bytes)
+            return await _run(comp, image, arities, stores, preload_bytes, net)
         finally:
             for st in stores:
                 st.close()
 
 
 async def _run(comp: Compiled, image: Any, arities: tuple[int, ...], stores: list[BundleStore],
-               preload_bytes: int) -> SegmentResult:
+               preload_bytes: int, net: Profile) -> SegmentResult:
     plan = comp.plan
     x = validate_image(plan, image)
     batch = x.shape[0]
@@ -123,6 +126,8 @@ async def _run(comp: Compiled, image: Any, arities: tuple[int, ...], stores: lis
     do = [MemoryLink(), MemoryLink()]  # data owner <-> server i
     ss = MemoryLink()  # server0 <-> server1
     peer = [ss.a, ss.b]
+    net_peer = [wrap(ss.a, net), wrap(ss.b, net)]  # netsim shapes the online links, never the protocols
+    net_do = [(wrap(do[i].a, net), wrap(do[i].b, net)) for i in (0, 1)]
 
     # ---- deploy (once per model)
     t_dep = time.perf_counter()
@@ -167,16 +172,16 @@ async def _run(comp: Compiled, image: Any, arities: tuple[int, ...], stores: lis
     t_on = time.perf_counter()
     x0, x1 = share_image(plan, x)
     for i, xs in enumerate((x0, x1)):
-        await do[i].a.send("job:input", encode_frame({"t": "input"}, [xs]))
+        await net_do[i][0].send("job:input", encode_frame({"t": "input"}, [xs]))
     stats = [RunStats(), RunStats()]
 
     async def online_server(i: int) -> None:
-        _, (xs,) = decode_frame(await do[i].b.recv("job:input"))
+        _, (xs,) = decode_frame(await net_do[i][1].recv("job:input"))
         try:
-            out = await drive(srv[i].run(preps[i], xs), i, peer[i], "job", stats[i])
+            out = await drive(srv[i].run(preps[i], xs), i, net_peer[i], "job", stats[i])
         finally:
             stores[i].discard(bid)
-        await do[i].b.send("job:output", encode_frame({"t": "output"}, [np.ascontiguousarray(out)]))
+        await net_do[i][1].send("job:output", encode_frame({"t": "output"}, [np.ascontiguousarray(out)]))
 
     await asyncio.gather(online_server(0), online_server(1))
     outs = [decode_frame(await do[i].a.recv("job:output"))[1][0] for i in (0, 1)]
@@ -210,6 +215,9 @@ async def _run(comp: Compiled, image: Any, arities: tuple[int, ...], stores: lis
         "frac_bits": plan.frac_bits,
         "batch": batch,
         "layers": layers,
+        "net": net.name,
+        "round_log": [list(peer[i].counters.log) for i in (0, 1)],
+        "io_frames": [do[0].a.counters.log[0][1], do[0].b.counters.log[-1][1]],
     }
     if plan.output == "mask":
         return SegmentResult(result, None, st, plan)

@@ -54,16 +54,20 @@ class BrokerAddress:
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
+    mqtt5: bool = True  # amqtt 0.12 speaks MQTT 3.1.1 only
 
     @staticmethod
     def parse(url: str, username: str | None = None, password: str | None = None,
-              ca_file: str | None = None) -> BrokerAddress:
+              ca_file: str | None = None, mqtt5: bool = True) -> BrokerAddress:
+        """``mqtt://host:port`` / ``mqtts://host:port``; ``mqtt311://`` forces MQTT 3.1.1 (amqtt)."""
+        if url.startswith("mqtt311://"):
+            url, mqtt5 = "mqtt://" + url[len("mqtt311://"):], False
         u = urlparse(url)
         if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
             raise UsageError(f"broker URL {url!r} must look like mqtt://host:port or mqtts://host:port")
         port = u.port or (8883 if u.scheme == "mqtts" else 1883)
         return BrokerAddress(u.hostname, port, u.scheme == "mqtts", username or u.username,
-                             password or u.password, ca_file)
+                             password or u.password, ca_file, mqtt5)
 
     def tls_context(self) -> ssl.SSLContext | None:
         if not self.tls:
@@ -133,7 +137,7 @@ class MqttTransport:
             try:
                 async with aiomqtt.Client(
                     self.broker.host, self.broker.port, username=self.broker.username, password=self.broker.password,
-                    identifier=f"{self.deployment}-{self.me}-{id(self):x}", protocol=aiomqtt.ProtocolVersion.V5,
+                    identifier=f"{self.deployment}-{self.me}-{id(self):x}", protocol=aiomqtt.ProtocolVersion.V5 if self.broker.mqtt5 else aiomqtt.ProtocolVersion.V311,
                     tls_context=self.broker.tls_context(), max_inflight_messages=64,
                     socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),), timeout=self.connect_timeout,
                 ) as client:

@@ -1,0 +1,135 @@
+"""netsim: LAN/WAN links on one machine, and a cost model that predicts them.
+
+:class:`ShapedEndpoint` wraps any :class:`~blindseg.channel.Endpoint` (the
+in-memory link or the MQTT transport): every frame it sends occupies the link
+for ``bytes * 8 / bandwidth`` (FIFO: a frame waits for the one before it) and
+arrives ``latency`` (+ uniform jitter) after it left. Each party wraps its own
+outgoing links, so both directions are shaped. Protocols never see netsim.
+
+:func:`predict_online` is the cost model: from an unshaped run's online time
+and the per-round byte log of both servers, the time under a profile is
+``T_none + sum over rounds of (latency + max_bytes_round * 8 / bandwidth)``
+(a round is one exchange; both servers send at once, the bigger frame decides).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+
+from blindseg.channel import Endpoint
+from blindseg.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One-way latency (s), bandwidth (bit/s; 0 = unlimited), optional jitter (s, uniform)."""
+
+    name: str
+    latency: float = 0.0
+    bandwidth: float = 0.0
+    jitter: float = 0.0
+
+    @property
+    def shaped(self) -> bool:
+        return self.latency > 0 or self.bandwidth > 0 or self.jitter > 0
+
+    def transfer_seconds(self, nbytes: int) -> float:
+        return nbytes * 8 / self.bandwidth if self.bandwidth > 0 else 0.0
+
+
+PROFILES = {
+    "none": Profile("none"),
+    "lan": Profile("lan", latency=0.1e-3, bandwidth=1e9),  # TrustMIS's LAN
+    "wan": Profile("wan", latency=20e-3, bandwidth=100e6),
+}
+
+
+def profile(spec: str) -> Profile:
+    """``none`` | ``lan`` | ``wan`` | ``"<latency ms>,<Mbit/s>[,<jitter ms>]"``."""
+    if spec in PROFILES:
+        return PROFILES[spec]
+    try:
+        parts = [float(p) for p in spec.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (2, 3) or any(p < 0 for p in parts):
+        raise UsageError(f"network profile {spec!r}: use none, lan, wan or '<latency ms>,<Mbit/s>[,<jitter ms>]'")
+    return Profile(spec, parts[0] / 1e3, parts[1] * 1e6, parts[2] / 1e3 if len(parts) == 3 else 0.0)
+
+
+class ShapedEndpoint(Endpoint):
+    """An endpoint whose outgoing frames cross a shaped link (receives pass through)."""
+
+    def __init__(self, inner: Endpoint, prof: Profile, seed: int | None = None) -> None:
+        super().__init__()
+        self.inner, self.profile = inner, prof
+        self.counters = inner.counters  # the real frames are counted once, by the inner endpoint
+        self._free_at = 0.0
+        self._last_arrival = 0.0
+        self._queue: asyncio.Queue[tuple[float, str, bytes, asyncio.Future[None]]] = asyncio.Queue()
+        self._pump: asyncio.Task[None] | None = None
+        self._rng = random.Random(seed)
+
+    async def send(self, label: str, frame: bytes) -> None:
+        if not self.profile.shaped:
+            await self.inner.send(label, frame)
+            return
+        now = time.perf_counter()
+        start = max(now, self._free_at)
+        self._free_at = start + self.profile.transfer_seconds(len(frame))
+        jitter = self._rng.uniform(0, self.profile.jitter) if self.profile.jitter else 0.0
+        arrival = max(self._free_at + self.profile.latency + jitter, self._last_arrival)  # FIFO
+        self._last_arrival = arrival
+        if self._pump is None:
+            self._pump = asyncio.get_running_loop().create_task(self._deliver())
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((arrival, label, frame, done))
+        await asyncio.sleep(max(0.0, self._free_at - time.perf_counter()))  # the sender's link is busy
+        if done.done() and done.exception() is not None:
+            raise done.exception()  # type: ignore[misc]
+
+    async def _deliver(self) -> None:
+        while True:
+            arrival, label, frame, done = await self._queue.get()
+            await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
+            try:
+                await self.inner.send(label, frame)
+                done.set_result(None)
+            except Exception as e:  # surfaced to the sender if it is still waiting
+                done.set_exception(e)
+
+    async def recv(self, label: str, timeout: float | None = None) -> bytes:
+        return await self.inner.recv(label, timeout)
+
+    async def aclose(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+
+
+def wrap(ep: Endpoint, prof: Profile) -> Endpoint:
+    return ShapedEndpoint(ep, prof) if prof.shaped else ep
+
+
+def round_bytes(logs: list[list[tuple[str, int]]]) -> dict[str, int]:
+    """Per round label, the largest frame any server sent in it."""
+    out: dict[str, int] = {}
+    for log in logs:
+        for label, n in log:
+            out[label] = max(out.get(label, 0), n)
+    return out
+
+
+def predict_online(unshaped_seconds: float, logs: list[list[tuple[str, int]]], prof: Profile,
+                   extra_frames: list[int] = ()) -> float:  # type: ignore[assignment]
+    """Online time under ``prof`` from an unshaped run (see module docstring).
+
+    ``extra_frames``: sizes of frames on the critical path outside the server
+    rounds (input shares in, output shares out), each one more latency + transfer.
+    """
+    t = unshaped_seconds
+    for n in list(round_bytes(logs).values()) + list(extra_frames):
+        t += prof.latency + prof.transfer_seconds(n) + prof.jitter / 2
+    return t

@@ -1,0 +1,139 @@
+"""Brokers: the project's Mosquitto config and launcher, and the embedded amqtt broker.
+
+Mosquitto's stock config breaks MPC jobs silently (DESIGN.md section 7): it drops
+messages once a subscriber is ``max_queued_messages`` (1000) behind, and
+without TCP_NODELAY a QoS 1 round trip takes ~88 ms. :func:`mosquitto_config`
+writes the config blindseg needs: no queue limits, TCP_NODELAY, and a packet
+size bound that our 1 MiB chunking always respects (a bigger packet
+disconnects its sender, loudly, instead of being dropped silently).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ConnectionLost, UsageError
+
+MAX_PACKET = 4 << 20  # our chunks are 1 MiB + a small sealed header
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_config(port: int, bind: str = "127.0.0.1", *, tls: dict[str, str] | None = None,
+                     password_file: str | None = None, acl_file: str | None = None) -> str:
+    """A Mosquitto 2 config for blindseg (plain listener, or TLS + passwords + ACLs)."""
+    lines = [
+        "# blindseg broker config (DESIGN.md section 7): never drop, never delay.",
+        "per_listener_settings false",
+        "persistence false",
+        "max_queued_messages 0",
+        "max_queued_bytes 0",
+        "max_inflight_messages 0",
+        "set_tcp_nodelay true",
+        f"max_packet_size {MAX_PACKET}",
+        "log_type error",
+        "log_type warning",
+        f"listener {port} {bind}",
+    ]
+    if tls:
+        lines += [f"cafile {tls['ca']}", f"certfile {tls['cert']}", f"keyfile {tls['key']}", "tls_version tlsv1.2"]
+    if password_file:
+        lines += ["allow_anonymous false", f"password_file {password_file}"]
+    else:
+        lines += ["allow_anonymous true"]
+    if acl_file:
+        lines.append(f"acl_file {acl_file}")
+    return "\n".join(lines) + "\n"
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise ConnectionLost(f"broker did not open {host}:{port} within {timeout} s") from None
+            time.sleep(0.05)
+
+
+class Mosquitto:
+    """A private ``mosquitto -c <config>`` on a free loopback port (tests, benchmarks)."""
+
+    def __init__(self, workdir: str | Path, port: int | None = None, config: str | None = None) -> None:
+        self.binary = shutil.which("mosquitto") or next(
+            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
+        if self.binary is None:
+            raise UsageError("the mosquitto binary is not installed")
+        self.workdir = Path(workdir)
+        self.port = port or free_port()
+        self.conf = self.workdir / "mosquitto.conf"
+        self.conf.write_text(config or mosquitto_config(self.port))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> Mosquitto:
+        log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen([self.binary or "mosquitto", "-c", str(self.conf)], stdout=log, stderr=log)
+        wait_port("127.0.0.1", self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EmbeddedBroker:
+    """amqtt in this process (the zero-install default). Anonymous, loopback by default."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host, self.port = host, port or free_port(host)
+        self._broker: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt311://{self.host}:{self.port}"  # amqtt 0.12 speaks MQTT 3.1.1 only
+
+    async def start(self) -> EmbeddedBroker:
+        from amqtt.broker import Broker
+
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        self._broker = Broker(config)
+        await self._broker.start()
+        return self
+
+    async def stop(self) -> None:
+        if self._broker is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._broker.shutdown(), 10)
+            self._broker = None

@@ -1,0 +1,97 @@
+"""A party's TOML config, validated with errors that name the file and the field.
+
+::
+
+    deployment = "demo"
+    party = "server0"                 # dealer | server0 | server1 | model_owner | data_owner
+    broker = "mqtts://broker.example:8883"
+    username = "server0"              # broker login (ACLs key on it)
+    password_file = "secrets/server0.password"
+    ca_file = "tls/ca.crt"            # for mqtts://
+    key_file = "keys/server0.key"     # this party's X25519 private key (32 raw bytes)
+    state_dir = "state/server0"
+    net = "none"                      # netsim profile on this party's links: none | lan | wan | "lat_ms,mbps"
+
+    [peers]                           # public keys (hex) of the parties this one talks to
+    server1 = "ab12..."
+
+Relative paths are relative to the config file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from .crypto import load_private, load_public
+from .errors import UsageError
+from .transport import BrokerAddress
+
+PARTIES = ("dealer", "server0", "server1", "model_owner", "data_owner")
+
+
+@dataclass
+class PartyConfig:
+    path: Path
+    deployment: str
+    party: str
+    broker: BrokerAddress
+    key: X25519PrivateKey
+    peers: dict[str, X25519PublicKey]
+    state_dir: Path
+    net: str
+
+    @staticmethod
+    def load(path: str | Path, expect: str | tuple[str, ...] | None = None) -> PartyConfig:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"config file {p} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read config file {p}: {e.__class__.__name__}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"config file {p} is not valid TOML: {e}") from None
+
+        def field(name: str, kind: type = str, default: object = None) -> object:
+            v = raw.get(name, default)
+            if v is None:
+                raise UsageError(f"{p}: missing field {name!r}")
+            if not isinstance(v, kind):
+                raise UsageError(f"{p}: field {name!r} must be a {kind.__name__}")
+            return v
+
+        def rel(v: str) -> Path:
+            q = Path(v)
+            return q if q.is_absolute() else (p.parent / q)
+
+        party = str(field("party"))
+        if party not in PARTIES:
+            raise UsageError(f"{p}: party must be one of {', '.join(PARTIES)}, got {party!r}")
+        if expect is not None and party not in ((expect,) if isinstance(expect, str) else expect):
+            raise UsageError(f"{p}: this is the config of {party!r}, not of {expect!r}")
+        password = None
+        if "password_file" in raw:
+            try:
+                password = rel(str(field("password_file"))).read_text().strip()
+            except OSError:
+                raise UsageError(f"{p}: cannot read password_file {raw['password_file']!r}") from None
+        ca = str(rel(str(raw["ca_file"]))) if "ca_file" in raw else None
+        broker = BrokerAddress.parse(str(field("broker")), str(raw["username"]) if "username" in raw else None,
+                                     password, ca)
+        key_path = rel(str(field("key_file")))
+        try:
+            key = load_private(key_path.read_bytes(), str(key_path))
+        except FileNotFoundError:
+            raise UsageError(f"{p}: key file {key_path} does not exist") from None
+        peers_raw = field("peers", dict)
+        peers = {}
+        for name, hexkey in peers_raw.items():  # type: ignore[attr-defined]
+            if name not in PARTIES:
+                raise UsageError(f"{p}: unknown peer {name!r} in [peers]")
+            peers[name] = load_public(str(hexkey), f"{p} [peers] {name}")
+        return PartyConfig(p, str(field("deployment")), party, broker, key, peers,
+                           rel(str(field("state_dir", str, f"state/{party}"))), str(field("net", str, "none")))

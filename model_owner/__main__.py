@@ -1,0 +1,9 @@
+"""``python -m model_owner train|deploy ...``"""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

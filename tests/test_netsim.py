@@ -1,0 +1,69 @@
+"""netsim: shaped links take the time the profile says; the cost model predicts shaped runs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from blindseg.channel import MemoryLink
+from blindseg.errors import UsageError
+from blindseg.models import build_model
+from blindseg.plan import compile_model
+from netsim import PROFILES, ShapedEndpoint, predict_online, profile
+
+
+def test_profiles_and_parsing():
+    assert PROFILES["lan"].latency == pytest.approx(1e-4) and PROFILES["lan"].bandwidth == 1e9
+    assert PROFILES["wan"].latency == pytest.approx(0.02) and PROFILES["wan"].bandwidth == 1e8
+    p = profile("5,200,1")
+    assert (p.latency, p.bandwidth, p.jitter) == (pytest.approx(0.005), 2e8, pytest.approx(0.001))
+    for bad in ("fast", "1", "-1,10", "1,2,3,4"):
+        with pytest.raises(UsageError, match="network profile"):
+            profile(bad)
+
+
+async def test_shaped_transfer_time_matches_profile():
+    link = MemoryLink()
+    prof = profile("30,80")  # 30 ms one way, 80 Mbit/s
+    a = ShapedEndpoint(link.a, prof)
+    frames = [bytes(500_000)] * 4  # 4 x 50 ms of wire time, back to back
+    t0 = time.perf_counter()
+    for k, f in enumerate(frames):
+        await a.send(f"f{k}", f)
+    for k in range(len(frames)):
+        await link.b.recv(f"f{k}", 5)
+    took = time.perf_counter() - t0
+    want = 4 * 500_000 * 8 / 80e6 + 0.030  # serialization is FIFO, latency overlaps
+    assert want <= took < want * 1.15 + 0.01
+    assert a.counters.bytes_sent == 2_000_000  # counted once, on the real frames
+
+
+async def test_fifo_is_kept_under_jitter():
+    link = MemoryLink()
+    a = ShapedEndpoint(link.a, profile("1,1000,20"), seed=3)
+    for k in range(20):
+        await a.send(f"f{k}", bytes([k]))
+    order = []
+    for k in range(20):
+        order.append((await link.b.recv(f"f{k}", 5))[0])
+    assert order == list(range(20))
+    assert [lab for lab, _ in link.a.counters.log] == [f"f{k}" for k in range(20)]
+
+
+@pytest.mark.slow
+def test_cost_model_predicts_a_shaped_run_within_15_percent():
+    from blindseg.engine import run_compiled
+
+    model = build_model("ref-unet", classes=2, seed=1)
+    x = np.random.default_rng(0).normal(size=(1, 1, 32, 32)).astype(np.float32)
+    comp = compile_model(model, (1, 32, 32), "mask", "auto", samples=x)
+    base = asyncio.run(run_compiled(comp, x))
+    prof = profile("4,100")
+    shaped = asyncio.run(run_compiled(comp, x, net=prof))
+    pred = predict_online(base.stats["online_seconds"], base.stats["round_log"], prof, base.stats["io_frames"])
+    assert np.array_equal(base.mask, shaped.mask)
+    assert abs(pred - shaped.stats["online_seconds"]) <= 0.15 * shaped.stats["online_seconds"], (pred, shaped.stats)
+    assert shaped.stats["online_seconds"] > base.stats["online_seconds"] + 162 * prof.latency * 0.9
