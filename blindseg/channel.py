@@ -24,11 +24,13 @@ class Counters:
 
     bytes_sent: int = 0
     frames_sent: int = 0
+    bytes_received: int = 0
     log: list[tuple[str, int]] = field(default_factory=list)
 
     def reset(self) -> None:
         self.bytes_sent = 0
         self.frames_sent = 0
+        self.bytes_received = 0
         self.log.clear()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import BlindsegError
 
@@ -19,8 +20,32 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--classes", type=int, default=2)
     b.add_argument("--transport", default="memory", choices=["memory"], help="mqtt arrives with issue #3")
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    d = sub.add_parser("demo", help="the five roles as processes on loopback: deploy, segment a real slice")
+    d.add_argument("--net", default="none", help="none | lan | wan | '<latency ms>,<Mbit/s>'")
+    d.add_argument("--broker", default=None, help="use a running broker (mqtt://host:port) instead of the embedded one")
+    d.add_argument("--out", type=Path, default=None, help="write mask, overlay.png and report.json here")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    i = sub.add_parser("init", help="write a deployment kit (keys, configs, broker TLS/passwords/ACLs)")
+    i.add_argument("dir", type=Path)
+    i.add_argument("--deployment", default="blindseg")
+    i.add_argument("--broker-host", default="127.0.0.1", help="broker host name or IP (TLS certificate)")
+    i.add_argument("--port", type=int, default=8883)
+    i.add_argument("--plain", action="store_true", help="no TLS/passwords (loopback or embedded broker only)")
     args = parser.parse_args(argv)
     try:
+        if args.cmd == "demo":
+            from .demo import main_demo
+
+            return main_demo(args.net, args.broker, args.out, args.json)
+        if args.cmd == "init":
+            from .kit import init
+
+            paths = init(args.dir, args.deployment, args.broker_host, args.port, args.plain)
+            print(f"deployment kit written to {args.dir}:")
+            for p, c in paths.items():
+                print(f"  {p:12s} {c}")
+            print(f"  broker       {args.dir / 'broker' / 'mosquitto.conf'}")
+            return 0
         if args.cmd == "bench":
             if args.size < 16 or args.size % 16:
                 raise BlindsegError(f"--size must be a multiple of 16 (four 2x2 poolings), got {args.size}")

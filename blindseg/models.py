@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import UsageError
 
@@ -70,3 +73,37 @@ def build_model(name: str, classes: int = 2, in_channels: int = 1, seed: int = 0
 
 
 MODEL_NAMES = ("ref-unet", "trustmis-unet")
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+MNI_CLASSES = ["background", "csf/other", "grey matter", "white matter"]
+MNI_PREPROCESS = {"kind": "mri-percentile", "p": 99}
+
+
+def demo_slices() -> dict[str, np.ndarray]:
+    """Bundled MNI152 slices (``calib_image``, ``test_image`` raw T1, ``test_label``, ``test_z``)."""
+    path = ASSETS / "mni_slices.npz"
+    if not path.exists():
+        raise UsageError(f"bundled demo slices are missing ({path}); run `python -m model_owner train`")
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_named_model(name: str) -> tuple[Any, np.ndarray, dict[str, Any]]:
+    """(model, calibration samples as the model expects them, plan metadata) for a model name."""
+    import torch
+
+    from . import intensity
+
+    if name == "mni-unet":
+        path = ASSETS / "mni_unet.pt"
+        if not path.exists():
+            raise UsageError(f"bundled weights are missing ({path}); run `python -m model_owner train`")
+        model = build_model("ref-unet", classes=len(MNI_CLASSES))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+        calib = intensity.apply(MNI_PREPROCESS, demo_slices()["calib_image"].astype(np.float32))
+        return model.eval(), calib, {"preprocess": MNI_PREPROCESS, "class_names": MNI_CLASSES, "name": name}
+    model = build_model(name, classes=2)
+    calib = np.random.default_rng(0).normal(size=(2, 1, 64, 64)).astype(np.float32)
+    return model, calib, {"preprocess": {"kind": "none"}, "class_names": ["background", "foreground"], "name": name}

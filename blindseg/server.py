@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,8 +238,10 @@ async def exchange(party: int, peer: Endpoint, label: str, req: P.Open, timeout:
 
 
 async def drive(gen: Step, party: int, peer: Endpoint, job: str, stats: RunStats | None = None,
-                timeout: float | None = 600.0) -> Any:
-    """Run a sans-IO server generator to completion over ``peer``; record per-op cost."""
+                timeout: float | None = 600.0, on_op: Callable[[int], Awaitable[None]] | None = None) -> Any:
+    """Run a sans-IO server generator to completion over ``peer``; record per-op cost.
+
+    ``on_op(i)`` is awaited when the first round of op ``i`` starts (progress reports)."""
     stats = stats if stats is not None else RunStats()
     rounds_in_op: dict[int, int] = {}
     value: Any = None
@@ -251,6 +253,8 @@ async def drive(gen: Step, party: int, peer: Endpoint, job: str, stats: RunStats
         op, req = item
         r = rounds_in_op.get(op, 0)
         rounds_in_op[op] = r + 1
+        if r == 0 and on_op is not None:
+            await on_op(op)
         before = peer.counters.bytes_sent
         value = await exchange(party, peer, f"{job}:{op}:{r}", req, timeout)
         st = stats.per_op.setdefault(op, OpStats())

@@ -32,7 +32,6 @@ from urllib.parse import urlparse
 
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: F401  (aiomqtt's dependency; pins paho 2)
 
 from .channel import Endpoint, _Inbox
 from .crypto import Opener, Sealer
@@ -40,6 +39,8 @@ from .errors import ConnectionLost, ProtocolError, UsageError
 
 log = logging.getLogger("blindseg.transport")
 
+_quiet = logging.getLogger("blindseg.transport.mqtt")
+_quiet.setLevel(logging.ERROR)  # aiomqtt warns on every burst of pipelined publishes
 CHUNK = 1 << 20
 MAX_FRAME = 1 << 30
 
@@ -137,7 +138,7 @@ class MqttTransport:
             try:
                 async with aiomqtt.Client(
                     self.broker.host, self.broker.port, username=self.broker.username, password=self.broker.password,
-                    identifier=f"{self.deployment}-{self.me}-{id(self):x}", protocol=aiomqtt.ProtocolVersion.V5 if self.broker.mqtt5 else aiomqtt.ProtocolVersion.V311,
+                    identifier=f"{self.deployment}-{self.me}-{id(self):x}", logger=_quiet, protocol=aiomqtt.ProtocolVersion.V5 if self.broker.mqtt5 else aiomqtt.ProtocolVersion.V311,
                     tls_context=self.broker.tls_context(), max_inflight_messages=64,
                     socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),), timeout=self.connect_timeout,
                 ) as client:
@@ -217,6 +218,7 @@ class MqttEndpoint(Endpoint):
 
     def _receive(self, topic: str, message: bytes) -> None:
         body = self._opener.open(topic, message)
+        self.counters.bytes_received += len(message)
         if len(body) < 10:
             raise ProtocolError("chunk is too short")
         (ll,) = struct.unpack(">H", body[:2])

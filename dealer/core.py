@@ -84,9 +84,13 @@ class Dealer:
     def deploy(self, model_id: str, plan: Plan) -> tuple[bytes, bytes]:
         """New model: returns the two mask seeds (one per server)."""
         s0, s1 = new_seed(), new_seed()
+        self.restore(model_id, plan, s0, s1)
+        return s0, s1
+
+    def restore(self, model_id: str, plan: Plan, s0: bytes, s1: bytes) -> None:
+        """Re-adopt a model deployed earlier (after a dealer restart)."""
         b0, b1 = model_mask_shares(plan, s0), model_mask_shares(plan, s1)
         self._models[model_id] = (plan, s0, s1, {i: b0[i] + b1[i] for i in b0})
-        return s0, s1
 
     @staticmethod
     def new_bundle_id() -> str:
@@ -133,13 +137,14 @@ class Dealer:
 
 
 async def stream_bundle(dealer: Dealer, model_id: str, batch: int, to0: Endpoint, to1: Endpoint,
-                        bundle_id: str | None = None) -> tuple[str, float]:
+                        bundle_id: str | None = None, announce: str | None = None) -> tuple[str, float]:
     """Generate one job's bundles and send them: an announcement (seed) to each server, then
     server 1's corrections op by op as they are made (labels ``bundle:<id>:<op>``).
+    ``announce``: the announcement's label (default ``bundle:<id>``; the service uses ``ctl:bundle``).
     Returns the bundle id and the dealer's compute seconds."""
     b0, b1 = dealer.new_bundle(model_id, batch, bundle_id)
-    await to0.send(f"bundle:{b0.bundle_id}", bundle_header(b0))
-    await to1.send(f"bundle:{b1.bundle_id}", bundle_header(b1))
+    await to0.send(announce or f"bundle:{b0.bundle_id}", bundle_header(b0))
+    await to1.send(announce or f"bundle:{b1.bundle_id}", bundle_header(b1))
     gen = dealer.corrections(b0, b1)
     busy = 0.0
     while True:

@@ -13,7 +13,25 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", type=Path, default=None)
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("deploy", help="deploy a model to a running deployment")
+    d.add_argument("--config", required=True, help="model_owner.toml from `blindseg init`")
+    d.add_argument("--model", default="mni-unet", help="mni-unet (bundled, trained), ref-unet or trustmis-unet")
+    d.add_argument("--name", default=None, help="model id in the deployment (default: --model)")
     args = ap.parse_args(argv)
+    if args.cmd == "deploy":
+        import asyncio
+        import json
+
+        from blindseg.config import PartyConfig
+        from blindseg.node import run_service
+
+        from .client import deploy
+
+        async def go() -> None:
+            info = await deploy(PartyConfig.load(args.config, "model_owner"), args.model, args.name or args.model)
+            print(json.dumps(info), flush=True)
+
+        return run_service(go())
     if args.cmd == "train":
         from .train import DEFAULT_OUT, train
 

@@ -22,6 +22,16 @@ PREPROCESS = {"kind": "mri-percentile", "p": 99}
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "blindseg" / "assets" / "mni_unet.pt"
 
 
+def write_demo_slices(path: Path | None = None, n_calib: int = 6) -> Path:
+    """Ship a few MNI152 slices with the package: calibration (train slab) and the test slab with labels."""
+    tr, te = load_split()
+    path = path or DEFAULT_OUT.parent / "mni_slices.npz"
+    pick = np.linspace(0, len(tr.image) - 1, n_calib).astype(int)
+    np.savez_compressed(path, calib_image=tr.image[pick].astype(np.float16), test_image=te.image.astype(np.float16),
+                        test_label=te.label, test_z=te.z)
+    return path
+
+
 def train(out: Path = DEFAULT_OUT, steps: int = 1500, seed: int = 0, batch: int = 8, log: Any = print) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -60,6 +70,7 @@ def train(out: Path = DEFAULT_OUT, steps: int = 1500, seed: int = 0, batch: int 
     d = dice(pred, te.label)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.half() for k, v in model.state_dict().items()}, out)
+    write_demo_slices(out.parent / "mni_slices.npz")
     report = {"test_dice": dict(zip(CLASSES, d, strict=True)), "train_slices": len(x_tr), "test_slices": len(x_te),
               "steps": steps, "seed": seed, "seconds": time.perf_counter() - t0, "weights": str(out)}
     log(json.dumps(report, indent=1))

@@ -1,0 +1,241 @@
+"""The compute server as a long-running service (``python -m server0`` / ``python -m server1``).
+
+Same code for both parties; the config's ``party`` picks the index. State
+under ``state_dir``: deployed models (``models/<id>.npz`` + plan JSON) and the
+bundle store (:mod:`blindseg.store`). Per job:
+
+1. the data owner's ``ctl:job`` brings this server's input share;
+2. server0 picks the oldest ready bundle for (model, batch) -- waiting, never
+   generating, if there is none -- and tells server1 which (``<job>:bundle``);
+3. both consume it durably (single use), run the plan with the peer
+   (labels ``<job>:<op>:<round>``), server0 reports progress per op;
+4. each sends its output share to the data owner (``<job>:output``) and drops
+   the bundle's data; server0 asks the dealer for a replacement.
+Any failure ends the job with ``ctl:error`` to the data owner; the service goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dealer.core import model_mask_shares
+
+from .config import PartyConfig
+from .engine import parse_weights
+from .errors import BlindsegError, PreprocessingExhausted, ProtocolError, UsageError
+from .node import Node
+from .plan import Plan
+from .server import LinearState, RunStats, ServerCore, drive, receive_bundle
+from .store import BundleStore
+from .wire import decode_frame, encode_frame
+
+log = logging.getLogger("blindseg.server")
+
+
+class ServerService:
+    def __init__(self, cfg: PartyConfig, bundle_wait: float = 120.0, round_timeout: float = 120.0) -> None:
+        if cfg.party not in ("server0", "server1"):
+            raise UsageError(f"{cfg.path}: a server config needs party server0 or server1")
+        self.cfg = cfg
+        self.party = int(cfg.party[-1])
+        self.peer = f"server{1 - self.party}"
+        self.node = Node(cfg)
+        self.store = BundleStore(cfg.state_dir / "bundles")
+        self.models: dict[str, ServerCore] = {}
+        self._deployed: dict[str, asyncio.Event] = {}
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._jobs: set[str] = set()
+        self._reserved: set[str] = set()
+        self._offline: dict[str, tuple[int, float]] = {}  # bundle -> (bytes received, seconds), this run
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.bundle_wait, self.round_timeout = bundle_wait, round_timeout
+        self._load_models()
+
+    # ------------------------------------------------------------ model state
+    def _model_dir(self) -> Path:
+        d = self.cfg.state_dir / "models"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _save_model(self, model: str, core: ServerCore) -> None:
+        d = self._model_dir()
+        arrays: dict[str, np.ndarray] = {}
+        for i, st in core.model.items():
+            arrays[f"e{i}"], arrays[f"w{i}"] = st.e, st.w_online
+            if st.bias is not None:
+                arrays[f"b{i}"] = st.bias
+        tmp = d / f"{model}.npz.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        (d / f"{model}.plan.json").write_text(json.dumps(core.plan.to_dict()))
+        tmp.replace(d / f"{model}.npz")
+
+    def _load_models(self) -> None:
+        for npz in sorted(self._model_dir().glob("*.npz")):
+            model = npz.name[:-4]
+            plan = Plan.from_dict(json.loads((npz.parent / f"{model}.plan.json").read_text()))
+            core = ServerCore(self.party, plan)
+            with np.load(npz) as z:
+                for i in plan.linear_ops():
+                    core.model[i] = LinearState(z[f"e{i}"], z[f"w{i}"], z[f"b{i}"] if f"b{i}" in z else None)
+            self.models[model] = core
+            self._event(model).set()
+
+    def _event(self, model: str) -> asyncio.Event:
+        return self._deployed.setdefault(model, asyncio.Event())
+
+    # ------------------------------------------------------------------ loop
+    async def serve(self) -> None:
+        await self.node.start()
+        log.info("%s serving deployment %s (%d models)", self.cfg.party, self.cfg.deployment, len(self.models))
+        try:
+            while True:
+                sender, kind, frame = await self.node.next_control()
+                task = asyncio.get_running_loop().create_task(self._handle(sender, kind, frame))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+            await self.node.close()
+            self.store.close()
+
+    async def _handle(self, sender: str, kind: str, frame: bytes) -> None:
+        header: dict[str, Any] = {}
+        try:
+            header, arrays = decode_frame(frame)
+            if kind == "deploy" and sender == "model_owner":
+                self._pending.setdefault(str(header["model"]), {})["weights"] = (header, frame)
+                await self._try_deploy(str(header["model"]))
+            elif kind == "masks" and sender == "dealer":
+                self._pending.setdefault(str(header["model"]), {})["seed"] = bytes(header["seed"])
+                await self._try_deploy(str(header["model"]))
+            elif kind == "bundle" and sender == "dealer":
+                model = str(header["model"])
+                await asyncio.wait_for(self._event(model).wait(), self.bundle_wait)
+                link = self.node.link("dealer")
+                before, t0 = link.counters.bytes_received, time.perf_counter()
+                bid = await receive_bundle(self.models[model], self.store, frame, link)
+                self._offline[bid] = (len(frame) + link.counters.bytes_received - before, time.perf_counter() - t0)
+            elif kind == "getplan":
+                core = self._model(str(header["model"]))
+                await self.node.tell(sender, "planinfo", {"model": header["model"], "plan": core.plan.to_dict()})
+            elif kind == "job" and sender == "data_owner":
+                await self._job(header, arrays)
+            else:
+                raise ProtocolError(f"unexpected control message {kind!r} from {sender}")
+        except (BlindsegError, KeyError, TypeError, ValueError, TimeoutError) as e:
+            reason = str(e) if isinstance(e, BlindsegError) else f"{kind} failed: {e.__class__.__name__}"
+            log.warning("%s: %s from %s: %s", self.cfg.party, kind, sender, reason)
+            if sender in ("data_owner", "model_owner"):
+                try:
+                    await self.node.tell(sender, "error", {"job": header.get("job"), "model": header.get("model"),
+                                                           "error": reason, "party": self.cfg.party})
+                except BlindsegError:
+                    pass
+
+    def _model(self, model: str) -> ServerCore:
+        if model not in self.models:
+            raise UsageError(f"model {model!r} is not deployed on {self.cfg.party}")
+        return self.models[model]
+
+    async def _try_deploy(self, model: str) -> None:
+        p = self._pending.get(model, {})
+        if "weights" not in p or "seed" not in p:
+            return
+        del self._pending[model]
+        header, frame = p["weights"]
+        plan = Plan.from_dict(header["plan"])
+        core = ServerCore(self.party, plan)
+        weights = parse_weights(frame)
+        masks = model_mask_shares(plan, p["seed"])
+        await drive(core.deploy(weights, masks), self.party, self.node.link(self.peer), f"deploy-{model}",
+                    timeout=self.round_timeout)
+        await asyncio.to_thread(self._save_model, model, core)
+        self.models[model] = core
+        self._event(model).set()
+        log.info("%s: model %s deployed (%d ops)", self.cfg.party, model, len(plan.ops))
+        await self.node.tell("model_owner", "deployed", {"model": model, "party": self.cfg.party})
+
+    # ------------------------------------------------------------------- job
+    async def _job(self, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        job, model, batch = str(header["job"]), str(header["model"]), int(header["batch"])
+        if not job.isalnum() or len(job) > 64:
+            raise ProtocolError("job id must be 1-64 alphanumeric characters")
+        if job in self._jobs:
+            raise ProtocolError(f"duplicate job id {job}")
+        self._jobs.add(job)
+        core = self._model(model)
+        if len(arrays) != 1 or arrays[0].shape != (batch, *core.plan.input_shape):
+            raise UsageError(f"job {job}: input share does not match the model's input {core.plan.input_shape}")
+        peer = self.node.link(self.peer)
+        if self.party == 0:
+            bid = await self._pick_bundle(model, batch)
+            await peer.send(f"{job}:bundle", encode_frame({"t": "use", "bundle": bid}))
+        else:
+            h, _ = decode_frame(await peer.recv(f"{job}:bundle", self.bundle_wait))
+            bid = str(h["bundle"])
+            deadline = asyncio.get_running_loop().time() + self.bundle_wait
+            while self.store.state(bid) != "ready" and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)  # still arriving from the dealer
+        prep = core.begin(self.store, bid, job)  # durable: consumed before any opening
+        try:
+            if self.party == 0:
+                await self.node.tell("dealer", "used", {"model": model, "batch": batch})
+            await asyncio.to_thread(prep.preload)
+            stats = RunStats()
+            n = len(core.plan.ops)
+
+            async def progress(op: int) -> None:
+                if self.party == 0:
+                    await self.node.tell("data_owner", "progress", {"job": job, "op": op, "ops": n})
+
+            out = await drive(core.run(prep, arrays[0]), self.party, peer, job, stats, self.round_timeout,
+                              on_op=progress)
+            await self.node.link("data_owner").send(
+                f"{job}:output", encode_frame({"t": "output", "job": job, "rounds": stats.rounds,
+                                               "bytes": stats.bytes_sent,
+                                               "offline_bytes": self._offline.get(bid, (0, 0.0))[0],
+                                               "offline_seconds": self._offline.get(bid, (0, 0.0))[1]},
+                                              [np.ascontiguousarray(out)]))
+        finally:
+            self.store.discard(bid)
+
+    async def _pick_bundle(self, model: str, batch: int) -> str:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.bundle_wait
+        asked = False
+        while True:
+            ready = [b for b in self.store.ready(model, batch) if b not in self._reserved]
+            if ready:
+                self._reserved.add(ready[0])  # concurrent jobs never pick the same bundle
+                return ready[0]
+            if not asked:
+                await self.node.tell("dealer", "need", {"model": model, "batch": batch})
+                asked = True
+            if loop.time() > deadline:
+                raise PreprocessingExhausted(f"no preprocessing bundle for model {model!r} (batch {batch}) "
+                                             f"within {self.bundle_wait:.0f} s: is the dealer running?")
+            await asyncio.sleep(0.05)
+
+
+def main(party: str, argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .node import run_service
+
+    ap = argparse.ArgumentParser(prog=f"python -m {party}")
+    ap.add_argument("--config", required=True)
+    args = ap.parse_args(argv)
+
+    async def go() -> None:
+        await ServerService(PartyConfig.load(args.config, party)).serve()
+
+    return run_service(go())

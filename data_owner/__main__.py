@@ -1,0 +1,86 @@
+"""``python -m data_owner segment --config data_owner.toml --model ID --input FILE|demo --out DIR``"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from blindseg.config import PartyConfig
+from blindseg.errors import UsageError
+from blindseg.node import run_service
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_owner")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("segment", help="segment a scan on the deployment")
+    s.add_argument("--config", required=True)
+    s.add_argument("--model", required=True, help="model id deployed by the model owner")
+    s.add_argument("--input", required=True, help="NIfTI, NPY or PNG file, or 'demo' (a bundled MNI152 test slice)")
+    s.add_argument("--out", required=True, type=Path, help="output directory (mask, overlay, report.json)")
+    s.add_argument("--batch", type=int, default=8, help="slices per secure job")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+
+    async def go() -> None:
+        from blindseg.models import demo_slices
+
+        from .client import Client
+        from .io import read_image, write_mask, write_overlay
+
+        if args.batch < 1:
+            raise UsageError("--batch must be at least 1")
+        if args.input == "demo":
+            d = demo_slices()
+            k = len(d["test_image"]) // 2
+            raw, meta = d["test_image"][k:k + 1].astype(np.float32), {"kind": "npy"}
+        else:
+            raw, meta = read_image(args.input)
+        cfg = PartyConfig.load(args.config, "data_owner")
+        masks, costs = [], []
+        async with Client(cfg) as client:
+            plan = await client.plan(args.model)
+            if tuple(raw.shape[1:]) != plan.input_shape:
+                raise UsageError(f"{args.input}: slices are {tuple(raw.shape[1:])}, model {args.model} expects "
+                                 f"{plan.input_shape}")
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(raw) * len(plan.ops), disable=args.quiet, unit="op", desc="secure inference")
+            done = [0]
+
+            def progress(op: int, n: int) -> None:
+                bar.update(op - done[0] if op > done[0] else 0)
+                done[0] = op
+
+            for i in range(0, len(raw), args.batch):
+                done[0] = 0
+                m, c = await client.segment(args.model, raw[i:i + args.batch], progress)
+                bar.update(len(plan.ops) - done[0])
+                masks.append(m)
+                costs.append(c)
+            bar.close()
+        mask = np.concatenate(masks)
+        out: Path = args.out
+        out.mkdir(parents=True, exist_ok=True)
+        write_mask(out / ("mask.nii.gz" if meta["kind"] == "nifti" else "mask.npy"), mask, meta)
+        names = plan.meta.get("class_names", [str(c) for c in range(plan.classes)])
+        write_overlay(out / "overlay.png", raw[len(raw) // 2, 0], mask[len(raw) // 2], names, f"blindseg {args.model}")
+        report = {"model": args.model, "slices": len(raw), "jobs": len(costs),
+                  "online_seconds": sum(c["online_seconds"] for c in costs),
+                  "rounds": sum(c["rounds"] for c in costs),
+                  "online_bytes_per_server": max(sum(c["server_bytes"][i] for c in costs) for i in (0, 1)),
+                  "offline_bytes_per_server": max(sum(c["offline_bytes"][i] for c in costs) for i in (0, 1)),
+                  "offline_seconds": sum(c["offline_seconds"] for c in costs)}
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        np.save(out / "input.npy", raw)
+        print(json.dumps(report), flush=True)
+
+    return run_service(go())
+
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""``python -m data_owner segment``: the hospital's client.
+
+Steps per batch of slices: ask a server for the model's public plan (once),
+apply the model owner's preprocessing from the plan metadata, encode and split
+the batch, send each server its share (``ctl:job``), follow server0's progress,
+take both output shares (``<job>:output``) and reconstruct the mask. Only this
+process ever holds the image or the mask in the clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from blindseg import intensity
+from blindseg.config import PartyConfig
+from blindseg.errors import ConnectionLost, ProtocolError
+from blindseg.node import Node
+from blindseg.plan import Plan
+from blindseg.wire import decode_frame
+
+from . import reconstruct, share_image
+
+
+class Client:
+    """A connected data owner; run several :meth:`segment` calls concurrently if you like."""
+
+    def __init__(self, cfg: PartyConfig, timeout: float = 600.0) -> None:
+        self.node = Node(cfg)
+        self.timeout = timeout
+        self._waiters: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+        self._progress: dict[str, Callable[[int, int], None]] = {}
+        self._errors: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._pump: asyncio.Task[None] | None = None
+        self.plans: dict[str, Plan] = {}
+
+    async def __aenter__(self) -> Client:
+        await self.node.start()
+        self._pump = asyncio.get_running_loop().create_task(self._dispatch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+        await self.node.close()
+
+    async def _dispatch(self) -> None:
+        while True:
+            sender, kind, frame = await self.node.next_control()
+            try:
+                h, _ = decode_frame(frame)
+            except ProtocolError:
+                continue
+            key = str(h.get("job") or h.get("model"))
+            if kind == "progress" and key in self._progress:
+                self._progress[key](int(h["op"]), int(h["ops"]))
+            elif kind == "error":
+                fut = self._errors.get(key) or self._waiters.get(("planinfo", key))
+                if fut is not None and not fut.done():
+                    fut.set_exception(ProtocolError(f"{sender}: {h.get('error')}"))
+            elif (kind, key) in self._waiters and not self._waiters[(kind, key)].done():
+                self._waiters[(kind, key)].set_result(h)
+
+    async def plan(self, model: str) -> Plan:
+        if model not in self.plans:
+            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            self._waiters[("planinfo", model)] = fut
+            await self.node.tell("server0", "getplan", {"model": model})
+            try:
+                h = await asyncio.wait_for(fut, 30)
+            except TimeoutError:
+                raise ConnectionLost("server0 did not answer within 30 s: is it running?") from None
+            finally:
+                self._waiters.pop(("planinfo", model), None)
+            self.plans[model] = Plan.from_dict(h["plan"])
+        return self.plans[model]
+
+    async def segment(self, model: str, raw: np.ndarray, progress: Callable[[int, int], None] | None = None
+                      ) -> tuple[np.ndarray, dict[str, Any]]:
+        """One job: ``raw`` N x C x H x W in the scanner's units -> (N x H x W labels, costs)."""
+        plan = await self.plan(model)
+        x = intensity.apply(plan.meta.get("preprocess"), raw)
+        job = uuid.uuid4().hex
+        err: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._errors[job] = err
+        if progress is not None:
+            self._progress[job] = progress
+        t0 = time.perf_counter()
+        try:
+            x0, x1 = share_image(plan, x)
+            for i, xs in enumerate((x0, x1)):
+                await self.node.tell(f"server{i}", "job", {"job": job, "model": model, "batch": int(x.shape[0])}, [xs])
+            outs = asyncio.gather(*(self.node.link(f"server{i}").recv(f"{job}:output", self.timeout) for i in (0, 1)))
+            done, _ = await asyncio.wait({err, outs}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[arg-type]
+            if err in done:
+                outs.cancel()
+                err.result()
+            frames = outs.result()
+            decoded = [decode_frame(f) for f in frames]
+            mask = reconstruct(plan, decoded[0][1][0], decoded[1][1][0])
+            cost = {"online_seconds": time.perf_counter() - t0, "rounds": int(decoded[0][0]["rounds"]),
+                    "server_bytes": [int(d[0]["bytes"]) for d in decoded],
+                    "offline_bytes": [int(d[0].get("offline_bytes", 0)) for d in decoded],
+                    "offline_seconds": max(float(d[0].get("offline_seconds", 0.0)) for d in decoded)}
+            return mask, cost
+        finally:
+            self._errors.pop(job, None)
+            self._progress.pop(job, None)

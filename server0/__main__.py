@@ -1,0 +1,7 @@
+"""``python -m server0 --config server0.toml``: the compute server, party 0."""
+
+import sys
+
+from blindseg.service import main
+
+sys.exit(main("server0"))
