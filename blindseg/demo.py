@@ -48,10 +48,23 @@ class LocalDeployment:
         log = open(self.root / "logs" / f"{role}.log", "ab")  # noqa: SIM115 - owned by the child
         self.procs[role] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env())
 
-    def start(self) -> LocalDeployment:
+    def start(self, timeout: float = 60.0) -> LocalDeployment:
+        """Start the services and wait until each is connected and subscribed (blocking: call it
+        through ``asyncio.to_thread`` when the broker runs on your event loop)."""
         for role in ("dealer", "server0", "server1"):
             self.start_role(role)
+        self.wait_serving(("dealer", "server0", "server1"), timeout)
         return self
+
+    def wait_serving(self, roles: tuple[str, ...], timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        for role in roles:
+            log = self.root / "logs" / f"{role}.log"
+            while b" serving deployment " not in log.read_bytes():
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise BlindsegError(f"{role} did not come up within {timeout:.0f} s; see {log}")
+                time.sleep(0.05)
 
     def check_alive(self) -> None:
         for role, p in self.procs.items():
@@ -97,8 +110,9 @@ async def run_demo(net: str = "none", broker_url: str | None = None, out_dir: Pa
     url = broker_url or (broker.url if broker else "")
     with tempfile.TemporaryDirectory(prefix="blindseg-demo-") as tmp:
         out = out_dir or Path(tmp) / "out"
-        dep = LocalDeployment(Path(tmp) / "deploy", url, net).start()
+        dep = LocalDeployment(Path(tmp) / "deploy", url, net)
         try:
+            await asyncio.to_thread(dep.start)  # the embedded broker runs on this event loop
             t0 = time.perf_counter()
             deployed = await dep.client("model_owner", "deploy", "--model", model, "--name", "mni")
             dep.check_alive()

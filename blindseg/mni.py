@@ -41,7 +41,7 @@ def _load(kind: str) -> np.ndarray:
     path = template_dir() / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
     if not path.exists():
         raise UsageError(f"MNI152 file missing from the nilearn wheel: {path}")
-    return np.asarray(nib.load(path).get_fdata(dtype=np.float32))
+    return np.asarray(nib.load(path).get_fdata(dtype=np.float32))  # type: ignore[attr-defined]
 
 
 def _down2(v: np.ndarray) -> np.ndarray:

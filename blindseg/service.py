@@ -73,7 +73,7 @@ class ServerService:
                 arrays[f"b{i}"] = st.bias
         tmp = d / f"{model}.npz.tmp"
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]
         (d / f"{model}.plan.json").write_text(json.dumps(core.plan.to_dict()))
         tmp.replace(d / f"{model}.npz")
 

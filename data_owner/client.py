@@ -96,7 +96,7 @@ class Client:
             for i, xs in enumerate((x0, x1)):
                 await self.node.tell(f"server{i}", "job", {"job": job, "model": model, "batch": int(x.shape[0])}, [xs])
             outs = asyncio.gather(*(self.node.link(f"server{i}").recv(f"{job}:output", self.timeout) for i in (0, 1)))
-            done, _ = await asyncio.wait({err, outs}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[arg-type]
+            done, _ = await asyncio.wait({err, outs}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[arg-type,type-var]
             if err in done:
                 outs.cancel()
                 err.result()

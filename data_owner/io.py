@@ -20,7 +20,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         if name.endswith((".nii", ".nii.gz")):
             import nibabel as nib
 
-            img = nib.load(p)
+            img: Any = nib.load(p)
             vol = np.asarray(img.get_fdata(dtype=np.float32))
             if vol.ndim == 2:
                 vol = vol[:, :, None]

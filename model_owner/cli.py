@@ -19,7 +19,6 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--name", default=None, help="model id in the deployment (default: --model)")
     args = ap.parse_args(argv)
     if args.cmd == "deploy":
-        import asyncio
         import json
 
         from blindseg.config import PartyConfig

@@ -36,9 +36,8 @@ async def deploy(cfg: PartyConfig, model_name: str, model_id: str, timeout: floa
             ops = sorted(shares)
             arrays = []
             for j in ops:
-                arrays.append(shares[j][0])
-                if shares[j][1] is not None:
-                    arrays.append(shares[j][1])
+                w, b = shares[j]
+                arrays += [w] if b is None else [w, b]
             await node.tell(f"server{i}", "deploy", {"model": model_id, "plan": plan, "ops": ops,
                                                       "bias": [shares[j][1] is not None for j in ops]}, arrays)
         done: set[str] = set()

@@ -1,0 +1,112 @@
+"""The whole service: dealer and both servers as OS processes, owners as clients, through real brokers."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import aiomqtt
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from blindseg.broker import EmbeddedBroker, Mosquitto
+from blindseg.config import PartyConfig
+from blindseg.crypto import OVERHEAD, Opener, generate_key
+from blindseg.demo import LocalDeployment
+from blindseg.engine import run_compiled
+from blindseg.errors import ProtocolError
+from blindseg.models import load_named_model
+from blindseg.plan import compile_model
+from blindseg.transport import BrokerAddress
+from data_owner.client import Client
+from model_owner.client import deploy
+
+pytestmark = pytest.mark.slow
+
+
+def _image() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(1, 1, 64, 64)).astype(np.float32)
+    x[:, :, 20:40, 16:48] += 2.0  # some structure
+    return x
+
+
+async def _eavesdrop(addr: BrokerAddress, sink: list[tuple[str, bytes]], ready: asyncio.Event) -> None:
+    async with aiomqtt.Client(addr.host, addr.port, protocol=aiomqtt.ProtocolVersion.V5 if addr.mqtt5
+                              else aiomqtt.ProtocolVersion.V311) as c:
+        await c.subscribe("#")
+        ready.set()
+        async for m in c.messages:
+            sink.append((str(m.topic), bytes(m.payload)))  # type: ignore[arg-type]
+
+
+async def _full_job(tmp: Path, url: str) -> None:
+    dep = LocalDeployment(tmp / "dep", url, pool=1)
+    captured: list[tuple[str, bytes]] = []
+    ready = asyncio.Event()
+    spy = asyncio.get_running_loop().create_task(_eavesdrop(BrokerAddress.parse(url), captured, ready))
+    try:
+        await asyncio.to_thread(dep.start)
+        await asyncio.wait_for(ready.wait(), 10)
+        await deploy(PartyConfig.load(dep.configs["model_owner"]), "ref-unet", "m1", timeout=120)
+        dep.check_alive()
+        x = _image()
+        async with Client(PartyConfig.load(dep.configs["data_owner"]), timeout=120) as client:
+            mask, cost = await client.segment("m1", x)
+        await asyncio.sleep(0.3)
+    finally:
+        spy.cancel()
+        dep.stop()
+
+    # the same model, in-process: same mask, same payload accounting
+    model, samples, _ = load_named_model("ref-unet")
+    comp = compile_model(model, (1, 64, 64), "mask", "auto", samples=samples)
+    local = await run_compiled(comp, x)
+    with torch.no_grad():
+        plain = torch.argmax(model(torch.from_numpy(x)), 1).numpy()
+    assert (mask == local.mask).mean() >= 0.999 and (mask == plain).mean() >= 0.999
+    assert cost["rounds"] == local.stats["rounds"]
+    # sealed bytes = in-process frame bytes + per-chunk overhead (same frames; the job label "job" becomes a
+    # 32-hex-digit id, which the frame header and the chunk header both carry)
+    def relabel(lab: str) -> str:
+        return "x" * 32 + lab[3:]
+
+    for i in (0, 1):
+        log = local.stats["round_log"][i]
+        want = sum(n + len(msgpack.packb(relabel(lab))) - len(msgpack.packb(lab)) + OVERHEAD + 10 + len(relabel(lab))
+                   for lab, n in log if n <= (1 << 20))
+        big = [(lab, n) for lab, n in log if n > (1 << 20)]
+        assert not big  # 64x64 rounds fit one chunk
+        assert cost["server_bytes"][i] == want
+
+    # the broker saw only sealed frames: no known plaintext inside, uniform bytes, nothing opens without a key
+    assert captured and all(p[:4] == b"BSE1" for _, p in captured)
+    secrets = [np.ascontiguousarray(x).tobytes()[:64], mask.astype(np.int64).tobytes()[:64]]
+    blob = b"".join(p for _, p in captured)
+    assert not any(s in blob for s in secrets)
+    body = np.frombuffer(b"".join(p[28:] for _, p in captured if len(p) > 1000), dtype=np.uint8)
+    counts = np.bincount(body, minlength=256)
+    chi2 = float(((counts - body.size / 256) ** 2 / (body.size / 256)).sum())
+    assert chi2 < 400  # 255 dof: p ~ 1e-8
+    outsider = Opener(generate_key(), generate_key().public_key(), "demo", "server0", "server1")
+    topic, payload = next((t, p) for t, p in captured if t.endswith("/server1/server0"))
+    with pytest.raises(ProtocolError, match="authentication"):
+        outsider.open(topic, payload)
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+                    reason="the mosquitto binary is not installed on this machine")
+async def test_full_service_through_mosquitto(tmp_path):
+    with Mosquitto(tmp_path) as broker:
+        await _full_job(tmp_path, broker.url)
+
+
+async def test_full_service_through_embedded_amqtt(tmp_path):
+    broker = await EmbeddedBroker().start()
+    try:
+        await _full_job(tmp_path, broker.url)
+    finally:
+        await broker.stop()
