@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: demo test bench lint
 demo: $(VENV)/.installed
-	$(PY) -m blindseg bench --model ref-unet --size 128
+	$(PY) -m blindseg demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -70,9 +70,64 @@ def run_bench(model_name: str, size: int, batch: int = 1, classes: int = 2, seed
     }
 
 
+async def run_mqtt_bench(model_name: str, size: int, net: str = "none") -> dict[str, Any]:
+    """The same job through the real service: dealer and servers as processes, a private Mosquitto,
+    sealed MQTT frames, netsim on every party's links; the in-process run of the same plan alongside."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from data_owner.client import Client
+    from model_owner.client import deploy
+
+    from .broker import Mosquitto
+    from .config import PartyConfig
+    from .demo import LocalDeployment
+    from .models import load_named_model
+
+    x = test_image(1, size)
+    model, samples, _ = load_named_model(model_name, size)
+    comp = compile_model(model, tuple(x.shape[1:]), "mask", "auto", samples=samples)  # type: ignore[arg-type]
+    local = await run_compiled(comp, x)
+    with tempfile.TemporaryDirectory(prefix="blindseg-bench-") as tmp, Mosquitto(tmp) as broker:
+        dep = LocalDeployment(Path(tmp) / "dep", broker.url, net, pool=1)
+        try:
+            await asyncio.to_thread(dep.start)
+            await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "bench", size=size)
+            async with Client(PartyConfig.load(dep.configs["data_owner"])) as client:
+                await client.plan("bench")
+                for _ in range(100):  # let the first bundle land: offline is measured apart
+                    if (Path(tmp) / "dep" / "logs" / "dealer.log").read_text().count(" bundle ") >= 1:
+                        break
+                    await asyncio.sleep(0.1)
+                mask, cost = await client.segment("bench", x.astype(np.float32))
+        finally:
+            dep.stop()
+    with torch.no_grad():
+        ref = torch.argmax(model(torch.tensor(x, dtype=torch.float32)), 1).numpy()
+    return {
+        "model": model_name, "size": size, "batch": 1, "transport": "mqtt", "broker": "mosquitto", "net": net,
+        "online_seconds": cost["online_seconds"], "offline_seconds": cost["offline_seconds"],
+        "online_bytes_per_server": max(cost["server_bytes"]), "offline_bytes_per_server": max(cost["offline_bytes"]),
+        "rounds": cost["rounds"], "inprocess_online_seconds": local.stats["online_seconds"],
+        "mqtt_over_inprocess": cost["online_seconds"] / local.stats["online_seconds"],
+        "inprocess_online_bytes_per_server": local.stats["online_bytes_per_server"],
+        "pixel_agreement": float(np.mean(mask == ref)), "agreement_with_inprocess": float(np.mean(mask == local.mask)),
+    }
+
+
 def format_report(r: dict[str, Any]) -> str:
     """Human-readable table of a bench result."""
     mb = 1e6
+    if r.get("transport") == "mqtt":
+        return (f"model {r['model']} {r['size']}x{r['size']} over MQTT (Mosquitto), net={r['net']}\n"
+                f"online   {r['online_seconds']:.3f} s   {r['online_bytes_per_server'] / mb:.2f} MB/server (sealed)   "
+                f"{r['rounds']} rounds\n"
+                f"offline  {r['offline_seconds']:.3f} s   {r['offline_bytes_per_server'] / mb:.2f} MB/server\n"
+                f"in-process online {r['inprocess_online_seconds']:.3f} s   MQTT/in-process "
+                f"{r['mqtt_over_inprocess']:.2f}x\n"
+                f"pixel agreement with float {100 * r['pixel_agreement']:.3f}%")
     lines = [f"{'op':>4} {'kind':8} {'name':26} {'online s':>9} {'online MB':>10} {'rounds':>6} {'offline MB':>10}"]
     for L in r["layers"]:
         lines.append(f"{L['op']:>4} {L['kind']:8} {L['name'][:26]:26} {L['online_seconds']:9.4f} "

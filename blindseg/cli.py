@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--size", type=int, default=128, help="image side in pixels")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--classes", type=int, default=2)
-    b.add_argument("--transport", default="memory", choices=["memory"], help="mqtt arrives with issue #3")
+    b.add_argument("--transport", default="memory", choices=["memory", "mqtt"],
+                   help="memory: five roles in one process; mqtt: services as processes through a private Mosquitto")
+    b.add_argument("--net", default="none", help="netsim profile for --transport mqtt: none | lan | wan | 'ms,Mbit/s'")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     d = sub.add_parser("demo", help="the five roles as processes on loopback: deploy, segment a real slice")
     d.add_argument("--net", default="none", help="none | lan | wan | '<latency ms>,<Mbit/s>'")
@@ -51,7 +53,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise BlindsegError(f"--size must be a multiple of 16 (four 2x2 poolings), got {args.size}")
             from .bench import format_report, run_bench
 
-            r = run_bench(args.model, args.size, args.batch, args.classes)
+            if args.transport == "mqtt":
+                import asyncio
+
+                from netsim import profile
+
+                from .bench import run_mqtt_bench
+
+                profile(args.net)
+                r = asyncio.run(run_mqtt_bench(args.model, args.size, args.net))
+            else:
+                r = run_bench(args.model, args.size, args.batch, args.classes)
             print(json.dumps(r) if args.json else format_report(r))
     except BlindsegError as exc:
         print(f"blindseg: error: {exc}", file=sys.stderr)

@@ -89,7 +89,7 @@ def demo_slices() -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def load_named_model(name: str) -> tuple[Any, np.ndarray, dict[str, Any]]:
+def load_named_model(name: str, size: int = 64) -> tuple[Any, np.ndarray, dict[str, Any]]:
     """(model, calibration samples as the model expects them, plan metadata) for a model name."""
     import torch
 
@@ -105,5 +105,7 @@ def load_named_model(name: str) -> tuple[Any, np.ndarray, dict[str, Any]]:
         calib = intensity.apply(MNI_PREPROCESS, demo_slices()["calib_image"].astype(np.float32))
         return model.eval(), calib, {"preprocess": MNI_PREPROCESS, "class_names": MNI_CLASSES, "name": name}
     model = build_model(name, classes=2)
-    calib = np.random.default_rng(0).normal(size=(2, 1, 64, 64)).astype(np.float32)
+    from .bench import test_image
+
+    calib = test_image(2, size, seed=99).astype(np.float32)
     return model, calib, {"preprocess": {"kind": "none"}, "class_names": ["background", "foreground"], "name": name}

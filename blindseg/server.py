@@ -152,10 +152,20 @@ class ServerCore:
         elif corrections:
             writer.put(i, corrections)
 
-    def begin(self, store: BundleStore, bundle_id: str, job: str) -> Prepared:
-        """Consume a ready bundle for ``job`` (durably, before the first opening)."""
+    def begin(self, store: BundleStore, bundle_id: str, job: str, warm: Prepared | None = None) -> Prepared:
+        """Consume a ready bundle for ``job`` (durably, before the first opening).
+
+        ``warm``: the same bundle already expanded ahead of the job (:meth:`warm_up`)."""
         b = store.consume(bundle_id, job)
+        if warm is not None and warm.bundle.bundle_id == bundle_id:
+            return warm
         return Prepared(self.layout(b.batch), self.party, b)
+
+    def warm_up(self, store: BundleStore, bundle_id: str, budget_bytes: int = 1 << 30) -> Prepared | None:
+        """Expand a ready (not yet consumed) bundle's material now, if it fits the budget."""
+        b = store.peek(bundle_id)
+        prep = Prepared(self.layout(b.batch), self.party, b)
+        return prep if prep.preload(budget_bytes) else None
 
     # ---------------------------------------------------------------- online
     def run(self, prep: Prepared, x: np.ndarray) -> Step:

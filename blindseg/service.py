@@ -32,7 +32,7 @@ from .engine import parse_weights
 from .errors import BlindsegError, PreprocessingExhausted, ProtocolError, UsageError
 from .node import Node
 from .plan import Plan
-from .server import LinearState, RunStats, ServerCore, drive, receive_bundle
+from .server import LinearState, Prepared, RunStats, ServerCore, drive, receive_bundle
 from .store import BundleStore
 from .wire import decode_frame, encode_frame
 
@@ -53,6 +53,7 @@ class ServerService:
         self._pending: dict[str, dict[str, Any]] = {}
         self._jobs: set[str] = set()
         self._reserved: set[str] = set()
+        self._warm: dict[str, Prepared | None] = {}  # bundle -> material expanded ahead of its job
         self._offline: dict[str, tuple[int, float]] = {}  # bundle -> (bytes received, seconds), this run
         self._tasks: set[asyncio.Task[None]] = set()
         self.bundle_wait, self.round_timeout = bundle_wait, round_timeout
@@ -124,6 +125,7 @@ class ServerService:
                 before, t0 = link.counters.bytes_received, time.perf_counter()
                 bid = await receive_bundle(self.models[model], self.store, frame, link)
                 self._offline[bid] = (len(frame) + link.counters.bytes_received - before, time.perf_counter() - t0)
+                self._schedule_warm(model, int(header["batch"]))
             elif kind == "getplan":
                 core = self._model(str(header["model"]))
                 await self.node.tell(sender, "planinfo", {"model": header["model"], "plan": core.plan.to_dict()})
@@ -185,17 +187,22 @@ class ServerService:
             deadline = asyncio.get_running_loop().time() + self.bundle_wait
             while self.store.state(bid) != "ready" and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)  # still arriving from the dealer
-        prep = core.begin(self.store, bid, job)  # durable: consumed before any opening
+        warm = self._warm.pop(bid, None)
+        prep = core.begin(self.store, bid, job, warm)  # durable: consumed before any opening
         try:
             if self.party == 0:
                 await self.node.tell("dealer", "used", {"model": model, "batch": batch})
-            await asyncio.to_thread(prep.preload)
+            if warm is None:
+                await asyncio.to_thread(prep.preload)
             stats = RunStats()
             n = len(core.plan.ops)
 
             async def progress(op: int) -> None:
-                if self.party == 0:
-                    await self.node.tell("data_owner", "progress", {"job": job, "op": op, "ops": n})
+                if self.party == 0:  # off the critical path: the round does not wait for it
+                    t = asyncio.get_running_loop().create_task(
+                        self.node.tell("data_owner", "progress", {"job": job, "op": op, "ops": n}))
+                    self._tasks.add(t)
+                    t.add_done_callback(self._tasks.discard)
 
             out = await drive(core.run(prep, arrays[0]), self.party, peer, job, stats, self.round_timeout,
                               on_op=progress)
@@ -207,6 +214,30 @@ class ServerService:
                                               [np.ascontiguousarray(out)]))
         finally:
             self.store.discard(bid)
+            self._reserved.discard(bid)
+            self._schedule_warm(model, batch)
+
+    def _schedule_warm(self, model: str, batch: int) -> None:
+        """Keep the next bundle for (model, batch) expanded in memory, so a job starts at once."""
+        ready = self.store.ready(model, batch)
+        if not ready or ready[0] in self._warm or model not in self.models:
+            return
+        bid = ready[0]
+        self._warm[bid] = None
+
+        async def warm() -> None:
+            try:
+                prep = await asyncio.to_thread(self.models[model].warm_up, self.store, bid)
+                if bid in self._warm and self.store.state(bid) == "ready":
+                    self._warm[bid] = prep
+                else:
+                    self._warm.pop(bid, None)
+            except BlindsegError:
+                self._warm.pop(bid, None)
+
+        task = asyncio.get_running_loop().create_task(warm())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _pick_bundle(self, model: str, batch: int) -> str:
         loop = asyncio.get_running_loop()

@@ -177,6 +177,15 @@ class BundleStore:
             st = self.state(bundle_id)
             why = "unknown" if st is None else "already consumed" if st == "consumed" else f"not ready ({st})"
             raise ProtocolError(f"bundle {bundle_id} cannot be used: {why}; preprocessing is single-use")
+        return self._stored(bundle_id)
+
+    def peek(self, bundle_id: str) -> StoredBundle:
+        """A ready bundle's arrays without consuming it (to expand material ahead of the job)."""
+        if self.state(bundle_id) != "ready":
+            raise ProtocolError(f"bundle {bundle_id} is not ready")
+        return self._stored(bundle_id)
+
+    def _stored(self, bundle_id: str) -> StoredBundle:
         row = self._db.execute("SELECT model, batch, party, seed, idx FROM bundles WHERE id = ?", (bundle_id,)).fetchone()
         raw = msgpack.unpackb(row[4], strict_map_key=False)
         index = {int(k): [(int(o), str(d), tuple(int(x) for x in s)) for o, d, s in v] for k, v in raw.items()}

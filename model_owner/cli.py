@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--config", required=True, help="model_owner.toml from `blindseg init`")
     d.add_argument("--model", default="mni-unet", help="mni-unet (bundled, trained), ref-unet or trustmis-unet")
     d.add_argument("--name", default=None, help="model id in the deployment (default: --model)")
+    d.add_argument("--size", type=int, default=64, help="input side for the reference models")
     args = ap.parse_args(argv)
     if args.cmd == "deploy":
         import json
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         from .client import deploy
 
         async def go() -> None:
-            info = await deploy(PartyConfig.load(args.config, "model_owner"), args.model, args.name or args.model)
+            info = await deploy(PartyConfig.load(args.config, "model_owner"), args.model, args.name or args.model,
+                                size=args.size)
             print(json.dumps(info), flush=True)
 
         return run_service(go())

@@ -22,8 +22,9 @@ from blindseg.wire import decode_frame
 from . import share_weights
 
 
-async def deploy(cfg: PartyConfig, model_name: str, model_id: str, timeout: float = 300.0) -> dict[str, Any]:
-    model, samples, meta = load_named_model(model_name)
+async def deploy(cfg: PartyConfig, model_name: str, model_id: str, timeout: float = 300.0,
+                 size: int = 64) -> dict[str, Any]:
+    model, samples, meta = load_named_model(model_name, size)
     comp = compile_model(model, tuple(samples.shape[1:]), "mask", "auto", samples=samples)  # type: ignore[arg-type]
     comp.plan.meta.update(meta)
     plan = comp.plan.to_dict()
