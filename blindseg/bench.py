@@ -97,8 +97,9 @@ async def run_mqtt_bench(model_name: str, size: int, net: str = "none") -> dict[
             await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "bench", size=size)
             async with Client(PartyConfig.load(dep.configs["data_owner"])) as client:
                 await client.plan("bench")
-                for _ in range(100):  # let the first bundle land: offline is measured apart
-                    if (Path(tmp) / "dep" / "logs" / "dealer.log").read_text().count(" bundle ") >= 1:
+                logs = [Path(tmp) / "dep" / "logs" / f"server{i}.log" for i in (0, 1)]
+                for _ in range(600):  # let the first bundle land and expand: offline is measured apart
+                    if all(" ready and expanded" in p.read_text() for p in logs):
                         break
                     await asyncio.sleep(0.1)
                 mask, cost = await client.segment("bench", x.astype(np.float32))

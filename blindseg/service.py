@@ -190,8 +190,6 @@ class ServerService:
         warm = self._warm.pop(bid, None)
         prep = core.begin(self.store, bid, job, warm)  # durable: consumed before any opening
         try:
-            if self.party == 0:
-                await self.node.tell("dealer", "used", {"model": model, "batch": batch})
             if warm is None:
                 await asyncio.to_thread(prep.preload)
             stats = RunStats()
@@ -216,6 +214,8 @@ class ServerService:
             self.store.discard(bid)
             self._reserved.discard(bid)
             self._schedule_warm(model, batch)
+            if self.party == 0:  # refill after the job, so the next bundle never competes with this job's rounds
+                await self.node.tell("dealer", "used", {"model": model, "batch": batch})
 
     def _schedule_warm(self, model: str, batch: int) -> None:
         """Keep the next bundle for (model, batch) expanded in memory, so a job starts at once."""
@@ -230,6 +230,7 @@ class ServerService:
                 prep = await asyncio.to_thread(self.models[model].warm_up, self.store, bid)
                 if bid in self._warm and self.store.state(bid) == "ready":
                     self._warm[bid] = prep
+                    log.info("%s: bundle %s ready and expanded", self.cfg.party, bid[:8])
                 else:
                     self._warm.pop(bid, None)
             except BlindsegError:
