@@ -46,6 +46,10 @@ class Endpoint(ABC):
     @abstractmethod
     async def recv(self, label: str, timeout: float | None = None) -> bytes: ...
 
+    def wire_size(self, label: str, frame: bytes) -> int:
+        """Bytes this frame occupies on the link (the transport adds its own framing)."""
+        return len(frame)
+
 
 class _Inbox:
     def __init__(self) -> None:

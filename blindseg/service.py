@@ -121,10 +121,11 @@ class ServerService:
             elif kind == "bundle" and sender == "dealer":
                 model = str(header["model"])
                 await asyncio.wait_for(self._event(model).wait(), self.bundle_wait)
-                link = self.node.link("dealer")
-                before, t0 = link.counters.bytes_received, time.perf_counter()
+                link, raw = self.node.link("dealer"), self.node.transport.endpoint("dealer")
+                t0 = time.perf_counter()
                 bid = await receive_bundle(self.models[model], self.store, frame, link)
-                self._offline[bid] = (len(frame) + link.counters.bytes_received - before, time.perf_counter() - t0)
+                sealed = raw.wire_size("ctl:bundle", frame) + raw.bundle_bytes.pop(bid, 0)
+                self._offline[bid] = (sealed, time.perf_counter() - t0)
                 self._schedule_warm(model, int(header["batch"]))
             elif kind == "getplan":
                 core = self._model(str(header["model"]))

@@ -34,7 +34,7 @@ import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from .channel import Endpoint, _Inbox
-from .crypto import Opener, Sealer
+from .crypto import OVERHEAD, Opener, Sealer
 from .errors import ConnectionLost, ProtocolError, UsageError
 
 log = logging.getLogger("blindseg.transport")
@@ -194,6 +194,7 @@ class MqttEndpoint(Endpoint):
         self._sealer, self._opener = sealer, opener
         self.inbox = _Inbox()
         self._partial: dict[str, list[bytes]] = {}
+        self.bundle_bytes: dict[str, int] = {}  # sealed bytes received per bundle id
         self._out = topic_for(transport.deployment, peer, transport.me)
         self._lock = asyncio.Lock()
 
@@ -216,6 +217,10 @@ class MqttEndpoint(Endpoint):
     async def recv(self, label: str, timeout: float | None = None) -> bytes:
         return await self.inbox.take(label, timeout)
 
+    def wire_size(self, label: str, frame: bytes) -> int:
+        n = max(1, -(-len(frame) // self.t.chunk))
+        return len(frame) + n * (OVERHEAD + 10 + len(label.encode()))
+
     def _receive(self, topic: str, message: bytes) -> None:
         body = self._opener.open(topic, message)
         self.counters.bytes_received += len(message)
@@ -230,6 +235,9 @@ class MqttEndpoint(Endpoint):
             self._partial.pop(label, None)
             raise ProtocolError(f"chunk {k}/{n} of {label!r} is out of order or over the size limit")
         parts.append(data)
+        if label.startswith("bundle:"):  # offline accounting, per bundle
+            bid = label.split(":")[1]
+            self.bundle_bytes[bid] = self.bundle_bytes.get(bid, 0) + len(message)
         if k + 1 < n:
             return
         frame = b"".join(self._partial.pop(label))

@@ -66,7 +66,6 @@ class ShapedEndpoint(Endpoint):
     def __init__(self, inner: Endpoint, prof: Profile, seed: int | None = None) -> None:
         super().__init__()
         self.inner, self.profile = inner, prof
-        self.counters = inner.counters  # the real frames are counted once, by the inner endpoint
         self._free_at = 0.0
         self._last_arrival = 0.0
         self._queue: asyncio.Queue[tuple[float, str, bytes, asyncio.Future[None]]] = asyncio.Queue()
@@ -75,11 +74,19 @@ class ShapedEndpoint(Endpoint):
 
     async def send(self, label: str, frame: bytes) -> None:
         if not self.profile.shaped:
+            before = self.inner.counters.bytes_sent
             await self.inner.send(label, frame)
+            self.counters.bytes_sent += self.inner.counters.bytes_sent - before
+            self.counters.frames_sent += 1
+            self.counters.log.append((label, self.inner.counters.bytes_sent - before))
             return
+        size = self.inner.wire_size(label, frame)  # counted when it enters the link
+        self.counters.bytes_sent += size
+        self.counters.frames_sent += 1
+        self.counters.log.append((label, size))
         now = time.perf_counter()
         start = max(now, self._free_at)
-        self._free_at = start + self.profile.transfer_seconds(len(frame))
+        self._free_at = start + self.profile.transfer_seconds(size)
         jitter = self._rng.uniform(0, self.profile.jitter) if self.profile.jitter else 0.0
         arrival = max(self._free_at + self.profile.latency + jitter, self._last_arrival)  # FIFO
         self._last_arrival = arrival
@@ -103,6 +110,9 @@ class ShapedEndpoint(Endpoint):
 
     async def recv(self, label: str, timeout: float | None = None) -> bytes:
         return await self.inner.recv(label, timeout)
+
+    def wire_size(self, label: str, frame: bytes) -> int:
+        return self.inner.wire_size(label, frame)
 
     async def aclose(self) -> None:
         if self._pump is not None:
