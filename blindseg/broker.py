@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -80,7 +81,10 @@ class Mosquitto:
         self.workdir = Path(workdir)
         self.port = port or free_port()
         self.conf = self.workdir / "mosquitto.conf"
-        self.conf.write_text(config or mosquitto_config(self.port))
+        text = config or mosquitto_config(self.port)
+        if os.geteuid() == 0:  # mosquitto started as root drops to user "mosquitto", which cannot read our 0600 files
+            text += "user root\n"
+        self.conf.write_text(text)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

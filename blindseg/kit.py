@@ -83,7 +83,8 @@ def _certs(out: Path, host: str) -> None:
 
 
 def init(directory: str | Path, deployment: str = "blindseg", broker_host: str = "127.0.0.1", port: int = 8883,
-         plain: bool = False, broker_url: str | None = None, net: str = "none") -> dict[str, Path]:
+         plain: bool = False, broker_url: str | None = None, net: str = "none", bind: str = "0.0.0.0"
+         ) -> dict[str, Path]:
     """Write a deployment kit; returns each party's config path."""
     root = Path(directory)
     if not deployment.replace("-", "").isalnum():
@@ -119,7 +120,7 @@ def init(directory: str | Path, deployment: str = "blindseg", broker_host: str =
     else:
         _certs(b, broker_host)
         (b / "mosquitto.conf").write_text(mosquitto_config(
-            port, "0.0.0.0", tls={"ca": str((b / "ca.crt").resolve()), "cert": str((b / "server.crt").resolve()),
+            port, bind, tls={"ca": str((b / "ca.crt").resolve()), "cert": str((b / "server.crt").resolve()),
                                   "key": str((b / "server.key").resolve())},
             password_file=str((b / "passwd").resolve()), acl_file=str((b / "acl").resolve())))
     return out
