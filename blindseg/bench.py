@@ -97,11 +97,7 @@ async def run_mqtt_bench(model_name: str, size: int, net: str = "none") -> dict[
             await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "bench", size=size)
             async with Client(PartyConfig.load(dep.configs["data_owner"])) as client:
                 await client.plan("bench")
-                logs = [Path(tmp) / "dep" / "logs" / f"server{i}.log" for i in (0, 1)]
-                for _ in range(600):  # let the first bundle land and expand: offline is measured apart
-                    if all(" ready and expanded" in p.read_text() for p in logs):
-                        break
-                    await asyncio.sleep(0.1)
+                await dep.wait_bundles()  # offline is measured apart
                 mask, cost = await client.segment("bench", x.astype(np.float32))
         finally:
             dep.stop()

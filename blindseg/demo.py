@@ -66,6 +66,17 @@ class LocalDeployment:
                     raise BlindsegError(f"{role} did not come up within {timeout:.0f} s; see {log}")
                 time.sleep(0.05)
 
+    async def wait_bundles(self, timeout: float = 120.0) -> None:
+        """Wait until both servers hold an expanded bundle (so online time excludes offline work)."""
+        logs = [self.root / "logs" / f"server{i}.log" for i in (0, 1)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not all(b" ready and expanded" in p.read_bytes() for p in logs):
+            self.check_alive()
+            if loop.time() > deadline:
+                raise BlindsegError(f"no preprocessing bundle reached the servers within {timeout:.0f} s")
+            await asyncio.sleep(0.1)
+
     def check_alive(self) -> None:
         for role, p in self.procs.items():
             if p.poll() is not None:
@@ -115,7 +126,7 @@ async def run_demo(net: str = "none", broker_url: str | None = None, out_dir: Pa
             await asyncio.to_thread(dep.start)  # the embedded broker runs on this event loop
             t0 = time.perf_counter()
             deployed = await dep.client("model_owner", "deploy", "--model", model, "--name", "mni")
-            dep.check_alive()
+            await dep.wait_bundles()
             seg = await dep.client("data_owner", "segment", "--model", "mni", "--input", "demo", "--out", str(out),
                                    "--quiet")
             total = time.perf_counter() - t0
