@@ -121,7 +121,8 @@ async def run_demo(net: str = "none", broker_url: str | None = None, out_dir: Pa
     url = broker_url or (broker.url if broker else "")
     with tempfile.TemporaryDirectory(prefix="blindseg-demo-") as tmp:
         out = out_dir or Path(tmp) / "out"
-        dep = LocalDeployment(Path(tmp) / "deploy", url, net)
+        # pool 1: on one 2-core machine a second bundle in flight would compete with the measured job
+        dep = LocalDeployment(Path(tmp) / "deploy", url, net, pool=1)
         try:
             await asyncio.to_thread(dep.start)  # the embedded broker runs on this event loop
             t0 = time.perf_counter()

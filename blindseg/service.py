@@ -179,6 +179,7 @@ class ServerService:
         if len(arrays) != 1 or arrays[0].shape != (batch, *core.plan.input_shape):
             raise UsageError(f"job {job}: input share does not match the model's input {core.plan.input_shape}")
         peer = self.node.link(self.peer)
+        t_start = time.perf_counter()
         if self.party == 0:
             bid = await self._pick_bundle(model, batch)
             await peer.send(f"{job}:bundle", encode_frame({"t": "use", "bundle": bid}))
@@ -203,8 +204,12 @@ class ServerService:
                     self._tasks.add(t)
                     t.add_done_callback(self._tasks.discard)
 
+            t_run = time.perf_counter()
             out = await drive(core.run(prep, arrays[0]), self.party, peer, job, stats, self.round_timeout,
                               on_op=progress)
+            log.info("%s: job %s: %.3f s to start (bundle %s, %s), %.3f s for %d rounds", self.cfg.party, job[:8],
+                     t_run - t_start, bid[:8], "warm" if warm is not None else "cold", time.perf_counter() - t_run,
+                     stats.rounds)
             await self.node.link("data_owner").send(
                 f"{job}:output", encode_frame({"t": "output", "job": job, "rounds": stats.rounds,
                                                "bytes": stats.bytes_sent,

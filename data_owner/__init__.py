@@ -6,6 +6,7 @@ range against the plan's public input description.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -18,13 +19,9 @@ from blindseg.ring import decode, encode
 
 def validate_image(plan: Plan, image: Any) -> np.ndarray:
     """The image as float64 N x C x H x W, or a UsageError naming the problem."""
-    try:
-        import torch
-
-        if isinstance(image, torch.Tensor):
-            image = image.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover
-        pass
+    torch = sys.modules.get("torch")  # a tensor implies torch is loaded; never import it just to check
+    if torch is not None and isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
     arr = np.asarray(image)
     if arr.dtype.kind not in "fiu":
         raise UsageError(f"image must be a numeric array, got dtype {arr.dtype}")
