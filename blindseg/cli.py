@@ -33,8 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--broker-host", default="127.0.0.1", help="broker host name or IP (TLS certificate)")
     i.add_argument("--port", type=int, default=8883)
     i.add_argument("--plain", action="store_true", help="no TLS/passwords (loopback or embedded broker only)")
+    c = sub.add_parser("chart", help="per-layer cost chart (PNG) from a bench or segment report (JSON)")
+    c.add_argument("report", type=Path)
+    c.add_argument("--out", type=Path, default=Path("cost.png"))
     args = parser.parse_args(argv)
     try:
+        if args.cmd == "chart":
+            from .report import cost_chart, load_report
+
+            print(cost_chart(load_report(args.report), args.out))
+            return 0
         if args.cmd == "demo":
             from .demo import main_demo
 
@@ -44,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
             paths = init(args.dir, args.deployment, args.broker_host, args.port, args.plain)
             print(f"deployment kit written to {args.dir}:")
-            for p, c in paths.items():
-                print(f"  {p:12s} {c}")
+            for party, cfg_path in paths.items():
+                print(f"  {party:12s} {cfg_path}")
             print(f"  broker       {args.dir / 'broker' / 'mosquitto.conf'}")
             return 0
         if args.cmd == "bench":

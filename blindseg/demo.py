@@ -159,7 +159,8 @@ async def run_demo(net: str = "none", broker_url: str | None = None, out_dir: Pa
             "slice_z_2mm": int(d["test_z"][k]),
         }
         if out_dir is not None:
-            (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+            seg_report = json.loads((out / "report.json").read_text())
+            (out_dir / "report.json").write_text(json.dumps({**report, "layers": seg_report["layers"]}, indent=1))
         return report
 
 

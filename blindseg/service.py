@@ -214,7 +214,9 @@ class ServerService:
                 f"{job}:output", encode_frame({"t": "output", "job": job, "rounds": stats.rounds,
                                                "bytes": stats.bytes_sent,
                                                "offline_bytes": self._offline.get(bid, (0, 0.0))[0],
-                                               "offline_seconds": self._offline.get(bid, (0, 0.0))[1]},
+                                               "offline_seconds": self._offline.get(bid, (0, 0.0))[1],
+                                               "ops": [[i, s.seconds, s.bytes_sent, s.rounds]
+                                                       for i, s in sorted(stats.per_op.items())]},
                                               [np.ascontiguousarray(out)]))
         finally:
             self.store.discard(bid)

@@ -14,13 +14,25 @@ from blindseg.errors import UsageError
 from blindseg.node import run_service
 
 
+def _sum_layers(runs: list[list[dict[str, object]]]) -> list[dict[str, object]]:
+    total: dict[int, dict[str, object]] = {}
+    for layers in runs:
+        for L in layers:
+            t = total.setdefault(int(L["op"]), dict(L))  # type: ignore[call-overload]
+            if t is not L:
+                for k in ("online_seconds", "online_bytes", "offline_bytes", "rounds"):
+                    t[k] = t[k] + L[k]  # type: ignore[operator]
+    return [total[k] for k in sorted(total)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_owner")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("segment", help="segment a scan on the deployment")
     s.add_argument("--config", required=True)
     s.add_argument("--model", required=True, help="model id deployed by the model owner")
-    s.add_argument("--input", required=True, help="NIfTI, NPY or PNG file, or 'demo' (a bundled MNI152 test slice)")
+    s.add_argument("--input", required=True,
+                   help="NIfTI, NPY or PNG file, a DICOM series directory, or 'demo' (a bundled MNI152 test slice)")
     s.add_argument("--out", required=True, type=Path, help="output directory (mask, overlay, report.json)")
     s.add_argument("--batch", type=int, default=8, help="slices per secure job")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -30,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         from blindseg.models import demo_slices
 
         from .client import Client
-        from .io import read_image, write_mask, write_overlay
+        from .io import fit, read_image, unfit, write_mask, write_overlay
 
         if args.batch < 1:
             raise UsageError("--batch must be at least 1")
@@ -44,12 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         masks, costs = [], []
         async with Client(cfg) as client:
             plan = await client.plan(args.model)
-            if tuple(raw.shape[1:]) != plan.input_shape:
-                raise UsageError(f"{args.input}: slices are {tuple(raw.shape[1:])}, model {args.model} expects "
-                                 f"{plan.input_shape}")
+            if raw.shape[1] != plan.input_shape[0]:
+                raise UsageError(f"{args.input}: {raw.shape[1]} channels, model {args.model} expects "
+                                 f"{plan.input_shape[0]}")
+            orig_hw = raw.shape[2:]
+            raw = fit(raw, plan.input_shape[1:])  # the model's input size, from its public plan
             from tqdm import tqdm
 
-            bar = tqdm(total=len(raw) * len(plan.ops), disable=args.quiet, unit="op", desc="secure inference")
+            n_jobs = -(-len(raw) // args.batch)
+            bar = tqdm(total=n_jobs * len(plan.ops), disable=args.quiet, unit="op",
+                       desc=f"secure inference ({len(raw)} slices, {n_jobs} jobs)")
             done = [0]
 
             def progress(op: int, n: int) -> None:
@@ -63,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
                 masks.append(m)
                 costs.append(c)
             bar.close()
-        mask = np.concatenate(masks)
+        mask = unfit(np.concatenate(masks), orig_hw)
+        raw = unfit(raw, orig_hw)
         out: Path = args.out
         out.mkdir(parents=True, exist_ok=True)
-        write_mask(out / ("mask.nii.gz" if meta["kind"] == "nifti" else "mask.npy"), mask, meta)
+        write_mask(out / ("mask.nii.gz" if meta["kind"] in ("nifti", "dicom") else "mask.npy"), mask, meta)
         names = plan.meta.get("class_names", [str(c) for c in range(plan.classes)])
         write_overlay(out / "overlay.png", raw[len(raw) // 2, 0], mask[len(raw) // 2], names, f"blindseg {args.model}")
         report = {"model": args.model, "slices": len(raw), "jobs": len(costs),
@@ -74,10 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                   "rounds": sum(c["rounds"] for c in costs),
                   "online_bytes_per_server": max(sum(c["server_bytes"][i] for c in costs) for i in (0, 1)),
                   "offline_bytes_per_server": max(sum(c["offline_bytes"][i] for c in costs) for i in (0, 1)),
-                  "offline_seconds": sum(c["offline_seconds"] for c in costs)}
+                  "offline_seconds": sum(c["offline_seconds"] for c in costs),
+                  "layers": _sum_layers([c["layers"] for c in costs])}
         (out / "report.json").write_text(json.dumps(report, indent=1))
+        from blindseg.report import cost_chart
+
+        cost_chart(report, out / "cost.png", f"blindseg {args.model}: per-layer cost ({len(raw)} slices)")
         np.save(out / "input.npy", raw)
-        print(json.dumps(report), flush=True)
+        print(json.dumps({k: v for k, v in report.items() if k != "layers"}), flush=True)
 
     return run_service(go())
 

@@ -103,7 +103,8 @@ class Client:
             frames = outs.result()
             decoded = [decode_frame(f) for f in frames]
             mask = reconstruct(plan, decoded[0][1][0], decoded[1][1][0])
-            cost = {"online_seconds": time.perf_counter() - t0, "rounds": int(decoded[0][0]["rounds"]),
+            layers = _layers(plan, int(x.shape[0]), [d[0].get("ops", []) for d in decoded])
+            cost = {"online_seconds": time.perf_counter() - t0, "layers": layers, "rounds": int(decoded[0][0]["rounds"]),
                     "server_bytes": [int(d[0]["bytes"]) for d in decoded],
                     "offline_bytes": [int(d[0].get("offline_bytes", 0)) for d in decoded],
                     "offline_seconds": max(float(d[0].get("offline_seconds", 0.0)) for d in decoded)}
@@ -111,3 +112,24 @@ class Client:
         finally:
             self._errors.pop(job, None)
             self._progress.pop(job, None)
+
+
+def _layers(plan: Plan, batch: int, per_server: list[list[list[Any]]]) -> list[dict[str, Any]]:
+    """Per-op costs: online from both servers' reports (the larger), offline from the plan's layout."""
+    from blindseg.preprocessing import Layout
+
+    layout = Layout.of(plan, batch)
+    online: dict[int, list[float]] = {}
+    for ops in per_server:
+        for i, sec, nbytes, rounds in ops:
+            cur = online.setdefault(int(i), [0.0, 0.0, 0.0])
+            online[int(i)] = [max(cur[0], float(sec)), max(cur[1], float(nbytes)), float(rounds)]
+    out = []
+    for i, op in enumerate(plan.ops):
+        off = sum(it.nbytes for ms in layout.specs[i] for it in ms.items if it.derived)
+        if i not in online and not off:
+            continue
+        sec, nbytes, rounds = online.get(i, [0.0, 0.0, 0.0])
+        out.append({"op": i, "kind": op.kind, "name": op.name, "online_seconds": sec, "online_bytes": int(nbytes),
+                    "rounds": int(rounds), "offline_bytes": off})
+    return out

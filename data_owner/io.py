@@ -10,11 +10,82 @@ import numpy as np
 from blindseg.errors import UsageError
 
 
+def read_dicom_series(directory: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """A DICOM series directory as N x 1 x H x W float32 in scanner units (HU for CT).
+
+    Slices are sorted by position along the slice normal; RescaleSlope/Intercept applied.
+    Refused with a clear error: no DICOM files, a file without pixel data, mixed series,
+    inconsistent rows/columns/orientation/pixel spacing, uneven slice spacing.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    d = Path(directory)
+    files = sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
+    slices = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f)
+        except (InvalidDicomError, OSError, ValueError):
+            raise UsageError(f"{f}: not a DICOM file") from None
+        if "PixelData" not in ds:
+            raise UsageError(f"{f}: DICOM file has no pixel data")
+        slices.append((f, ds))
+    if not slices:
+        raise UsageError(f"{d}: no DICOM files in the directory")
+    from collections import Counter
+
+    # the reference slice is one of the majority geometry, so the odd file out is the one named
+    common = Counter((ds.Rows, ds.Columns, ds.get("SeriesInstanceUID")) for _, ds in slices).most_common(1)[0][0]
+    first = next(ds for _, ds in slices if (ds.Rows, ds.Columns, ds.get("SeriesInstanceUID")) == common)
+    uid = first.get("SeriesInstanceUID")
+    orient = np.asarray(first.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
+    spacing = np.asarray(first.get("PixelSpacing", [1, 1]), dtype=np.float64)
+    normal = np.cross(orient[:3], orient[3:])
+    keyed = []
+    for f, ds in slices:
+        if ds.get("SeriesInstanceUID") != uid:
+            raise UsageError(f"{f}: belongs to another series (mixed series in {d})")
+        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+            raise UsageError(f"{f}: {ds.Rows}x{ds.Columns} pixels, the series has {first.Rows}x{first.Columns}")
+        if not np.allclose(np.asarray(ds.get("ImageOrientationPatient", orient), dtype=np.float64), orient, atol=1e-4):
+            raise UsageError(f"{f}: slice orientation differs from the rest of the series")
+        if not np.allclose(np.asarray(ds.get("PixelSpacing", spacing), dtype=np.float64), spacing, rtol=1e-4):
+            raise UsageError(f"{f}: pixel spacing differs from the rest of the series")
+        pos = ds.get("ImagePositionPatient")
+        key = float(np.dot(np.asarray(pos, dtype=np.float64), normal)) if pos is not None else float(ds.get("InstanceNumber", 0))
+        keyed.append((key, f, ds))
+    keyed.sort(key=lambda t: t[0])
+    if len(keyed) > 2:
+        gaps = np.diff([k for k, _, _ in keyed])
+        if np.any(gaps <= 0) or np.ptp(gaps) > 0.01 * max(abs(float(np.median(gaps))), 1e-6):
+            raise UsageError(f"{d}: slices are not evenly spaced (inconsistent geometry or duplicate positions)")
+    vol = []
+    for _, f, ds in keyed:
+        try:
+            px = ds.pixel_array.astype(np.float32)
+        except Exception as e:
+            raise UsageError(f"{f}: pixel data cannot be decoded ({e.__class__.__name__})") from None
+        vol.append(px * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0)))
+    arr = np.stack(vol)[:, None]
+    p0 = np.asarray(keyed[0][2].get("ImagePositionPatient", [0, 0, 0]), dtype=np.float64)
+    dz = float(np.median(np.diff([k for k, _, _ in keyed]))) if len(keyed) > 1 else 1.0
+    affine = np.eye(4)  # LPS (DICOM) -> RAS (NIfTI): flip the first two axes
+    affine[:3, 0] = orient[3:] * spacing[0]
+    affine[:3, 1] = orient[:3] * spacing[1]
+    affine[:3, 2] = normal * dz
+    affine[:3, 3] = p0
+    affine = np.diag([-1, -1, 1, 1]) @ affine
+    return arr, {"kind": "dicom", "affine": affine, "files": [str(f) for _, f, _ in keyed]}
+
+
 def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     """A scan as N x 1 x H x W float32 (axial slices for a volume) plus what is needed to write it back."""
     p = Path(path)
     if not p.exists():
-        raise UsageError(f"{p}: no such file")
+        raise UsageError(f"{p}: no such file or directory")
+    if p.is_dir():
+        return read_dicom_series(p)
     name = p.name.lower()
     try:
         if name.endswith((".nii", ".nii.gz")):
@@ -39,19 +110,36 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
                 arr = arr[..., :3].mean(axis=2)
             meta = {"kind": "png"}
         else:
-            raise UsageError(f"{p}: unsupported file type (NIfTI .nii/.nii.gz, .npy or .png)")
+            raise UsageError(f"{p}: unsupported file type (NIfTI .nii/.nii.gz, .npy, .png, or a DICOM series directory)")
     except UsageError:
         raise
     except Exception as e:
         raise UsageError(f"{p}: cannot be read as an image ({e.__class__.__name__})") from None
     arr = np.asarray(arr, dtype=np.float32)
-    while arr.ndim < 4:
-        arr = arr[None]
+    if arr.ndim == 2:
+        arr = arr[None, None]
+    elif arr.ndim == 3:
+        arr = arr[:, None]  # a stack of 2D slices
     if arr.size == 0:
         raise UsageError(f"{p}: the image is empty")
     if arr.ndim != 4:
         raise UsageError(f"{p}: expected at most 4 dimensions, got {arr.ndim}")
     return arr, meta
+
+
+def fit(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Centre-pad / centre-crop the last two axes to ``hw`` (the model's input size)."""
+    h, w = arr.shape[-2:]
+    out = np.zeros((*arr.shape[:-2], *hw), dtype=arr.dtype)
+    sy, sx, dy, dx = max(0, (h - hw[0]) // 2), max(0, (w - hw[1]) // 2), max(0, (hw[0] - h) // 2), max(0, (hw[1] - w) // 2)
+    ch, cw = min(h, hw[0]), min(w, hw[1])
+    out[..., dy:dy + ch, dx:dx + cw] = arr[..., sy:sy + ch, sx:sx + cw]
+    return out
+
+
+def unfit(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Inverse of :func:`fit` for a label mask: back to the scan's size (cropped-away pixels -> 0)."""
+    return fit(mask, hw)
 
 
 def write_mask(path: str | Path, mask: np.ndarray, meta: dict[str, Any] | None = None) -> Path:

@@ -1,0 +1,160 @@
+"""Real data in, real masks out: MNI152 loader, NIfTI/DICOM/PNG/NPY I/O, bad input, secure vs plaintext on real slices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from blindseg.errors import UsageError
+from data_owner.io import fit, read_dicom_series, read_image, unfit, write_mask, write_overlay
+
+# ------------------------------------------------------------------ DICOM helpers
+
+
+def _dicom_slice(path, z, pixels, slope=2.0, intercept=-1024.0, series="1.2.3", rows=None, with_pixels=True):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID = series
+    ds.Modality = "CT"
+    ds.ImagePositionPatient = [0.0, 0.0, float(z)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.InstanceNumber = 1
+    px = pixels.astype(np.uint16)
+    ds.Rows, ds.Columns = rows or px.shape[0], px.shape[1]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if with_pixels:
+        ds.PixelData = px.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _series(d, zs=(0, 2.5, 5, 7.5, 10), **kw):
+    d.mkdir(exist_ok=True)
+    order = [3, 0, 4, 1, 2][: len(zs)]  # file names not in slice order
+    for k, z in enumerate(zs):
+        _dicom_slice(d / f"im{order[k]:03d}.dcm", z, np.full((8, 6), 100 * k + 7), **kw)
+    return d
+
+
+def test_dicom_series_is_sorted_by_position_with_hu_rescale(tmp_path):
+    arr, meta = read_dicom_series(_series(tmp_path / "ct"))
+    assert arr.shape == (5, 1, 8, 6) and arr.dtype == np.float32
+    assert np.allclose(arr[:, 0, 0, 0], [2.0 * (100 * k + 7) - 1024 for k in range(5)])  # slope, intercept, order
+    # array axes (row, column, slice) -> RAS: rows run along -y, columns along -x (LPS flipped), slices along z
+    assert meta["affine"][2, 2] == pytest.approx(2.5) and meta["affine"][1, 0] == meta["affine"][0, 1] == pytest.approx(-0.5)
+
+
+def test_dicom_errors_name_the_file_and_problem(tmp_path):
+    d = _series(tmp_path / "mixed")
+    _dicom_slice(d / "other.dcm", 12.5, np.zeros((8, 6)), series="9.9.9")
+    with pytest.raises(UsageError, match="other.dcm: belongs to another series"):
+        read_dicom_series(d)
+    d = _series(tmp_path / "nopix")
+    _dicom_slice(d / "empty.dcm", 12.5, np.zeros((8, 6)), with_pixels=False)
+    with pytest.raises(UsageError, match="empty.dcm: DICOM file has no pixel data"):
+        read_dicom_series(d)
+    d = _series(tmp_path / "geom", zs=(0, 2.5, 5, 9, 10))
+    with pytest.raises(UsageError, match="not evenly spaced"):
+        read_dicom_series(d)
+    d = _series(tmp_path / "rows")
+    _dicom_slice(d / "big.dcm", 12.5, np.zeros((10, 6)))
+    with pytest.raises(UsageError, match="big.dcm: 10x6 pixels"):
+        read_dicom_series(d)
+    d = _series(tmp_path / "junk")
+    (d / "notes.txt").write_text("not dicom")
+    with pytest.raises(UsageError, match="notes.txt: not a DICOM file"):
+        read_dicom_series(d)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(UsageError, match="no DICOM files"):
+        read_dicom_series(tmp_path / "none")
+
+
+def test_nifti_mask_keeps_the_affine_and_npy_png_round_trip(tmp_path):
+    import nibabel as nib
+
+    affine = np.array([[-2.0, 0, 0, 90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1]])
+    vol = np.random.default_rng(0).normal(size=(10, 12, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, affine), tmp_path / "scan.nii.gz")
+    arr, meta = read_image(tmp_path / "scan.nii.gz")
+    assert arr.shape == (3, 1, 10, 12) and np.allclose(arr[1, 0], vol[:, :, 1])
+    mask = (arr[:, 0] > 0).astype(np.int64)
+    out = write_mask(tmp_path / "mask.nii.gz", mask, meta)
+    back = nib.load(out)
+    assert np.allclose(back.affine, affine) and np.array_equal(np.asarray(back.dataobj), np.moveaxis(mask, 0, 2))
+    np.save(tmp_path / "img.npy", vol[:, :, 0])
+    a2, _ = read_image(tmp_path / "img.npy")
+    assert a2.shape == (1, 1, 10, 12)
+    write_mask(tmp_path / "m.npy", mask)
+    assert np.array_equal(np.load(tmp_path / "m.npy"), mask)
+    png = write_overlay(tmp_path / "overlay.png", arr[0, 0], mask[0], ["bg", "fg"])
+    assert png.stat().st_size > 1000 and not list(tmp_path.glob("*.part*"))
+
+
+def test_bad_input_files(tmp_path):
+    (tmp_path / "fake.png").write_text("this is not a png")
+    with pytest.raises(UsageError, match="fake.png: cannot be read as an image"):
+        read_image(tmp_path / "fake.png")
+    (tmp_path / "x.docx").write_text("?")
+    with pytest.raises(UsageError, match="unsupported file type"):
+        read_image(tmp_path / "x.docx")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 128, 128), dtype=np.float32))
+    with pytest.raises(UsageError, match="empty.npy: the image is empty"):
+        read_image(tmp_path / "empty.npy")
+    with pytest.raises(UsageError, match="no such file"):
+        read_image(tmp_path / "missing.nii")
+
+
+def test_fit_and_unfit_are_inverse_on_the_kept_region():
+    a = np.arange(2 * 1 * 100 * 140).reshape(2, 1, 100, 140)
+    f = fit(a, (128, 128))
+    assert f.shape == (2, 1, 128, 128)
+    back = unfit(f, (100, 140))
+    assert np.array_equal(back[..., 6:134], a[..., 6:134])  # 140 -> 128 cropped 6 columns each side
+
+
+# ------------------------------------------------------------------ MNI152 loader and the demo model
+
+
+def test_mni_loader_classes_shapes_and_split():
+    pytest.importorskip("nilearn", reason="the MNI152 template comes from the nilearn wheel (dev extra)")
+    from blindseg.mni import CLASSES, load_split
+
+    tr, te = load_split(gap=3)
+    assert tr.image.shape[1:] == (1, 128, 128) and te.label.shape[1:] == (128, 128)
+    assert set(np.unique(tr.label)) == set(range(len(CLASSES)))
+    assert not set(tr.z) & set(te.z)
+    assert min(abs(a - b) for a in tr.z for b in te.z) > 3  # a gap of 3 unused slices
+    assert np.all(np.diff(te.z) == 1)  # one contiguous slab
+    assert np.all(tr.image[tr.label[:, None] > 0] > 0)  # every brain-class pixel has T1 signal (skull-stripped)
+    assert 0.05 < (te.label == 2).mean() < 0.5 and 0.05 < (te.label == 3).mean() < 0.5
+
+
+@pytest.mark.slow
+def test_secure_matches_plaintext_on_real_test_slices():
+    import torch
+
+    from blindseg import intensity
+    from blindseg.engine import run_compiled
+    from blindseg.models import demo_slices, load_named_model
+    from blindseg.plan import compile_model
+
+    model, calib, meta = load_named_model("mni-unet")
+    d = demo_slices()
+    x = intensity.apply(meta["preprocess"], d["test_image"][::4].astype(np.float32))  # 4 slices across the slab
+    comp = compile_model(model, (1, 128, 128), "mask", "auto", samples=calib)
+    import asyncio
+
+    res = asyncio.run(run_compiled(comp, x))
+    with torch.no_grad():
+        plain = torch.argmax(model(torch.from_numpy(x)), 1).numpy()
+    assert (res.mask == plain).mean() >= 0.9995
