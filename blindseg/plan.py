@@ -40,7 +40,7 @@ from .errors import ScaleOverflowError, UnsupportedLayerError, UsageError
 
 KINDS = ("input", "conv", "convt", "rescale", "maxpool", "avgsum", "concat", "add", "argmax", "output")
 LINEAR = ("conv", "convt")
-MARGIN_LOG2 = 28  # bound for any pre-truncation value after calibration
+MARGIN_LOG2 = 29  # bound for any observed pre-truncation value: 2x headroom below the 2^30 ring limit
 MAX_FW = 15  # keeps msb corrections in 16-bit shares (DESIGN 4)
 
 

@@ -13,6 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", type=Path, default=None)
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("evaluate", help="secure vs plaintext on every bundled MNI152 test slice")
+    e.add_argument("--batch", type=int, default=7)
     d = sub.add_parser("deploy", help="deploy a model to a running deployment")
     d.add_argument("--config", required=True, help="model_owner.toml from `blindseg init`")
     d.add_argument("--model", default="mni-unet", help="mni-unet (bundled, trained), ref-unet or trustmis-unet")
@@ -33,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(info), flush=True)
 
         return run_service(go())
+    if args.cmd == "evaluate":
+        from .train import evaluate
+
+        evaluate(args.batch)
+        return 0
     if args.cmd == "train":
         from .train import DEFAULT_OUT, train
 

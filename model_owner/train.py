@@ -75,3 +75,37 @@ def train(out: Path = DEFAULT_OUT, steps: int = 1500, seed: int = 0, batch: int 
               "steps": steps, "seed": seed, "seconds": time.perf_counter() - t0, "weights": str(out)}
     log(json.dumps(report, indent=1))
     return report
+
+
+def evaluate(batch: int = 7, log: Any = print) -> dict[str, Any]:
+    """Secure (in-process engine) vs plaintext on every bundled test slice: agreement and Dice delta."""
+    import asyncio
+
+    import torch
+
+    from blindseg.engine import run_compiled
+    from blindseg.models import demo_slices, load_named_model
+    from blindseg.plan import compile_model
+
+    model, calib, meta = load_named_model("mni-unet")
+    d = demo_slices()
+    x = intensity.apply(meta["preprocess"], d["test_image"].astype(np.float32))
+    comp = compile_model(model, (1, 128, 128), "mask", "auto", samples=calib)
+    secure = []
+    online = 0.0
+    for i in range(0, len(x), batch):
+        res = asyncio.run(run_compiled(comp, x[i:i + batch]))
+        secure.append(res.mask)
+        online += res.stats["online_seconds"]
+    sec = np.concatenate(secure)
+    with torch.no_grad():
+        plain = torch.argmax(model(torch.from_numpy(x)), 1).numpy()
+    d_plain, d_sec = dice(plain, d["test_label"]), dice(sec, d["test_label"])
+    per_slice = [float((sec[k] == plain[k]).mean()) for k in range(len(x))]
+    report = {"slices": len(x), "frac_bits": comp.plan.frac_bits, "pixel_agreement": float((sec == plain).mean()),
+              "min_slice_agreement": min(per_slice), "dice_plaintext": dict(zip(CLASSES, d_plain, strict=True)),
+              "dice_secure": dict(zip(CLASSES, d_sec, strict=True)),
+              "dice_delta": {c: s - p for c, s, p in zip(CLASSES, d_sec, d_plain, strict=True)},
+              "online_seconds": online}
+    log(json.dumps(report, indent=1))
+    return report

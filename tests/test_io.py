@@ -150,7 +150,7 @@ def test_secure_matches_plaintext_on_real_test_slices():
 
     model, calib, meta = load_named_model("mni-unet")
     d = demo_slices()
-    x = intensity.apply(meta["preprocess"], d["test_image"][::4].astype(np.float32))  # 4 slices across the slab
+    x = intensity.apply(meta["preprocess"], d["test_image"][::3].astype(np.float32))  # 5 slices across the slab
     comp = compile_model(model, (1, 128, 128), "mask", "auto", samples=calib)
     import asyncio
 
