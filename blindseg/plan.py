@@ -22,7 +22,7 @@ output     logits at scale f, sent to the data owner
 conv, drops Identity/Dropout, fuses conv -> ReLU into one rescale, and refuses
 anything else naming the module and op. ``calibrate`` picks f and per-layer
 weight bits ``fw`` from the ranges observed on sample inputs, keeping every
-pre-truncation value below 2^28 (2 bits of margin under the ring's 2^30).
+pre-truncation value below 2^29 (a factor 2 of headroom under the ring's 2^30).
 ``reference`` runs a plan on plain integers: the fixed-point model the secure
 run must match (to <= 1 LSB per truncation).
 """
@@ -414,7 +414,7 @@ def float_forward(comp: Compiled, x: np.ndarray) -> list[np.ndarray]:
 
 
 def calibrate(comp: Compiled, samples: np.ndarray | None, frac_bits: int | str) -> Compiled:
-    """Choose f and per-layer ``fw`` so every observed pre-truncation value stays below 2^28."""
+    """Choose f and per-layer ``fw`` so every observed pre-truncation value stays below 2^29."""
     plan = comp.plan
     if samples is None:
         raise UsageError("calibration needs sample inputs (N x C x H x W)")
@@ -464,7 +464,7 @@ def calibrate(comp: Compiled, samples: np.ndarray | None, frac_bits: int | str) 
         if bad:
             raise ScaleOverflowError(
                 f"frac_bits={f} overflows the 32-bit ring at {', '.join(bad[:3])} "
-                "(observed ranges exceed 2^28 before truncation); use a smaller f or 'auto'"
+                "(observed ranges exceed 2^29 before truncation); use a smaller f or 'auto'"
             )
     new_ops = list(plan.ops)
     for i in lin:

@@ -91,13 +91,15 @@ def evaluate(batch: int = 7, log: Any = print) -> dict[str, Any]:
     d = demo_slices()
     x = intensity.apply(meta["preprocess"], d["test_image"].astype(np.float32))
     comp = compile_model(model, (1, 128, 128), "mask", "auto", samples=calib)
-    secure = []
+    secure: list[np.ndarray] = []
     online = 0.0
     for i in range(0, len(x), batch):
         res = asyncio.run(run_compiled(comp, x[i:i + batch]))
+        if res.mask is None:
+            raise RuntimeError("the plan outputs logits, not a mask")
         secure.append(res.mask)
         online += res.stats["online_seconds"]
-    sec = np.concatenate(secure)
+    sec: np.ndarray = np.concatenate(secure)
     with torch.no_grad():
         plain = torch.argmax(model(torch.from_numpy(x)), 1).numpy()
     d_plain, d_sec = dice(plain, d["test_label"]), dice(sec, d["test_label"])
