@@ -11,6 +11,9 @@
     key_file = "keys/server0.key"     # this party's X25519 private key (32 raw bytes)
     state_dir = "state/server0"
     net = "none"                      # netsim profile on this party's links: none | lan | wan | "lat_ms,mbps"
+    round_timeout = 120               # seconds a silent peer may take before the job fails (servers)
+    bundle_wait = 120                 # seconds a job may wait for preprocessing (servers)
+    job_timeout = 600                 # seconds the data owner waits for a job's output
 
     [peers]                           # public keys (hex) of the parties this one talks to
     server1 = "ab12..."
@@ -43,6 +46,9 @@ class PartyConfig:
     peers: dict[str, X25519PublicKey]
     state_dir: Path
     net: str
+    round_timeout: float = 120.0  # a peer silent this long fails the job
+    bundle_wait: float = 120.0  # how long a job waits for preprocessing before failing
+    job_timeout: float = 600.0  # data owner: how long to wait for a job's output
 
     @staticmethod
     def load(path: str | Path, expect: str | tuple[str, ...] | None = None) -> PartyConfig:
@@ -93,5 +99,12 @@ class PartyConfig:
             if name not in PARTIES:
                 raise UsageError(f"{p}: unknown peer {name!r} in [peers]")
             peers[name] = load_public(str(hexkey), f"{p} [peers] {name}")
+        def seconds(name: str, default: float) -> float:
+            v = raw.get(name, default)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v <= 86400:
+                raise UsageError(f"{p}: field {name!r} must be a number of seconds in (0, 86400]")
+            return float(v)
+
         return PartyConfig(p, str(field("deployment")), party, broker, key, peers,
-                           rel(str(field("state_dir", str, f"state/{party}"))), str(field("net", str, "none")))
+                           rel(str(field("state_dir", str, f"state/{party}"))), str(field("net", str, "none")),
+                           seconds("round_timeout", 120.0), seconds("bundle_wait", 120.0), seconds("job_timeout", 600.0))

@@ -40,7 +40,7 @@ log = logging.getLogger("blindseg.server")
 
 
 class ServerService:
-    def __init__(self, cfg: PartyConfig, bundle_wait: float = 120.0, round_timeout: float = 120.0) -> None:
+    def __init__(self, cfg: PartyConfig) -> None:
         if cfg.party not in ("server0", "server1"):
             raise UsageError(f"{cfg.path}: a server config needs party server0 or server1")
         self.cfg = cfg
@@ -56,7 +56,7 @@ class ServerService:
         self._warm: dict[str, Prepared | None] = {}  # bundle -> material expanded ahead of its job
         self._offline: dict[str, tuple[int, float]] = {}  # bundle -> (bytes received, seconds), this run
         self._tasks: set[asyncio.Task[None]] = set()
-        self.bundle_wait, self.round_timeout = bundle_wait, round_timeout
+        self.bundle_wait, self.round_timeout = cfg.bundle_wait, cfg.round_timeout
         self._load_models()
 
     # ------------------------------------------------------------ model state
@@ -180,17 +180,7 @@ class ServerService:
             raise UsageError(f"job {job}: input share does not match the model's input {core.plan.input_shape}")
         peer = self.node.link(self.peer)
         t_start = time.perf_counter()
-        if self.party == 0:
-            bid = await self._pick_bundle(model, batch)
-            await peer.send(f"{job}:bundle", encode_frame({"t": "use", "bundle": bid}))
-        else:
-            h, _ = decode_frame(await peer.recv(f"{job}:bundle", self.bundle_wait))
-            bid = str(h["bundle"])
-            deadline = asyncio.get_running_loop().time() + self.bundle_wait
-            while self.store.state(bid) != "ready" and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)  # still arriving from the dealer
-        warm = self._warm.pop(bid, None)
-        prep = core.begin(self.store, bid, job, warm)  # durable: consumed before any opening
+        bid, prep, warm = await self._agree_bundle(job, model, batch, core, peer)
         try:
             if warm is None:
                 await asyncio.to_thread(prep.preload)
@@ -224,6 +214,51 @@ class ServerService:
             self._schedule_warm(model, batch)
             if self.party == 0:  # refill after the job, so the next bundle never competes with this job's rounds
                 await self.node.tell("dealer", "used", {"model": model, "batch": batch})
+
+    async def _agree_bundle(self, job: str, model: str, batch: int, core: ServerCore, peer: Any
+                            ) -> tuple[str, Prepared, Prepared | None]:
+        """Both servers consume the same bundle, durably, before any opening.
+
+        server0 proposes its oldest ready bundle (``<job>:bundle:<k>``); server1 consumes it if it has
+        it ready and acknowledges (``<job>:ack:<k>``); only then does server0 consume its own copy.
+        A bundle server1 cannot use (lost in a crash mid-transfer) is burnt at server0 too and the
+        next one is proposed, up to 3 times.
+        """
+        for k in range(3):
+            if self.party == 0:
+                bid = await self._pick_bundle(model, batch)
+                await peer.send(f"{job}:bundle:{k}", encode_frame({"t": "use", "bundle": bid}))
+                h, _ = decode_frame(await peer.recv(f"{job}:ack:{k}", self.bundle_wait))
+                if not h.get("ok"):
+                    log.warning("server0: server1 cannot use bundle %s (%s); burning it", bid[:8], h.get("why"))
+                    self._burn(bid, job)
+                    continue
+                warm = self._warm.pop(bid, None)
+                return bid, core.begin(self.store, bid, job, warm), warm
+            h, _ = decode_frame(await peer.recv(f"{job}:bundle:{k}", self.bundle_wait))
+            bid = str(h["bundle"])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(self.bundle_wait, 30.0)
+            while self.store.state(bid) == "receiving" and loop.time() < deadline:
+                await asyncio.sleep(0.05)  # still arriving from the dealer
+            warm = self._warm.pop(bid, None)
+            try:
+                prep = core.begin(self.store, bid, job, warm)
+            except ProtocolError as e:
+                await peer.send(f"{job}:ack:{k}", encode_frame({"t": "ack", "ok": False, "why": str(e)}))
+                continue
+            await peer.send(f"{job}:ack:{k}", encode_frame({"t": "ack", "ok": True}))
+            return bid, prep, warm
+        raise PreprocessingExhausted(f"job {job}: the servers could not agree on a usable bundle in 3 tries")
+
+    def _burn(self, bid: str, job: str) -> None:
+        self._warm.pop(bid, None)
+        self._reserved.discard(bid)
+        try:
+            self.store.consume(bid, f"burnt{job}"[:64])
+        except ProtocolError:
+            pass
+        self.store.discard(bid)
 
     def _schedule_warm(self, model: str, batch: int) -> None:
         """Keep the next bundle for (model, batch) expanded in memory, so a job starts at once."""

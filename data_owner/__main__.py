@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True, type=Path, help="output directory (mask, overlay, report.json)")
     s.add_argument("--batch", type=int, default=8, help="slices per secure job")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--retries", type=int, default=1, help="retry a failed job this many times (fresh bundle)")
     args = ap.parse_args(argv)
 
     async def go() -> None:
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for i in range(0, len(raw), args.batch):
                 done[0] = 0
-                m, c = await client.segment(args.model, raw[i:i + args.batch], progress)
+                m, c = await client.segment(args.model, raw[i:i + args.batch], progress, retries=args.retries)
                 bar.update(len(plan.ops) - done[0])
                 masks.append(m)
                 costs.append(c)

@@ -10,6 +10,7 @@ process ever holds the image or the mask in the clear.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -26,13 +27,15 @@ from blindseg.wire import decode_frame
 
 from . import reconstruct, share_image
 
+log = logging.getLogger("blindseg.data_owner")
+
 
 class Client:
     """A connected data owner; run several :meth:`segment` calls concurrently if you like."""
 
-    def __init__(self, cfg: PartyConfig, timeout: float = 600.0) -> None:
+    def __init__(self, cfg: PartyConfig, timeout: float | None = None) -> None:
         self.node = Node(cfg)
-        self.timeout = timeout
+        self.timeout = timeout if timeout is not None else cfg.job_timeout
         self._waiters: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
         self._progress: dict[str, Callable[[int, int], None]] = {}
         self._errors: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -80,9 +83,24 @@ class Client:
             self.plans[model] = Plan.from_dict(h["plan"])
         return self.plans[model]
 
-    async def segment(self, model: str, raw: np.ndarray, progress: Callable[[int, int], None] | None = None
-                      ) -> tuple[np.ndarray, dict[str, Any]]:
-        """One job: ``raw`` N x C x H x W in the scanner's units -> (N x H x W labels, costs)."""
+    async def segment(self, model: str, raw: np.ndarray, progress: Callable[[int, int], None] | None = None,
+                      retries: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+        """One job: ``raw`` N x C x H x W in the scanner's units -> (N x H x W labels, costs).
+
+        ``retries``: on a failed job, try again with fresh shares and a fresh bundle (always safe: a
+        failed attempt revealed only openings masked by a bundle that is never used again)."""
+        attempt = 0
+        while True:
+            try:
+                return await self._segment_once(model, raw, progress)
+            except (ProtocolError, ConnectionLost) as e:
+                if attempt >= retries:
+                    raise
+                attempt += 1
+                log.warning("job failed (%s); retrying with a fresh bundle", e)
+
+    async def _segment_once(self, model: str, raw: np.ndarray, progress: Callable[[int, int], None] | None
+                            ) -> tuple[np.ndarray, dict[str, Any]]:
         plan = await self.plan(model)
         x = intensity.apply(plan.meta.get("preprocess"), raw)
         job = uuid.uuid4().hex
