@@ -31,9 +31,10 @@ from .kit import init
 class LocalDeployment:
     """A kit plus the three services as child processes (demo, tests, benchmarks)."""
 
-    def __init__(self, root: str | Path, broker_url: str, net: str = "none", pool: int = 2) -> None:
+    def __init__(self, root: str | Path, broker_url: str, net: str = "none", pool: int = 2,
+                 settings: dict[str, float] | None = None) -> None:
         self.root = Path(root)
-        self.configs = init(self.root, "demo", plain=True, broker_url=broker_url, net=net)
+        self.configs = init(self.root, "demo", plain=True, broker_url=broker_url, net=net, settings=settings)
         self.pool = pool
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         (self.root / "logs").mkdir(exist_ok=True)
@@ -56,11 +57,22 @@ class LocalDeployment:
         self.wait_serving(("dealer", "server0", "server1"), timeout)
         return self
 
-    def wait_serving(self, roles: tuple[str, ...], timeout: float = 60.0) -> None:
+    def restart(self, role: str, timeout: float = 60.0) -> None:
+        """Start ``role`` again (after it was killed) and wait until it serves."""
+        p = self.procs.get(role)
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+        log = self.root / "logs" / f"{role}.log"
+        seen = log.read_bytes().count(b" serving deployment ")
+        self.start_role(role)
+        self.wait_serving((role,), timeout, seen)
+
+    def wait_serving(self, roles: tuple[str, ...], timeout: float = 60.0, seen: int = 0) -> None:
         deadline = time.monotonic() + timeout
         for role in roles:
             log = self.root / "logs" / f"{role}.log"
-            while b" serving deployment " not in log.read_bytes():
+            while log.read_bytes().count(b" serving deployment ") <= seen:
                 self.check_alive()
                 if time.monotonic() > deadline:
                     raise BlindsegError(f"{role} did not come up within {timeout:.0f} s; see {log}")

@@ -83,8 +83,8 @@ def _certs(out: Path, host: str) -> None:
 
 
 def init(directory: str | Path, deployment: str = "blindseg", broker_host: str = "127.0.0.1", port: int = 8883,
-         plain: bool = False, broker_url: str | None = None, net: str = "none", bind: str = "0.0.0.0"
-         ) -> dict[str, Path]:
+         plain: bool = False, broker_url: str | None = None, net: str = "none", bind: str = "0.0.0.0",
+         settings: dict[str, float] | None = None) -> dict[str, Path]:
     """Write a deployment kit; returns each party's config path."""
     root = Path(directory)
     if not deployment.replace("-", "").isalnum():
@@ -105,6 +105,7 @@ def init(directory: str | Path, deployment: str = "blindseg", broker_host: str =
         if not plain:
             _write_secret(root / "secrets" / f"{p}.password", passwords[p].encode())
             lines += [f'username = "{p}"', f'password_file = "../secrets/{p}.password"', 'ca_file = "../broker/ca.crt"']
+        lines += [f"{k} = {v}" for k, v in (settings or {}).items()]
         lines += ["", "[peers]"] + [f'{q} = "{pubs[q]}"' for q in LINKS[p]]
         path = root / "configs" / f"{p}.toml"
         path.write_text("\n".join(lines) + "\n")

@@ -123,7 +123,7 @@ class ServerService:
                 await asyncio.wait_for(self._event(model).wait(), self.bundle_wait)
                 link, raw = self.node.link("dealer"), self.node.transport.endpoint("dealer")
                 t0 = time.perf_counter()
-                bid = await receive_bundle(self.models[model], self.store, frame, link)
+                bid = await receive_bundle(self.models[model], self.store, frame, link, timeout=self.bundle_wait)
                 sealed = raw.wire_size("ctl:bundle", frame) + raw.bundle_bytes.pop(bid, 0)
                 self._offline[bid] = (sealed, time.perf_counter() - t0)
                 self._schedule_warm(model, int(header["batch"]))
@@ -226,19 +226,29 @@ class ServerService:
         """
         for k in range(3):
             if self.party == 0:
-                bid = await self._pick_bundle(model, batch)
+                try:
+                    bid = await self._pick_bundle(model, batch)
+                except BlindsegError as e:  # tell server1 at once instead of letting it time out
+                    await peer.send(f"{job}:bundle:{k}", encode_frame({"t": "use", "abort": str(e)}))
+                    raise
                 await peer.send(f"{job}:bundle:{k}", encode_frame({"t": "use", "bundle": bid}))
-                h, _ = decode_frame(await peer.recv(f"{job}:ack:{k}", self.bundle_wait))
+                try:
+                    h, _ = decode_frame(await peer.recv(f"{job}:ack:{k}", self.round_timeout))
+                except BaseException:
+                    self._burn(bid, job)  # server1 may have consumed it: never propose it again
+                    raise
                 if not h.get("ok"):
                     log.warning("server0: server1 cannot use bundle %s (%s); burning it", bid[:8], h.get("why"))
                     self._burn(bid, job)
                     continue
                 warm = self._warm.pop(bid, None)
                 return bid, core.begin(self.store, bid, job, warm), warm
-            h, _ = decode_frame(await peer.recv(f"{job}:bundle:{k}", self.bundle_wait))
+            h, _ = decode_frame(await peer.recv(f"{job}:bundle:{k}", self.bundle_wait + self.round_timeout))
+            if "abort" in h:
+                raise ProtocolError(f"job {job} aborted by server0: {h['abort']}")
             bid = str(h["bundle"])
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + min(self.bundle_wait, 30.0)
+            deadline = loop.time() + self.round_timeout / 2  # answer before server0 gives up on the ack
             while self.store.state(bid) == "receiving" and loop.time() < deadline:
                 await asyncio.sleep(0.05)  # still arriving from the dealer
             warm = self._warm.pop(bid, None)

@@ -145,13 +145,17 @@ class MqttTransport:
                     await client.subscribe(topic_for(self.deployment, self.me, "+"), qos=1)
                     self._client = client
                     self._connected.set()
+                    if delay > 0.1:
+                        log.info("%s: reconnected to the broker", self.me)
                     delay = 0.1
                     async for msg in client.messages:
                         self._on_message(str(msg.topic), msg.payload)  # type: ignore[arg-type]
-            except aiomqtt.MqttError as e:
+            except (aiomqtt.MqttError, OSError, TimeoutError) as e:
                 if self._closing:
                     return
                 log.warning("%s: broker connection lost (%s); reconnecting in %.1f s", self.me, e, delay)
+            except Exception:
+                log.exception("%s: transport error; reconnecting in %.1f s", self.me, delay)
             finally:
                 self._connected.clear()
                 self._client = None

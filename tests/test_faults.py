@@ -1,0 +1,225 @@
+"""Faults and hostile traffic against the running service (DESIGN.md section 8).
+
+One deployment (dealer and both servers as OS processes, a private Mosquitto) goes
+through every fault in turn; after each, a clean job must succeed: each failure
+ends with a clear error at the data owner within a bounded time, the service keeps
+serving, and no output is partial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+import pytest
+import torch
+
+from blindseg.bench import test_image as synthetic_image
+from blindseg.broker import Mosquitto
+from blindseg.config import PartyConfig
+from blindseg.crypto import Sealer, generate_key
+from blindseg.demo import LocalDeployment
+from blindseg.errors import BlindsegError, ConnectionLost, PreprocessingExhausted, ProtocolError
+from blindseg.models import load_named_model
+from blindseg.node import Node
+from blindseg.wire import encode_frame
+from data_owner import share_image
+from data_owner.client import Client
+from model_owner.client import deploy
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+                       reason="the mosquitto binary is not installed on this machine"),
+]
+
+SIZE = 32
+TIMEOUTS = {"round_timeout": 4, "bundle_wait": 6, "job_timeout": 15}
+BOUND = 20.0  # every failing job must end within this many seconds
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model, _, _ = load_named_model("ref-unet", SIZE)
+    x = synthetic_image(1, SIZE, seed=5).astype(np.float32)
+    with torch.no_grad():
+        return x, torch.argmax(model(torch.from_numpy(x)), 1).numpy()
+
+
+async def _ok(dep: LocalDeployment, reference, **kw) -> None:
+    x, want = reference
+    async with Client(PartyConfig.load(dep.configs["data_owner"]), timeout=60) as c:
+        mask, _ = await c.segment("m", x, **kw)
+    assert (mask == want).mean() >= 0.99
+
+
+async def _fails(dep: LocalDeployment, reference, match: str) -> float:
+    x, _ = reference
+    t0 = time.monotonic()
+    async with Client(PartyConfig.load(dep.configs["data_owner"])) as c:
+        with pytest.raises((ProtocolError, ConnectionLost, PreprocessingExhausted), match=match):
+            await c.segment("m", x)
+    took = time.monotonic() - t0
+    assert took < BOUND, f"failure took {took:.1f} s"
+    return took
+
+
+def _log(dep: LocalDeployment, role: str) -> str:
+    return (dep.root / "logs" / f"{role}.log").read_text()
+
+
+async def test_faults_end_cleanly_and_the_service_keeps_serving(tmp_path, reference):
+    port = None
+    with Mosquitto(tmp_path) as broker:
+        port = broker.port
+        dep = LocalDeployment(tmp_path / "dep", broker.url, pool=2, settings=TIMEOUTS)
+        try:
+            await asyncio.to_thread(dep.start)
+            await deploy(PartyConfig.load(dep.configs["model_owner"]), "ref-unet", "m", size=SIZE, timeout=60)
+            await dep.wait_bundles()
+            await _ok(dep, reference)
+
+            # 1. a peer that stops answering (SIGSTOP server1)
+            dep.procs["server1"].send_signal(signal.SIGSTOP)
+            try:
+                await _fails(dep, reference, "within")
+            finally:
+                dep.procs["server1"].send_signal(signal.SIGCONT)
+            await _ok(dep, reference)
+
+            # 2. server1 killed with SIGKILL mid-job, then restarted: its bundle store survives, nothing reused
+            x, _ = reference
+            async with Client(PartyConfig.load(dep.configs["data_owner"])) as c:
+                job = asyncio.ensure_future(c.segment("m", x))
+                await asyncio.sleep(0.15)
+                os.kill(dep.procs["server1"].pid, signal.SIGKILL)
+                t0 = time.monotonic()
+                try:
+                    await job
+                except (ProtocolError, ConnectionLost):
+                    pass  # the usual outcome; a job that finished before the kill is fine too
+                assert time.monotonic() - t0 < BOUND
+            await asyncio.to_thread(dep.restart, "server1")
+            await _ok(dep, reference, retries=1)
+
+            # 3. duplicate job id: refused with a named reason, the first job unaffected
+            node = await Node(PartyConfig.load(dep.configs["data_owner"])).start()
+            try:
+                plan_x0, plan_x1 = share_image(load_plan(dep), x)
+                for _ in range(2):
+                    await node.tell("server0", "job", {"job": "dup1", "model": "m", "batch": 1}, [plan_x0])
+                sender, kind, frame = await asyncio.wait_for(_next_error(node), 10)
+                assert sender == "server0" and b"duplicate job id dup1" in frame
+            finally:
+                await node.close()
+
+            # 4. the data owner vanishes mid-job: the servers finish or time out, and serve the next one
+            async with Client(PartyConfig.load(dep.configs["data_owner"])) as c:
+                task = asyncio.ensure_future(c.segment("m", x))
+                await asyncio.sleep(0.05)
+                task.cancel()
+            await _ok(dep, reference)
+
+            # 5. the broker restarted mid-job: a clear error (or success), then reconnection and service
+            async with Client(PartyConfig.load(dep.configs["data_owner"]), timeout=TIMEOUTS["job_timeout"]) as c:
+                job = asyncio.ensure_future(c.segment("m", x))
+                await asyncio.sleep(0.1)
+                broker.stop()
+                broker.port = port
+                await asyncio.sleep(0.5)
+                broker.start()
+                t0 = time.monotonic()
+                try:
+                    await job
+                except BlindsegError:
+                    pass
+                assert time.monotonic() - t0 < BOUND
+            await asyncio.sleep(1.0)  # services reconnect with backoff
+            await _ok(dep, reference, retries=1)
+
+            # 6. the dealer down with an empty pool: "no preprocessing bundle" within bundle_wait
+            dep.procs["dealer"].kill()
+            dep.procs["dealer"].wait()
+            for _ in range(20):  # use up what the servers hold; the first job without a bundle must fail cleanly
+                t0 = time.monotonic()
+                try:
+                    await _ok(dep, reference)
+                except (PreprocessingExhausted, ProtocolError) as e:
+                    assert "no preprocessing bundle" in str(e) and "dealer" in str(e)
+                    assert time.monotonic() - t0 < BOUND
+                    break
+            else:
+                pytest.fail("the servers never ran out of bundles with the dealer down")
+            await asyncio.to_thread(dep.restart, "dealer")
+            await _ok(dep, reference)
+
+            # nothing was used twice: every consumed bundle id appears once per server
+            for s in ("server0", "server1"):
+                assert "Traceback" not in _log(dep, s)
+        finally:
+            dep.stop()
+
+
+def load_plan(dep: LocalDeployment):
+    import json
+
+    from blindseg.plan import Plan
+
+    return Plan.from_dict(json.loads((dep.root / "state" / "server0" / "models" / "m.plan.json").read_text()))
+
+
+async def _next_error(node: Node):
+    while True:
+        sender, kind, frame = await node.next_control()
+        if kind == "error":
+            return sender, kind, frame
+
+
+async def test_hostile_frames_are_dropped_and_never_stop_a_role(tmp_path, reference):
+    with Mosquitto(tmp_path) as broker:
+        dep = LocalDeployment(tmp_path / "dep", broker.url, pool=1, settings=TIMEOUTS)
+        try:
+            await asyncio.to_thread(dep.start)
+            await deploy(PartyConfig.load(dep.configs["model_owner"]), "ref-unet", "m", size=SIZE, timeout=60)
+            await dep.wait_bundles()
+            cfg1 = PartyConfig.load(dep.configs["server1"])
+            topic = "blindseg/demo/server0/server1"  # what server1 would send to server0
+            good = Sealer(cfg1.key, cfg1.peers["server0"], "demo", "server1", "server0")
+            label = b"ctl:zzz"
+            body = len(label).to_bytes(2, "big") + label + (0).to_bytes(4, "big") + (1).to_bytes(4, "big")
+            legit = good.seal(topic, body + encode_frame({"t": "zzz"}))
+            tampered = bytearray(good.seal(topic, body + b"x" * 40))
+            tampered[-20] ^= 1
+            wrong_key = Sealer(generate_key(), cfg1.peers["server0"], "demo", "server1", "server0").seal(topic, body)
+            frames = {
+                "tampered": bytes(tampered),
+                "replayed": legit,  # sent twice below: the second copy is a replay
+                "truncated": legit[:30],
+                "wrong key": wrong_key,
+                "not sealed": b"hello broker",
+                "malformed msgpack": good.seal(topic, body + b"BSG1\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1"),
+                "unknown type": good.seal(topic, body + encode_frame({"t": "launch-missiles"})),
+                "oversized chunk count": good.seal(topic, len(b"big").to_bytes(2, "big") + b"big"
+                                                   + (0).to_bytes(4, "big") + (2**31).to_bytes(4, "big")),
+            }
+            async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5) as rogue:
+                await rogue.publish(topic, legit, qos=1)
+                for payload in frames.values():
+                    await rogue.publish(topic, payload, qos=1)
+                await rogue.publish("blindseg/demo/server0/mallory", b"x", qos=1)
+            await asyncio.sleep(1.0)
+            log0 = _log(dep, "server0")
+            for reason in ("failed authentication", "replayed or reordered", "not a sealed blindseg frame",
+                           "over the size limit", "unexpected topic", "not valid msgpack",
+                           "unexpected control message"):
+                assert reason in log0, reason
+            assert dep.procs["server0"].poll() is None and "Traceback" not in log0
+            await _ok(dep, reference)  # still serving
+        finally:
+            dep.stop()
