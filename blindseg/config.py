@@ -14,6 +14,7 @@
     round_timeout = 120               # seconds a silent peer may take before the job fails (servers)
     bundle_wait = 120                 # seconds a job may wait for preprocessing (servers)
     job_timeout = 600                 # seconds the data owner waits for a job's output
+    key_expires = 2027-11-21          # optional: the config is refused after this date (key rotation)
 
     [peers]                           # public keys (hex) of the parties this one talks to
     server1 = "ab12..."
@@ -88,6 +89,14 @@ class PartyConfig:
         ca = str(rel(str(raw["ca_file"]))) if "ca_file" in raw else None
         broker = BrokerAddress.parse(str(field("broker")), str(raw["username"]) if "username" in raw else None,
                                      password, ca)
+        if "key_expires" in raw:
+            import datetime as dt
+
+            exp = raw["key_expires"]
+            if not isinstance(exp, dt.date):
+                raise UsageError(f"{p}: key_expires must be a TOML date (YYYY-MM-DD)")
+            if exp < dt.date.today():
+                raise UsageError(f"{p}: this party's key expired on {exp}; run `blindseg init` for new keys")
         key_path = rel(str(field("key_file")))
         try:
             key = load_private(key_path.read_bytes(), str(key_path))

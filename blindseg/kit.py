@@ -100,8 +100,9 @@ def init(directory: str | Path, deployment: str = "blindseg", broker_host: str =
     out: dict[str, Path] = {}
     for p in PARTIES:
         _write_secret(root / "keys" / f"{p}.key", private_bytes(keys[p]))
+        expires = (dt.date.today() + dt.timedelta(days=365)).isoformat()
         lines = [f'deployment = "{deployment}"', f'party = "{p}"', f'broker = "{url}"', f'key_file = "../keys/{p}.key"',
-                 f'state_dir = "../state/{p}"', f'net = "{net}"']
+                 f"key_expires = {expires}", f'state_dir = "../state/{p}"', f'net = "{net}"']
         if not plain:
             _write_secret(root / "secrets" / f"{p}.password", passwords[p].encode())
             lines += [f'username = "{p}"', f'password_file = "../secrets/{p}.password"', 'ca_file = "../broker/ca.crt"']
