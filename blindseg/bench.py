@@ -70,6 +70,68 @@ def run_bench(model_name: str, size: int, batch: int = 1, classes: int = 2, seed
     }
 
 
+def _server_peak_rss(dep: Any) -> int:
+    """Peak resident memory (VmHWM) of the service processes, bytes (the largest one)."""
+    peak = 0
+    for p in dep.procs.values():
+        try:
+            for line in open(f"/proc/{p.pid}/status"):
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+    return peak
+
+
+async def run_load_bench(model_name: str, size: int, jobs: int = 8) -> dict[str, Any]:
+    """``jobs`` concurrent jobs (one data owner each) through a private Mosquitto: throughput and memory."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from data_owner.client import Client
+    from model_owner.client import deploy
+
+    from .broker import Mosquitto
+    from .config import PartyConfig
+    from .demo import LocalDeployment
+    from .models import load_named_model
+
+    model, _, _ = load_named_model(model_name, size)
+    xs = [test_image(1, size, seed=100 + k).astype(np.float32) for k in range(jobs)]
+    with torch.no_grad():
+        refs = [torch.argmax(model(torch.from_numpy(x)), 1).numpy() for x in xs]
+    with tempfile.TemporaryDirectory(prefix="blindseg-load-") as tmp, Mosquitto(tmp) as broker:
+        dep = LocalDeployment(Path(tmp) / "dep", broker.url, pool=jobs)
+        try:
+            await asyncio.to_thread(dep.start)
+            await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "load", size=size)
+            await dep.wait_bundles()
+            cfg = PartyConfig.load(dep.configs["data_owner"])
+            for _ in range(600):  # the whole pool ready: we measure serving, not the dealer
+                if all((Path(tmp) / "dep" / "logs" / f"server{i}.log").read_text().count("ready and expanded") >= 1
+                       for i in (0, 1)) and len(list((Path(tmp) / "dep" / "state" / "server1" / "bundles" /
+                                                     "bundles").glob("*.bin"))) >= jobs:
+                    break
+                await asyncio.sleep(0.1)
+
+            async def one(x: np.ndarray) -> np.ndarray:
+                async with Client(cfg) as c:
+                    return (await c.segment("load", x))[0]
+
+            t0 = time.perf_counter()
+            masks = await asyncio.gather(*(one(x) for x in xs))
+            wall = time.perf_counter() - t0
+            rss = _server_peak_rss(dep)
+        finally:
+            dep.stop()
+    agree = [float(np.mean(m == r)) for m, r in zip(masks, refs, strict=True)]
+    return {"model": model_name, "size": size, "transport": "mqtt", "broker": "mosquitto", "concurrent_jobs": jobs,
+            "wall_seconds": wall, "jobs_per_minute": jobs / wall * 60, "min_pixel_agreement": min(agree),
+            "server_peak_rss_bytes": rss}
+
+
 async def run_mqtt_bench(model_name: str, size: int, net: str = "none") -> dict[str, Any]:
     """The same job through the real service: dealer and servers as processes, a private Mosquitto,
     sealed MQTT frames, netsim on every party's links; the in-process run of the same plan alongside."""
@@ -117,6 +179,10 @@ async def run_mqtt_bench(model_name: str, size: int, net: str = "none") -> dict[
 def format_report(r: dict[str, Any]) -> str:
     """Human-readable table of a bench result."""
     mb = 1e6
+    if "concurrent_jobs" in r:
+        return (f"{r['concurrent_jobs']} concurrent jobs, {r['model']} {r['size']}x{r['size']} over MQTT (Mosquitto)\n"
+                f"wall {r['wall_seconds']:.2f} s   {r['jobs_per_minute']:.1f} jobs/min   min agreement "
+                f"{100 * r['min_pixel_agreement']:.2f}%   server peak RSS {r['server_peak_rss_bytes'] / 2**20:.0f} MiB")
     if r.get("transport") == "mqtt":
         return (f"model {r['model']} {r['size']}x{r['size']} over MQTT (Mosquitto), net={r['net']}\n"
                 f"online   {r['online_seconds']:.3f} s   {r['online_bytes_per_server'] / mb:.2f} MB/server (sealed)   "

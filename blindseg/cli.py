@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--transport", default="memory", choices=["memory", "mqtt"],
                    help="memory: five roles in one process; mqtt: services as processes through a private Mosquitto")
     b.add_argument("--net", default="none", help="netsim profile for --transport mqtt: none | lan | wan | 'ms,Mbit/s'")
+    b.add_argument("--jobs", type=int, default=1, help="with --transport mqtt: this many concurrent jobs (load test)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     d = sub.add_parser("demo", help="the five roles as processes on loopback: deploy, segment a real slice")
     d.add_argument("--net", default="none", help="none | lan | wan | '<latency ms>,<Mbit/s>'")
@@ -69,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
                 from .bench import run_mqtt_bench
 
                 profile(args.net)
-                r = asyncio.run(run_mqtt_bench(args.model, args.size, args.net))
+                if args.jobs > 1:
+                    from .bench import run_load_bench
+
+                    r = asyncio.run(run_load_bench(args.model, args.size, args.jobs))
+                else:
+                    r = asyncio.run(run_mqtt_bench(args.model, args.size, args.net))
             else:
                 r = run_bench(args.model, args.size, args.batch, args.classes)
             print(json.dumps(r) if args.json else format_report(r))

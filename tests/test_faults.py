@@ -223,3 +223,12 @@ async def test_hostile_frames_are_dropped_and_never_stop_a_role(tmp_path, refere
             await _ok(dep, reference)  # still serving
         finally:
             dep.stop()
+
+
+async def test_eight_concurrent_jobs_all_correct_memory_bounded():
+    from blindseg.bench import run_load_bench
+
+    r = await run_load_bench("ref-unet", SIZE, jobs=8)
+    assert r["min_pixel_agreement"] >= 0.99
+    assert r["server_peak_rss_bytes"] < 1.5 * 2**30  # per service process
+    assert r["jobs_per_minute"] > 0
