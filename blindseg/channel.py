@@ -5,7 +5,7 @@ label; frames that arrive before anyone waits for them are buffered by label
 (MPyC-style), so interleaved protocol steps never mix messages. Every
 endpoint counts the bytes and frames it sends. :class:`MemoryLink` joins two
 endpoints in-process with the exact serialized frames a network would carry;
-the MQTT transport (issue #3) implements the same interface, and netsim wraps
+the MQTT transport (``transport.py``) implements the same interface, and netsim wraps
 an endpoint to shape it.
 """
 
