@@ -114,6 +114,23 @@ class Mosquitto:
         self.stop()
 
 
+class _QuietBroadcast(dict):  # type: ignore[type-arg]
+    """A broadcast record whose str() does not format the payload.
+
+    amqtt 0.12 builds ``f"Processing broadcast message: {broadcast}"`` for every message even with
+    DEBUG off (DESIGN.md section 7); with a 1 MiB payload that repr is most of the broker's work."""
+
+    def __repr__(self) -> str:
+        return f"<broadcast on {self.get('topic')!r}, {len(self.get('data') or b'')} bytes>"
+
+    __str__ = __repr__
+
+
+class _QuietQueue(asyncio.Queue):  # type: ignore[type-arg]
+    async def put(self, item: Any) -> None:
+        await super().put(_QuietBroadcast(item) if isinstance(item, dict) else item)
+
+
 class EmbeddedBroker:
     """amqtt in this process (the zero-install default). Anonymous, loopback by default."""
 
@@ -133,6 +150,8 @@ class EmbeddedBroker:
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
         self._broker = Broker(config)
+        if isinstance(getattr(self._broker, "_broadcast_queue", None), asyncio.Queue):
+            self._broker._broadcast_queue = _QuietQueue()  # see _QuietBroadcast
         await self._broker.start()
         return self
 
