@@ -213,7 +213,8 @@ class ServerService:
             self._reserved.discard(bid)
             self._schedule_warm(model, batch)
             if self.party == 0:  # refill after the job, so the next bundle never competes with this job's rounds
-                await self.node.tell("dealer", "used", {"model": model, "batch": batch})
+                await self.node.tell("dealer", "used", {"model": model, "batch": batch,
+                                                        "ready": self._ready_count(model, batch)})
 
     async def _agree_bundle(self, job: str, model: str, batch: int, core: ServerCore, peer: Any
                             ) -> tuple[str, Prepared, Prepared | None]:
@@ -293,6 +294,9 @@ class ServerService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _ready_count(self, model: str, batch: int) -> int:
+        return len([b for b in self.store.ready(model, batch) if b not in self._reserved])
+
     async def _pick_bundle(self, model: str, batch: int) -> str:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.bundle_wait
@@ -303,7 +307,7 @@ class ServerService:
                 self._reserved.add(ready[0])  # concurrent jobs never pick the same bundle
                 return ready[0]
             if not asked:
-                await self.node.tell("dealer", "need", {"model": model, "batch": batch})
+                await self.node.tell("dealer", "need", {"model": model, "batch": batch, "ready": 0})
                 asked = True
             if loop.time() > deadline:
                 raise PreprocessingExhausted(f"no preprocessing bundle for model {model!r} (batch {batch}) "

@@ -36,6 +36,7 @@ class DealerService:
         self.dealer = Dealer()
         self.state = cfg.state_dir / "models.json"
         self._work: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+        self._pending: dict[tuple[str, int], int] = {}  # bundles queued or being streamed, per (model, batch)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         if self.state.exists():
             for model, m in json.loads(self.state.read_text()).items():
@@ -74,11 +75,20 @@ class DealerService:
             await self.node.tell("server0", "masks", {"model": model, "seed": s0})
             await self.node.tell("server1", "masks", {"model": model, "seed": s1})
             for _ in range(self.pool):
-                self._work.put_nowait((model, 1))
+                self._enqueue((model, 1))
         elif kind in ("used", "need") and sender == "server0":
-            self._work.put_nowait((str(header["model"]), int(header["batch"])))
+            # top the pool up to `pool` ready bundles (server0's count + those queued or in flight here);
+            # a job that waited always gets one, whatever the count says
+            key = (str(header["model"]), int(header["batch"]))
+            want = self.pool - int(header.get("ready", 0)) - self._pending.get(key, 0)
+            for _ in range(max(want, 1 if kind == "need" and not self._pending.get(key) else 0)):
+                self._enqueue(key)
         else:
             raise UsageError(f"unexpected {kind!r} from {sender}")
+
+    def _enqueue(self, key: tuple[str, int]) -> None:
+        self._pending[key] = self._pending.get(key, 0) + 1
+        self._work.put_nowait(key)
 
     async def _generate(self) -> None:
         while True:
@@ -89,6 +99,8 @@ class DealerService:
                 log.info("dealer: bundle %s for %s batch %d in %.2f s", bid[:8], model, batch, secs)
             except BlindsegError as e:
                 log.warning("dealer: bundle for %s failed: %s", model, e)
+            finally:
+                self._pending[(model, batch)] -= 1
 
 
 def main(argv: list[str] | None = None) -> int:
