@@ -9,6 +9,7 @@ the frame holds. Never pickles.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -62,7 +63,7 @@ def decode_frame(buf: bytes | memoryview, max_bytes: int = MAX_FRAME) -> tuple[d
                 or not all(isinstance(s, int) and 0 <= s < 1 << 40 for s in spec[1]) or len(spec[1]) > 8):
             raise ProtocolError("frame declares an invalid array dtype or shape")
         dt = np.dtype(DTYPES[spec[0]])
-        n = int(np.prod(spec[1], dtype=np.int64)) * dt.itemsize
+        n = math.prod(spec[1]) * dt.itemsize
         if off + n > len(mv):
             raise ProtocolError("frame payload is shorter than its header declares")
         arrays.append(np.frombuffer(mv[off : off + n], dtype=dt).reshape(spec[1]).copy())
