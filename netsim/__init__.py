@@ -94,14 +94,16 @@ class ShapedEndpoint(Endpoint):
             self._pump = asyncio.get_running_loop().create_task(self._deliver())
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((arrival, label, frame, done))
-        await asyncio.sleep(max(0.0, self._free_at - time.perf_counter()))  # the sender's link is busy
+        busy = self._free_at - time.perf_counter()
+        if busy > 2e-4:  # the sender's link is busy; shorter waits cost more in loop wake-ups than they model
+            await asyncio.sleep(busy)
         if done.done() and done.exception() is not None:
             raise done.exception()  # type: ignore[misc]
 
     async def _deliver(self) -> None:
         while True:
             arrival, label, frame, done = await self._queue.get()
-            await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
+            await _sleep_until(arrival)
             try:
                 await self.inner.send(label, frame)
                 done.set_result(None)
@@ -117,6 +119,16 @@ class ShapedEndpoint(Endpoint):
     async def aclose(self) -> None:
         if self._pump is not None:
             self._pump.cancel()
+
+
+async def _sleep_until(t: float) -> None:
+    """Wake at ``t`` (perf_counter) to within ~0.1 ms: epoll timeouts round up to whole milliseconds,
+    which would add up to 1 ms to every shaped round, so the last millisecond is spent yielding."""
+    early = t - time.perf_counter() - 1.5e-3
+    if early > 0:
+        await asyncio.sleep(early)
+    while time.perf_counter() < t:
+        await asyncio.sleep(0)
 
 
 def wrap(ep: Endpoint, prof: Profile) -> Endpoint:

@@ -60,8 +60,10 @@ def test_cost_model_predicts_a_shaped_run_within_15_percent():
     model = build_model("ref-unet", classes=2, seed=1)
     x = np.random.default_rng(0).normal(size=(1, 1, 32, 32)).astype(np.float32)
     comp = compile_model(model, (1, 32, 32), "mask", "auto", samples=x)
-    base = asyncio.run(run_compiled(comp, x))
-    prof = profile("4,100")
+    # the unshaped time is the compute part of the prediction: take the median of three runs (shared machine)
+    bases = sorted((asyncio.run(run_compiled(comp, x)) for _ in range(3)), key=lambda r: r.stats["online_seconds"])
+    base = bases[1]
+    prof = profile("10,100")  # 10 ms one way, 100 Mbit/s: the network dominates, as on a WAN
     shaped = asyncio.run(run_compiled(comp, x, net=prof))
     pred = predict_online(base.stats["online_seconds"], base.stats["round_log"], prof, base.stats["io_frames"])
     assert np.array_equal(base.mask, shaped.mask)
