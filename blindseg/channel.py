@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from .errors import ConnectionLost, ProtocolError
 
 
+Frame = bytes | memoryview  # a received frame: bytes, or a view into the decrypted buffer (no copy)
+
+
 @dataclass
 class Counters:
     """Bytes and frames sent by one endpoint (resettable)."""
@@ -44,7 +47,7 @@ class Endpoint(ABC):
     async def send(self, label: str, frame: bytes) -> None: ...
 
     @abstractmethod
-    async def recv(self, label: str, timeout: float | None = None) -> bytes: ...
+    async def recv(self, label: str, timeout: float | None = None) -> Frame: ...
 
     def wire_size(self, label: str, frame: bytes) -> int:
         """Bytes this frame occupies on the link (the transport adds its own framing)."""
@@ -53,11 +56,11 @@ class Endpoint(ABC):
 
 class _Inbox:
     def __init__(self) -> None:
-        self.early: dict[str, bytes] = {}
-        self.waiting: dict[str, asyncio.Future[bytes]] = {}
+        self.early: dict[str, Frame] = {}
+        self.waiting: dict[str, asyncio.Future[Frame]] = {}
         self.closed = False
 
-    def deliver(self, label: str, frame: bytes) -> None:
+    def deliver(self, label: str, frame: Frame) -> None:
         fut = self.waiting.pop(label, None)
         if fut is not None and not fut.done():
             fut.set_result(frame)
@@ -66,14 +69,14 @@ class _Inbox:
         else:
             self.early[label] = frame
 
-    async def take(self, label: str, timeout: float | None) -> bytes:
+    async def take(self, label: str, timeout: float | None) -> Frame:
         if label in self.early:
             return self.early.pop(label)
         if self.closed:
             raise ConnectionLost(f"link closed while waiting for {label!r}")
         if label in self.waiting:
             raise ProtocolError(f"two receivers wait for label {label!r}")
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self.waiting[label] = fut
         try:
             return await asyncio.wait_for(fut, timeout)
@@ -99,7 +102,7 @@ class MemoryEndpoint(Endpoint):
         self.counters.log.append((label, len(frame)))
         self.peer.inbox.deliver(label, frame)
 
-    async def recv(self, label: str, timeout: float | None = None) -> bytes:
+    async def recv(self, label: str, timeout: float | None = None) -> Frame:
         return await self.inbox.take(label, timeout)
 
     def close(self) -> None:

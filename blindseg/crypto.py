@@ -81,12 +81,21 @@ class Sealer:
         self._aead = _derive(key.exchange(peer), self.session, deployment, sender, receiver)
         self._counter = 0
 
-    def seal(self, topic: str, plaintext: bytes | memoryview) -> bytes:
+    def seal(self, topic: str, *parts: bytes | memoryview) -> bytearray:
+        """Seal the concatenation of ``parts`` (assembled once, encrypted in place after the prefix)."""
         self._counter += 1
         prefix = MAGIC + self.session + struct.pack(">Q", self._counter)
         nonce = b"\0\0\0\0" + prefix[20:]
-        body = struct.pack(">d", time.time()) + bytes(plaintext)
-        return prefix + self._aead.encrypt(nonce, body, prefix + topic.encode())
+        body = bytearray(8 + sum(len(p) for p in parts))
+        body[:8] = struct.pack(">d", time.time())
+        off = 8
+        for p in parts:
+            body[off:off + len(p)] = p
+            off += len(p)
+        out = bytearray(PREFIX + len(body) + TAG)
+        out[:PREFIX] = prefix
+        self._aead.encrypt_into(nonce, body, prefix + topic.encode(), memoryview(out)[PREFIX:])
+        return out
 
 
 class Opener:
@@ -99,15 +108,18 @@ class Opener:
         self._sessions: dict[bytes, tuple[AESGCM, int]] = {}
         self.max_age = max_age
 
-    def open(self, topic: str, message: bytes) -> bytes:
+    def open(self, topic: str, message: bytes | bytearray) -> memoryview:
+        """The plaintext (a view, no copy) of a sealed message, or ProtocolError."""
         if len(message) < PREFIX + TAG + 8 or message[:4] != MAGIC:
             raise ProtocolError("message is not a sealed blindseg frame")
-        session, (counter,) = message[4:20], struct.unpack(">Q", message[20:28])
+        session, (counter,) = bytes(message[4:20]), struct.unpack(">Q", message[20:28])
         aead, last = self._sessions.get(session) or (_derive(self._shared, session, *self._ctx), 0)
         if counter <= last:
             raise ProtocolError(f"replayed or reordered message (counter {counter} after {last})")
+        body = bytearray(len(message) - PREFIX - TAG)
         try:
-            body = aead.decrypt(b"\0\0\0\0" + message[20:28], message[PREFIX:], message[:PREFIX] + topic.encode())
+            aead.decrypt_into(b"\0\0\0\0" + bytes(message[20:28]), memoryview(message)[PREFIX:],
+                              bytes(message[:PREFIX]) + topic.encode(), body)
         except InvalidTag:
             raise ProtocolError("message failed authentication (tampered, wrong key or wrong topic)") from None
         (ts,) = struct.unpack(">d", body[:8])
@@ -116,4 +128,4 @@ class Opener:
         if len(self._sessions) > 64 and session not in self._sessions:
             self._sessions.pop(next(iter(self._sessions)))
         self._sessions[session] = (aead, counter)
-        return body[8:]
+        return memoryview(body)[8:]

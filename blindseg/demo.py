@@ -78,12 +78,12 @@ class LocalDeployment:
                     raise BlindsegError(f"{role} did not come up within {timeout:.0f} s; see {log}")
                 time.sleep(0.05)
 
-    async def wait_bundles(self, timeout: float = 120.0) -> None:
-        """Wait until both servers hold an expanded bundle (so online time excludes offline work)."""
+    async def wait_bundles(self, timeout: float = 120.0, count: int = 1) -> None:
+        """Wait until both servers have expanded ``count`` bundles so far (so online time excludes offline work)."""
         logs = [self.root / "logs" / f"server{i}.log" for i in (0, 1)]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not all(b" ready and expanded" in p.read_bytes() for p in logs):
+        while not all(p.read_bytes().count(b" ready and expanded") >= count for p in logs):
             self.check_alive()
             if loop.time() > deadline:
                 raise BlindsegError(f"no preprocessing bundle reached the servers within {timeout:.0f} s")

@@ -43,7 +43,7 @@ class SegmentResult:
     plan: Plan
 
 
-def parse_weights(frame: bytes) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+def parse_weights(frame: bytes | memoryview) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
     header, arrays = decode_frame(frame)
     out: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
     k = 0

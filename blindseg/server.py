@@ -283,7 +283,7 @@ def bundle_header(b: Any) -> bytes:
                          "party": b.party, "seed": b.seed})
 
 
-async def receive_bundle(core: ServerCore, store: BundleStore, frame: bytes, dealer: Endpoint,
+async def receive_bundle(core: ServerCore, store: BundleStore, frame: bytes | memoryview, dealer: Endpoint,
                          timeout: float | None = 600.0) -> str:
     """Offline, at a server: take a bundle announced by ``frame``, receive server 1's corrections op
     by op (labels ``bundle:<id>:<op>``), precompute F_i, store durably. Returns the bundle id.

@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from .channel import Endpoint, _Inbox
+from .channel import Endpoint, Frame, _Inbox
 from .crypto import OVERHEAD, Opener, Sealer
 from .errors import ConnectionLost, ProtocolError, UsageError
 
@@ -175,7 +175,7 @@ class MqttTransport:
             self.rejected.append(reason)
             log.warning("%s: %s", self.me, reason)
 
-    async def publish(self, topic: str, payload: bytes) -> None:
+    async def publish(self, topic: str, payload: bytes | bytearray) -> None:
         try:
             await asyncio.wait_for(self._connected.wait(), self.connect_timeout)
         except TimeoutError:
@@ -197,7 +197,7 @@ class MqttEndpoint(Endpoint):
         self.t, self.peer = transport, peer
         self._sealer, self._opener = sealer, opener
         self.inbox = _Inbox()
-        self._partial: dict[str, list[bytes]] = {}
+        self._partial: dict[str, list[memoryview]] = {}
         self.bundle_bytes: dict[str, int] = {}  # sealed bytes received per bundle id
         self._out = topic_for(transport.deployment, peer, transport.me)
         self._lock = asyncio.Lock()
@@ -211,14 +211,14 @@ class MqttEndpoint(Endpoint):
         msgs = []
         for k in range(n):
             head = struct.pack(">H", len(lab)) + lab + struct.pack(">II", k, n)
-            msgs.append(self._sealer.seal(self._out, head + bytes(view[k * self.t.chunk:(k + 1) * self.t.chunk])))
+            msgs.append(self._sealer.seal(self._out, head, view[k * self.t.chunk:(k + 1) * self.t.chunk]))
         async with self._lock:  # one frame's chunks stay contiguous on the topic
             await asyncio.gather(*(self.t.publish(self._out, m) for m in msgs))
         self.counters.bytes_sent += sum(len(m) for m in msgs)
         self.counters.frames_sent += 1
         self.counters.log.append((label, sum(len(m) for m in msgs)))
 
-    async def recv(self, label: str, timeout: float | None = None) -> bytes:
+    async def recv(self, label: str, timeout: float | None = None) -> Frame:
         return await self.inbox.take(label, timeout)
 
     def wire_size(self, label: str, frame: bytes) -> int:
@@ -231,9 +231,9 @@ class MqttEndpoint(Endpoint):
         if len(body) < 10:
             raise ProtocolError("chunk is too short")
         (ll,) = struct.unpack(">H", body[:2])
-        label = body[2:2 + ll].decode("utf-8", "replace")
+        label = bytes(body[2:2 + ll]).decode("utf-8", "replace")
         k, n = struct.unpack(">II", body[2 + ll:10 + ll])
-        data = body[10 + ll:]
+        data = body[10 + ll:]  # a view: the only copy is the join below (none for one-chunk frames)
         parts = self._partial.setdefault(label, [])
         if k != len(parts) or n == 0 or k >= n or n * self.t.chunk > self.t.max_frame + self.t.chunk:
             self._partial.pop(label, None)
@@ -244,11 +244,11 @@ class MqttEndpoint(Endpoint):
             self.bundle_bytes[bid] = self.bundle_bytes.get(bid, 0) + len(message)
         if k + 1 < n:
             return
-        frame = b"".join(self._partial.pop(label))
+        chunks = self._partial.pop(label)
         if label.startswith("ctl:"):
-            self.t.control.put_nowait((self.peer, label, frame))
+            self.t.control.put_nowait((self.peer, label, b"".join(chunks)))
         else:
-            self.inbox.deliver(label, frame)
+            self.inbox.deliver(label, chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def close(self) -> None:
         self.inbox.closed = True

@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from blindseg.channel import Endpoint
+from blindseg.channel import Endpoint, Frame
 from blindseg.errors import UsageError
 
 
@@ -110,7 +110,7 @@ class ShapedEndpoint(Endpoint):
             except Exception as e:  # surfaced to the sender if it is still waiting
                 done.set_exception(e)
 
-    async def recv(self, label: str, timeout: float | None = None) -> bytes:
+    async def recv(self, label: str, timeout: float | None = None) -> Frame:
         return await self.inner.recv(label, timeout)
 
     def wire_size(self, label: str, frame: bytes) -> int:
