@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from .errors import ConnectionLost, ProtocolError
 
-
 Frame = bytes | memoryview  # a received frame: bytes, or a view into the decrypted buffer (no copy)
 
 
