@@ -23,6 +23,7 @@ from dealer import Dealer
 from dealer.core import model_mask_shares, stream_bundle
 from model_owner import share_weights, weights_frame
 from netsim import PROFILES, Profile, wrap
+from netsim import close as close_links
 
 from .channel import MemoryLink
 from .errors import UsageError
@@ -185,6 +186,7 @@ async def _run(comp: Compiled, image: Any, arities: tuple[int, ...], stores: lis
 
     await asyncio.gather(online_server(0), online_server(1))
     outs = [decode_frame(await do[i].a.recv("job:output"))[1][0] for i in (0, 1)]
+    await close_links([*net_peer, *(e for pair in net_do for e in pair)])
     result = reconstruct(plan, outs[0], outs[1])
     online_seconds = time.perf_counter() - t_on
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from netsim import close as close_links
 from netsim import profile, wrap
 
 from .channel import Endpoint
@@ -53,6 +54,7 @@ class Node:
         return self
 
     async def close(self) -> None:
+        await close_links(list(self.links.values()))
         await self.transport.close()
 
     def link(self, peer: str) -> Endpoint:

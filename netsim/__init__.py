@@ -117,8 +117,21 @@ class ShapedEndpoint(Endpoint):
         return self.inner.wire_size(label, frame)
 
     async def aclose(self) -> None:
+        """Stop the delivery task (frames still in flight are dropped, like a link going down)."""
         if self._pump is not None:
             self._pump.cancel()
+            try:
+                await self._pump
+            except asyncio.CancelledError:
+                pass
+            self._pump = None
+
+
+async def close(endpoints: list[Endpoint]) -> None:
+    """Stop the delivery tasks of any shaped endpoints among ``endpoints``."""
+    for ep in endpoints:
+        if isinstance(ep, ShapedEndpoint):
+            await ep.aclose()
 
 
 async def _sleep_until(t: float) -> None:
