@@ -39,8 +39,6 @@ from .errors import ConnectionLost, ProtocolError, UsageError
 
 log = logging.getLogger("blindseg.transport")
 
-_quiet = logging.getLogger("blindseg.transport.mqtt")
-_quiet.setLevel(logging.ERROR)  # aiomqtt warns on every burst of pipelined publishes
 CHUNK = 1 << 20
 MAX_FRAME = 1 << 30
 
@@ -94,6 +92,9 @@ class MqttTransport:
             for p, pk in peers.items()
         }
         self.control: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
+        self._mqtt_log = logging.getLogger("blindseg.transport.mqtt")
+        if self._mqtt_log.level == logging.NOTSET:  # aiomqtt warns on every burst of pipelined publishes
+            self._mqtt_log.setLevel(logging.ERROR)
         self.rejected: list[str] = []  # reasons, for tests and logs
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -138,7 +139,7 @@ class MqttTransport:
             try:
                 async with aiomqtt.Client(
                     self.broker.host, self.broker.port, username=self.broker.username, password=self.broker.password,
-                    identifier=f"{self.deployment}-{self.me}-{id(self):x}", logger=_quiet, protocol=aiomqtt.ProtocolVersion.V5 if self.broker.mqtt5 else aiomqtt.ProtocolVersion.V311,
+                    identifier=f"{self.deployment}-{self.me}-{id(self):x}", logger=self._mqtt_log, protocol=aiomqtt.ProtocolVersion.V5 if self.broker.mqtt5 else aiomqtt.ProtocolVersion.V311,
                     tls_context=self.broker.tls_context(), max_inflight_messages=64,
                     socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),), timeout=self.connect_timeout,
                 ) as client:
