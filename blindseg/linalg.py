@@ -9,7 +9,8 @@ Cin x Cout x kh x kw.
 - conv2d: direct loops; one output row of 8 output channels is held in L1
   while every (input channel, ky, kx) tap streams over it, the 8 weights in
   registers so each input element is loaded once for 8 multiply-adds (AVX2
-  vpmulld). 1-4x a float32 conv here (was 13-30x with one channel per pass).
+  vpmulld). Strided convs read phase-de-interleaved columns, so every tap is a
+  contiguous run. 1-4x a float32 conv here (was 13-30x with one channel per pass).
 - conv_transpose2d: per-pixel matmul Cin -> Cout*kh*kw, then a public
   rearrangement: a pixel shuffle when kernel == stride (the U-Net k2s2 case,
   no zero insertion ever), else an exact col2im scatter-add.
@@ -24,50 +25,10 @@ _COB = 8  # output channels per register block (the weights stay in registers, t
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-def _conv2d_s1_kernel(x, w, out, dil):  # pragma: no cover - numba
-    # stride 1: every tap reads a contiguous input row; 8 output channels share each load.
-    n_b, cin, _, _ = x.shape
-    cout, _, kh, kw = w.shape
-    ho, wo = out.shape[2], out.shape[3]
-    nblk = cout // _COB
-    for t in nb.prange(n_b * nblk * ho):
-        n = t // (nblk * ho)
-        rem = t % (nblk * ho)
-        c0 = (rem // ho) * _COB
-        y = rem % ho
-        acc = np.zeros((_COB, wo), dtype=np.uint32)
-        for ci in range(cin):
-            for ky in range(kh):
-                yy = y + ky * dil
-                for kx in range(kw):
-                    off = kx * dil
-                    w0 = w[c0, ci, ky, kx]
-                    w1 = w[c0 + 1, ci, ky, kx]
-                    w2 = w[c0 + 2, ci, ky, kx]
-                    w3 = w[c0 + 3, ci, ky, kx]
-                    w4 = w[c0 + 4, ci, ky, kx]
-                    w5 = w[c0 + 5, ci, ky, kx]
-                    w6 = w[c0 + 6, ci, ky, kx]
-                    w7 = w[c0 + 7, ci, ky, kx]
-                    for j in range(wo):
-                        r = x[n, ci, yy, off + j]
-                        acc[0, j] += w0 * r
-                        acc[1, j] += w1 * r
-                        acc[2, j] += w2 * r
-                        acc[3, j] += w3 * r
-                        acc[4, j] += w4 * r
-                        acc[5, j] += w5 * r
-                        acc[6, j] += w6 * r
-                        acc[7, j] += w7 * r
-        for c in range(_COB):
-            for j in range(wo):
-                out[n, c0 + c, y, j] = acc[c, j]
-
-
-@nb.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
 def _conv2d_kernel(x, w, out, stride, dil):  # pragma: no cover - numba
-    # any stride: one output row of a block of output channels, every tap streamed over it.
-    n_b, cin, _, _ = x.shape
+    # x: N x Cin x Hp x stride x ceil(Wp / stride), input column q*stride + p stored at [..., p, q], so every
+    # tap reads a contiguous run for any stride; 8 output channels share each load.
+    n_b, cin, _, _, _ = x.shape
     cout, _, kh, kw = w.shape
     ho, wo = out.shape[2], out.shape[3]
     nblk = cout // _COB
@@ -81,11 +42,26 @@ def _conv2d_kernel(x, w, out, stride, dil):  # pragma: no cover - numba
             for ky in range(kh):
                 yy = y * stride + ky * dil
                 for kx in range(kw):
-                    off = kx * dil
-                    for c in range(_COB):
-                        wv = w[c0 + c, ci, ky, kx]
-                        for j in range(wo):
-                            acc[c, j] += wv * x[n, ci, yy, off + j * stride]
+                    ph = (kx * dil) % stride
+                    q0 = (kx * dil) // stride
+                    w0 = w[c0, ci, ky, kx]
+                    w1 = w[c0 + 1, ci, ky, kx]
+                    w2 = w[c0 + 2, ci, ky, kx]
+                    w3 = w[c0 + 3, ci, ky, kx]
+                    w4 = w[c0 + 4, ci, ky, kx]
+                    w5 = w[c0 + 5, ci, ky, kx]
+                    w6 = w[c0 + 6, ci, ky, kx]
+                    w7 = w[c0 + 7, ci, ky, kx]
+                    for j in range(wo):
+                        r = x[n, ci, yy, ph, q0 + j]
+                        acc[0, j] += w0 * r
+                        acc[1, j] += w1 * r
+                        acc[2, j] += w2 * r
+                        acc[3, j] += w3 * r
+                        acc[4, j] += w4 * r
+                        acc[5, j] += w5 * r
+                        acc[6, j] += w6 * r
+                        acc[7, j] += w7 * r
         for c in range(_COB):
             for j in range(wo):
                 out[n, c0 + c, y, j] = acc[c, j]
@@ -153,11 +129,16 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, padding: int = 0, dila
     cout = w.shape[0]
     if cout % _COB:
         w = np.concatenate([w, np.zeros((_COB - cout % _COB, *w.shape[1:]), dtype=np.uint32)])
-    out = np.empty((x.shape[0], w.shape[0], ho, wo), dtype=np.uint32)
     if stride == 1:
-        _conv2d_s1_kernel(x, w, out, dilation)
-    else:
-        _conv2d_kernel(x, w, out, stride, dilation)
+        xs = x[:, :, :, None, :]
+    else:  # de-interleave columns by phase: column q*stride + p goes to [..., p, q]
+        wq = -(-x.shape[3] // stride)
+        xs = np.zeros((*x.shape[:3], stride, wq), dtype=np.uint32)
+        for p in range(stride):
+            cols = x[..., p::stride]
+            xs[..., p, : cols.shape[-1]] = cols
+    out = np.empty((x.shape[0], w.shape[0], ho, wo), dtype=np.uint32)
+    _conv2d_kernel(xs, w, out, stride, dilation)
     return out if out.shape[1] == cout else np.ascontiguousarray(out[:, :cout])
 
 
