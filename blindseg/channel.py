@@ -48,7 +48,7 @@ class Endpoint(ABC):
     @abstractmethod
     async def recv(self, label: str, timeout: float | None = None) -> Frame: ...
 
-    def wire_size(self, label: str, frame: bytes) -> int:
+    def wire_size(self, label: str, frame: Frame) -> int:
         """Bytes this frame occupies on the link (the transport adds its own framing)."""
         return len(frame)
 

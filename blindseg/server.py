@@ -284,10 +284,10 @@ def bundle_header(b: Any) -> bytes:
 
 
 async def receive_bundle(core: ServerCore, store: BundleStore, frame: bytes | memoryview, dealer: Endpoint,
-                         timeout: float | None = 600.0) -> str:
+                         timeout: float | None = 600.0, announced_as: str | None = None) -> tuple[str, int]:
     """Offline, at a server: take a bundle announced by ``frame``, receive server 1's corrections op
-    by op (labels ``bundle:<id>:<op>``), precompute F_i, store durably. Returns the bundle id.
-    A bundle cut off midway is dropped, never left usable."""
+    by op (labels ``bundle:<id>:<op>``), precompute F_i, store durably. Returns the bundle id and the
+    bytes its frames took on the link. A bundle cut off midway is dropped, never left usable."""
     header, _ = decode_frame(frame)
     try:
         bid, model, batch, party, seed = (str(header["id"]), str(header["model"]), int(header["batch"]),
@@ -298,12 +298,16 @@ async def receive_bundle(core: ServerCore, store: BundleStore, frame: bytes | me
         raise ProtocolError("bundle announcement does not fit this server")
     layout = core.layout(batch)
     writer = store.writer(bid, model, batch, party, seed)
+    nbytes = dealer.wire_size(announced_as or f"bundle:{bid}", frame)
     try:
         for i, specs in enumerate(layout.specs):
             needs = core.party == 1 and any(it.derived for ms in specs for it in ms.items)
             corr: list[np.ndarray] = []
             if needs:
-                h, corr = decode_frame(await dealer.recv(f"bundle:{bid}:{i}", timeout))
+                label = f"bundle:{bid}:{i}"
+                op_frame = await dealer.recv(label, timeout)
+                nbytes += dealer.wire_size(label, op_frame)
+                h, corr = decode_frame(op_frame)
                 if h.get("t") != "bundle-op" or h.get("op") != i:
                     raise ProtocolError(f"bundle frame for op {i} is malformed")
             if needs or core.plan.ops[i].kind in LINEAR:
@@ -312,5 +316,5 @@ async def receive_bundle(core: ServerCore, store: BundleStore, frame: bytes | me
     except BaseException:
         writer.abort()
         raise
-    return bid
+    return bid, nbytes
 

@@ -51,7 +51,7 @@ class ServerService:
         self.models: dict[str, ServerCore] = {}
         self._deployed: dict[str, asyncio.Event] = {}
         self._pending: dict[str, dict[str, Any]] = {}
-        self._jobs: set[str] = set()
+        self._jobs: set[str] = set()  # jobs in progress (finished ones are in the store)
         self._reserved: set[str] = set()
         self._warm: dict[str, Prepared | None] = {}  # bundle -> material expanded ahead of its job
         self._offline: dict[str, tuple[int, float]] = {}  # bundle -> (bytes received, seconds), this run
@@ -99,9 +99,7 @@ class ServerService:
         try:
             while True:
                 sender, kind, frame = await self.node.next_control()
-                task = asyncio.get_running_loop().create_task(self._handle(sender, kind, frame))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._handle(sender, kind, frame))
         finally:
             for t in list(self._tasks):
                 t.cancel()
@@ -121,10 +119,9 @@ class ServerService:
             elif kind == "bundle" and sender == "dealer":
                 model = str(header["model"])
                 await asyncio.wait_for(self._event(model).wait(), self.bundle_wait)
-                link, raw = self.node.link("dealer"), self.node.transport.endpoint("dealer")
                 t0 = time.perf_counter()
-                bid = await receive_bundle(self.models[model], self.store, frame, link, timeout=self.bundle_wait)
-                sealed = raw.wire_size("ctl:bundle", frame) + raw.bundle_bytes.pop(bid, 0)
+                bid, sealed = await receive_bundle(self.models[model], self.store, frame, self.node.link("dealer"),
+                                                   timeout=self.bundle_wait, announced_as="ctl:bundle")
                 self._offline[bid] = (sealed, time.perf_counter() - t0)
                 self._schedule_warm(model, int(header["batch"]))
             elif kind == "getplan":
@@ -143,6 +140,12 @@ class ServerService:
                                                            "error": reason, "party": self.cfg.party})
                 except BlindsegError:
                     pass
+
+    def _spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background; it is cancelled when the service stops."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _model(self, model: str) -> ServerCore:
         if model not in self.models:
@@ -172,9 +175,15 @@ class ServerService:
         job, model, batch = str(header["job"]), str(header["model"]), int(header["batch"])
         if not job.isalnum() or len(job) > 64:
             raise ProtocolError("job id must be 1-64 alphanumeric characters")
-        if job in self._jobs:
+        if job in self._jobs or self.store.job_seen(job):
             raise ProtocolError(f"duplicate job id {job}")
         self._jobs.add(job)
+        try:
+            await self._run_job(job, model, batch, arrays)
+        finally:
+            self._jobs.discard(job)
+
+    async def _run_job(self, job: str, model: str, batch: int, arrays: list[np.ndarray]) -> None:
         core = self._model(model)
         if len(arrays) != 1 or arrays[0].shape != (batch, *core.plan.input_shape):
             raise UsageError(f"job {job}: input share does not match the model's input {core.plan.input_shape}")
@@ -189,10 +198,7 @@ class ServerService:
 
             async def progress(op: int) -> None:
                 if self.party == 0:  # off the critical path: the round does not wait for it
-                    t = asyncio.get_running_loop().create_task(
-                        self.node.tell("data_owner", "progress", {"job": job, "op": op, "ops": n}))
-                    self._tasks.add(t)
-                    t.add_done_callback(self._tasks.discard)
+                    self._spawn(self.node.tell("data_owner", "progress", {"job": job, "op": op, "ops": n}))
 
             t_run = time.perf_counter()
             out = await drive(core.run(prep, arrays[0]), self.party, peer, job, stats, self.round_timeout,
@@ -200,11 +206,11 @@ class ServerService:
             log.info("%s: job %s: %.3f s to start (bundle %s, %s), %.3f s for %d rounds", self.cfg.party, job[:8],
                      t_run - t_start, bid[:8], "warm" if warm is not None else "cold", time.perf_counter() - t_run,
                      stats.rounds)
+            off_bytes, off_seconds = self._offline.pop(bid, (0, 0.0))
             await self.node.link("data_owner").send(
                 f"{job}:output", encode_frame({"t": "output", "job": job, "rounds": stats.rounds,
                                                "bytes": stats.bytes_sent,
-                                               "offline_bytes": self._offline.get(bid, (0, 0.0))[0],
-                                               "offline_seconds": self._offline.get(bid, (0, 0.0))[1],
+                                               "offline_bytes": off_bytes, "offline_seconds": off_seconds,
                                                "ops": [[i, s.seconds, s.bytes_sent, s.rounds]
                                                        for i, s in sorted(stats.per_op.items())]},
                                               [np.ascontiguousarray(out)]))
@@ -265,6 +271,7 @@ class ServerService:
     def _burn(self, bid: str, job: str) -> None:
         self._warm.pop(bid, None)
         self._reserved.discard(bid)
+        self._offline.pop(bid, None)
         try:
             self.store.consume(bid, f"burnt{job}"[:64])
         except ProtocolError:
@@ -290,9 +297,7 @@ class ServerService:
             except BlindsegError:
                 self._warm.pop(bid, None)
 
-        task = asyncio.get_running_loop().create_task(warm())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(warm())
 
     def _ready_count(self, model: str, batch: int) -> int:
         return len([b for b in self.store.ready(model, batch) if b not in self._reserved])

@@ -123,6 +123,7 @@ class BundleStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
+        self._db.execute("CREATE INDEX IF NOT EXISTS bundles_job ON bundles (job)")
         # a bundle still "receiving" after a restart was cut off mid-transfer: drop it
         for (bid,) in self._db.execute("SELECT id FROM bundles WHERE state = 'receiving'").fetchall():
             self._forget(bid)
@@ -163,6 +164,10 @@ class BundleStore:
     def state(self, bundle_id: str) -> str | None:
         row = self._db.execute("SELECT state FROM bundles WHERE id = ?", (bundle_id,)).fetchone()
         return None if row is None else str(row[0])
+
+    def job_seen(self, job: str) -> bool:
+        """Whether a bundle was ever consumed by ``job`` (duplicate job ids, across restarts)."""
+        return self._db.execute("SELECT 1 FROM bundles WHERE job = ? LIMIT 1", (job,)).fetchone() is not None
 
     def consume(self, bundle_id: str, job: str) -> StoredBundle:
         """Mark ``bundle_id`` consumed by ``job`` (durably, before any use) and return it.

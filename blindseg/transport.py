@@ -199,7 +199,6 @@ class MqttEndpoint(Endpoint):
         self._sealer, self._opener = sealer, opener
         self.inbox = _Inbox()
         self._partial: dict[str, list[memoryview]] = {}
-        self.bundle_bytes: dict[str, int] = {}  # sealed bytes received per bundle id
         self._out = topic_for(transport.deployment, peer, transport.me)
         self._lock = asyncio.Lock()
 
@@ -222,7 +221,7 @@ class MqttEndpoint(Endpoint):
     async def recv(self, label: str, timeout: float | None = None) -> Frame:
         return await self.inbox.take(label, timeout)
 
-    def wire_size(self, label: str, frame: bytes) -> int:
+    def wire_size(self, label: str, frame: Frame) -> int:
         n = max(1, -(-len(frame) // self.t.chunk))
         return len(frame) + n * (OVERHEAD + 10 + len(label.encode()))
 
@@ -240,9 +239,6 @@ class MqttEndpoint(Endpoint):
             self._partial.pop(label, None)
             raise ProtocolError(f"chunk {k}/{n} of {label!r} is out of order or over the size limit")
         parts.append(data)
-        if label.startswith("bundle:"):  # offline accounting, per bundle
-            bid = label.split(":")[1]
-            self.bundle_bytes[bid] = self.bundle_bytes.get(bid, 0) + len(message)
         if k + 1 < n:
             return
         chunks = self._partial.pop(label)

@@ -113,7 +113,7 @@ class ShapedEndpoint(Endpoint):
     async def recv(self, label: str, timeout: float | None = None) -> Frame:
         return await self.inner.recv(label, timeout)
 
-    def wire_size(self, label: str, frame: bytes) -> int:
+    def wire_size(self, label: str, frame: Frame) -> int:
         return self.inner.wire_size(label, frame)
 
     async def aclose(self) -> None:
