@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -83,49 +85,54 @@ def _server_peak_rss(dep: Any) -> int:
     return peak
 
 
-async def run_load_bench(model_name: str, size: int, jobs: int = 8) -> dict[str, Any]:
-    """``jobs`` concurrent jobs (one data owner each) through a private Mosquitto: throughput and memory."""
+@contextlib.asynccontextmanager
+async def _service(model_name: str, size: int, net: str = "none", pool: int = 1) -> AsyncIterator[Any]:
+    """A private Mosquitto, the three services as processes, ``model_name`` deployed as "bench"."""
     import tempfile
     from pathlib import Path
 
-    import torch
-
-    from data_owner.client import Client
     from model_owner.client import deploy
 
     from .broker import Mosquitto
     from .config import PartyConfig
     from .demo import LocalDeployment
+
+    with tempfile.TemporaryDirectory(prefix="blindseg-bench-") as tmp, Mosquitto(tmp) as broker:
+        dep = LocalDeployment(Path(tmp) / "dep", broker.url, net, pool=pool)
+        try:
+            await asyncio.to_thread(dep.start)
+            await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "bench", size=size)
+            yield dep
+        finally:
+            dep.stop()
+
+
+async def run_load_bench(model_name: str, size: int, jobs: int = 8) -> dict[str, Any]:
+    """``jobs`` concurrent jobs (one data owner each) through a private Mosquitto: throughput and memory."""
+    import torch
+
+    from data_owner.client import Client
+
+    from .config import PartyConfig
     from .models import load_named_model
 
     model, _, _ = load_named_model(model_name, size)
     xs = [test_image(1, size, seed=100 + k).astype(np.float32) for k in range(jobs)]
     with torch.no_grad():
         refs = [torch.argmax(model(torch.from_numpy(x)), 1).numpy() for x in xs]
-    with tempfile.TemporaryDirectory(prefix="blindseg-load-") as tmp, Mosquitto(tmp) as broker:
-        dep = LocalDeployment(Path(tmp) / "dep", broker.url, pool=jobs)
-        try:
-            await asyncio.to_thread(dep.start)
-            await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "load", size=size)
-            await dep.wait_bundles()
-            cfg = PartyConfig.load(dep.configs["data_owner"])
-            for _ in range(600):  # the whole pool ready: we measure serving, not the dealer
-                if all((Path(tmp) / "dep" / "logs" / f"server{i}.log").read_text().count("ready and expanded") >= 1
-                       for i in (0, 1)) and len(list((Path(tmp) / "dep" / "state" / "server1" / "bundles" /
-                                                     "bundles").glob("*.bin"))) >= jobs:
-                    break
-                await asyncio.sleep(0.1)
+    async with _service(model_name, size, pool=jobs) as dep:
+        await dep.wait_bundles()
+        await dep.wait_stored(jobs)  # the whole pool at the servers: we measure serving, not the dealer
+        cfg = PartyConfig.load(dep.configs["data_owner"])
 
-            async def one(x: np.ndarray) -> np.ndarray:
-                async with Client(cfg) as c:
-                    return (await c.segment("load", x))[0]
+        async def one(x: np.ndarray) -> np.ndarray:
+            async with Client(cfg) as c:
+                return (await c.segment("bench", x))[0]
 
-            t0 = time.perf_counter()
-            masks = await asyncio.gather(*(one(x) for x in xs))
-            wall = time.perf_counter() - t0
-            rss = _server_peak_rss(dep)
-        finally:
-            dep.stop()
+        t0 = time.perf_counter()
+        masks = await asyncio.gather(*(one(x) for x in xs))
+        wall = time.perf_counter() - t0
+        rss = _server_peak_rss(dep)
     agree = [float(np.mean(m == r)) for m, r in zip(masks, refs, strict=True)]
     return {"model": model_name, "size": size, "transport": "mqtt", "broker": "mosquitto", "concurrent_jobs": jobs,
             "wall_seconds": wall, "jobs_per_minute": jobs / wall * 60, "min_pixel_agreement": min(agree),
@@ -136,17 +143,11 @@ async def run_mqtt_bench(model_name: str, size: int, net: str = "none", repeats:
     """The same job through the real service: dealer and servers as processes, a private Mosquitto,
     sealed MQTT frames, netsim on every party's links; the in-process run of the same plan alongside.
     Each side runs ``repeats`` jobs (a fresh bundle each, expanded before the job); medians reported."""
-    import tempfile
-    from pathlib import Path
-
     import torch
 
     from data_owner.client import Client
-    from model_owner.client import deploy
 
-    from .broker import Mosquitto
     from .config import PartyConfig
-    from .demo import LocalDeployment
     from .models import load_named_model
 
     x = test_image(1, size)
@@ -155,19 +156,12 @@ async def run_mqtt_bench(model_name: str, size: int, net: str = "none", repeats:
     locals_ = [await run_compiled(comp, x) for _ in range(repeats)]
     local = sorted(locals_, key=lambda r: r.stats["online_seconds"])[repeats // 2]
     costs = []
-    with tempfile.TemporaryDirectory(prefix="blindseg-bench-") as tmp, Mosquitto(tmp) as broker:
-        dep = LocalDeployment(Path(tmp) / "dep", broker.url, net, pool=1)
-        try:
-            await asyncio.to_thread(dep.start)
-            await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "bench", size=size)
-            async with Client(PartyConfig.load(dep.configs["data_owner"])) as client:
-                await client.plan("bench")
-                for k in range(repeats):
-                    await dep.wait_bundles(count=k + 1)  # offline is measured apart
-                    mask, c = await client.segment("bench", x.astype(np.float32))
-                    costs.append(c)
-        finally:
-            dep.stop()
+    async with _service(model_name, size, net) as dep, Client(PartyConfig.load(dep.configs["data_owner"])) as client:
+        await client.plan("bench")
+        for k in range(repeats):
+            await dep.wait_bundles(count=k + 1)  # offline is measured apart
+            mask, c = await client.segment("bench", x.astype(np.float32))
+            costs.append(c)
     with torch.no_grad():
         ref = torch.argmax(model(torch.tensor(x, dtype=torch.float32)), 1).numpy()
     cost = sorted(costs, key=lambda c: c["online_seconds"])[repeats // 2]

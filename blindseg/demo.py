@@ -89,6 +89,17 @@ class LocalDeployment:
                 raise BlindsegError(f"no preprocessing bundle reached the servers within {timeout:.0f} s")
             await asyncio.sleep(0.1)
 
+    async def wait_stored(self, n: int, timeout: float = 300.0) -> None:
+        """Wait until both servers hold at least ``n`` bundles on disk."""
+        dirs = [self.root / "state" / f"server{i}" / "bundles" / "bundles" for i in (0, 1)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not all(d.is_dir() and len(list(d.glob("*.bin"))) >= n for d in dirs):
+            self.check_alive()
+            if loop.time() > deadline:
+                raise BlindsegError(f"the servers did not receive {n} bundles within {timeout:.0f} s")
+            await asyncio.sleep(0.1)
+
     def check_alive(self) -> None:
         for role, p in self.procs.items():
             if p.poll() is not None:
