@@ -10,6 +10,6 @@ bundle is its seed alone. Cost per bundle: one ring conv per linear layer
 
 from __future__ import annotations
 
-from .core import Bundle, Dealer, DealerSource, InProcessDealer
+from .core import Bundle, Dealer, stream_bundle
 
-__all__ = ["Bundle", "Dealer", "DealerSource", "InProcessDealer"]
+__all__ = ["Bundle", "Dealer", "stream_bundle"]

@@ -1,4 +1,4 @@
-"""Dealer logic: model masks, bundle generation, a bounded pool ahead of demand."""
+"""Dealer logic: model masks and bundle generation, streamed op by op (the pool is in ``service.py``)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,14 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 import numpy as np
 
 from blindseg import circuit as cc
 from blindseg.bits import unslice
 from blindseg.channel import Endpoint
-from blindseg.errors import PreprocessingExhausted, UsageError
+from blindseg.errors import UsageError
 from blindseg.plan import Plan
 from blindseg.preprocessing import DEFAULT_ARITIES, Layout, MatSpec, draw
 from blindseg.prg import Prg, new_seed
@@ -25,18 +24,13 @@ from blindseg.wire import encode_frame
 
 @dataclass
 class Bundle:
-    """One server's preprocessing for one job: a seed (+ corrections for server 1)."""
+    """One server's share of a job's preprocessing: its seed (server 1's corrections stream separately)."""
 
     bundle_id: str
     model_id: str
     batch: int
     party: int
     seed: bytes
-    corrections: list[list[np.ndarray]] = field(default_factory=list)  # per op, party 1 only
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.seed) + sum(a.nbytes for op in self.corrections for a in op)
 
 
 def model_mask_shares(plan: Plan, seed: bytes) -> dict[int, np.ndarray]:
@@ -126,15 +120,6 @@ class Dealer:
             if op_corr:
                 yield i, op_corr
 
-    def make_bundle(self, model_id: str, batch: int) -> tuple[Bundle, Bundle]:
-        """Both servers' bundles for one job, corrections held in memory (small jobs, tests)."""
-        b0, b1 = self.new_bundle(model_id, batch)
-        layout = Layout.of(self._models[model_id][0], batch, self.arities)
-        b1.corrections = [[] for _ in layout.specs]
-        for i, corr in self.corrections(b0, b1):
-            b1.corrections[i] = corr
-        return b0, b1
-
 
 async def stream_bundle(dealer: Dealer, model_id: str, batch: int, to0: Endpoint, to1: Endpoint,
                         bundle_id: str | None = None, announce: str | None = None) -> tuple[str, float]:
@@ -155,53 +140,3 @@ async def stream_bundle(dealer: Dealer, model_id: str, batch: int, to0: Endpoint
             return b0.bundle_id, busy
         i, corr = item
         await to1.send(f"bundle:{b1.bundle_id}:{i}", encode_frame({"t": "bundle-op", "id": b1.bundle_id, "op": i}, corr))
-
-
-class DealerSource(Protocol):
-    """Where servers get bundles from: in-process here, over MQTT in a deployment."""
-
-    async def bundle(self, model_id: str, batch: int) -> tuple[Bundle, Bundle]: ...
-
-
-class InProcessDealer:
-    """A pool of ready bundles per (model, batch), refilled ahead of demand in a worker thread.
-
-    ``bundle`` takes one from the pool; an empty pool waits for the filler
-    (back-pressure), never generates inline on the caller's path.
-    """
-
-    def __init__(self, dealer: Dealer, pool_size: int = 1) -> None:
-        self.dealer = dealer
-        self.pool_size = pool_size
-        self._pools: dict[tuple[str, int], asyncio.Queue[tuple[Bundle, Bundle]]] = {}
-        self._fillers: dict[tuple[str, int], asyncio.Task[None]] = {}
-
-    async def _fill(self, key: tuple[str, int]) -> None:
-        q = self._pools[key]
-        while True:
-            pair = await asyncio.to_thread(self.dealer.make_bundle, *key)
-            await q.put(pair)
-
-    def prefill(self, model_id: str, batch: int) -> None:
-        """Start keeping ``pool_size`` bundles ready for this model and batch."""
-        key = (model_id, batch)
-        if key not in self._pools:
-            self._pools[key] = asyncio.Queue(maxsize=self.pool_size)
-            self._fillers[key] = asyncio.get_running_loop().create_task(self._fill(key))
-
-    async def bundle(self, model_id: str, batch: int, timeout: float | None = None) -> tuple[Bundle, Bundle]:
-        self.prefill(model_id, batch)
-        key = (model_id, batch)
-        try:
-            return await asyncio.wait_for(self._pools[key].get(), timeout)
-        except TimeoutError:
-            raise PreprocessingExhausted(f"no bundle for model {model_id!r} within {timeout} s") from None
-
-    async def close(self) -> None:
-        for t in self._fillers.values():
-            t.cancel()
-        for t in self._fillers.values():
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
