@@ -29,6 +29,7 @@ from .channel import MemoryLink
 from .errors import UsageError
 from .plan import Compiled, Plan, compile_model
 from .preprocessing import DEFAULT_ARITIES
+from .report import layer_rows
 from .server import Prepared, RunStats, ServerCore, drive, receive_bundle
 from .store import BundleStore
 from .wire import decode_frame, encode_frame
@@ -191,18 +192,8 @@ async def _run(comp: Compiled, image: Any, arities: tuple[int, ...], stores: lis
     online_seconds = time.perf_counter() - t_on
 
     online_bytes = [peer[i].counters.bytes_sent + do[i].b.counters.bytes_sent for i in (0, 1)]
-    layers = []
-    for j, op in enumerate(plan.ops):
-        s0, s1 = stats[0].per_op.get(j), stats[1].per_op.get(j)
-        corr = offline_per_op.get(j, 0)
-        if s0 is None and corr == 0:
-            continue
-        layers.append({
-            "op": j, "kind": op.kind, "name": op.name, "shape": list(op.shape),
-            "online_seconds": max(s0.seconds if s0 else 0.0, s1.seconds if s1 else 0.0),
-            "online_bytes": max(s0.bytes_sent if s0 else 0, s1.bytes_sent if s1 else 0),
-            "rounds": s0.rounds if s0 else 0, "offline_bytes": corr,
-        })
+    layers = layer_rows(plan, [{j: (s.seconds, s.bytes_sent, s.rounds) for j, s in st.per_op.items()} for st in stats],
+                        offline_per_op)
     st: dict[str, Any] = {
         "online_seconds": online_seconds,
         "offline_seconds": offline_seconds,

@@ -142,8 +142,10 @@ class Layout:
         """One server's expanded material for the whole job (upper bound: every item, both kinds)."""
         return sum(it.nbytes for op in self.specs for ms in op for it in ms.items)
 
-    def correction_bytes(self) -> int:
-        return sum(it.nbytes for op in self.specs for ms in op for it in ms.items if it.derived)
+    def correction_bytes(self, op: int | None = None) -> int:
+        """Bytes of derived items (server 1's corrections) for one op, or the whole job."""
+        ops = self.specs if op is None else (self.specs[op],)
+        return sum(it.nbytes for specs in ops for ms in specs for it in ms.items if it.derived)
 
 
 def draw(prg: Prg, item: Item) -> np.ndarray:

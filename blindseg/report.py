@@ -12,6 +12,37 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .plan import Plan
+
+
+def layer_rows(plan: Plan, online: list[dict[int, tuple[float, int, int]]], offline: dict[int, int]
+               ) -> list[dict[str, Any]]:
+    """The per-layer list of a report: per op, the larger of the servers' online (seconds, bytes, rounds)
+    and the offline bytes; ops that cost nothing are left out."""
+    rows = []
+    for i, op in enumerate(plan.ops):
+        mine = [per[i] for per in online if i in per]
+        if not mine and not offline.get(i):
+            continue
+        rows.append({"op": i, "kind": op.kind, "name": op.name, "shape": list(op.shape),
+                     "online_seconds": max((m[0] for m in mine), default=0.0),
+                     "online_bytes": max((m[1] for m in mine), default=0),
+                     "rounds": max((m[2] for m in mine), default=0), "offline_bytes": offline.get(i, 0)})
+    return rows
+
+
+def sum_layers(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per-layer costs of several jobs added up (one row per op)."""
+    total: dict[int, dict[str, Any]] = {}
+    for layers in runs:
+        for row in layers:
+            t = total.get(int(row["op"]))
+            if t is None:
+                total[int(row["op"])] = dict(row)
+            else:
+                for k in ("online_seconds", "online_bytes", "offline_bytes", "rounds"):
+                    t[k] += row[k]
+    return [total[k] for k in sorted(total)]
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

@@ -12,17 +12,7 @@ import numpy as np
 from blindseg.config import PartyConfig
 from blindseg.errors import UsageError
 from blindseg.node import run_service
-
-
-def _sum_layers(runs: list[list[dict[str, object]]]) -> list[dict[str, object]]:
-    total: dict[int, dict[str, object]] = {}
-    for layers in runs:
-        for L in layers:
-            t = total.setdefault(int(L["op"]), dict(L))  # type: ignore[call-overload]
-            if t is not L:
-                for k in ("online_seconds", "online_bytes", "offline_bytes", "rounds"):
-                    t[k] = t[k] + L[k]  # type: ignore[operator]
-    return [total[k] for k in sorted(total)]
+from blindseg.report import sum_layers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                   "online_bytes_per_server": max(sum(c["server_bytes"][i] for c in costs) for i in (0, 1)),
                   "offline_bytes_per_server": max(sum(c["offline_bytes"][i] for c in costs) for i in (0, 1)),
                   "offline_seconds": sum(c["offline_seconds"] for c in costs),
-                  "layers": _sum_layers([c["layers"] for c in costs])}
+                  "layers": sum_layers([c["layers"] for c in costs])}
         (out / "report.json").write_text(json.dumps(report, indent=1))
         from blindseg.report import cost_chart
 

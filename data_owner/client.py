@@ -23,6 +23,8 @@ from blindseg.config import PartyConfig
 from blindseg.errors import ConnectionLost, ProtocolError
 from blindseg.node import Node
 from blindseg.plan import Plan
+from blindseg.preprocessing import Layout
+from blindseg.report import layer_rows
 from blindseg.wire import decode_frame
 
 from . import reconstruct, share_image
@@ -121,7 +123,10 @@ class Client:
             frames = outs.result()
             decoded = [decode_frame(f) for f in frames]
             mask = reconstruct(plan, decoded[0][1][0], decoded[1][1][0])
-            layers = _layers(plan, int(x.shape[0]), [d[0].get("ops", []) for d in decoded])
+            layout = Layout.of(plan, int(x.shape[0]))  # offline bytes per op follow from the public plan
+            offline = {i: layout.correction_bytes(i) for i in range(len(plan.ops))}
+            layers = layer_rows(plan, [{int(i): (float(sec), int(nb), int(r)) for i, sec, nb, r in d[0].get("ops", [])}
+                                       for d in decoded], offline)
             cost = {"online_seconds": time.perf_counter() - t0, "layers": layers, "rounds": int(decoded[0][0]["rounds"]),
                     "server_bytes": [int(d[0]["bytes"]) for d in decoded],
                     "offline_bytes": [int(d[0].get("offline_bytes", 0)) for d in decoded],
@@ -130,24 +135,3 @@ class Client:
         finally:
             self._errors.pop(job, None)
             self._progress.pop(job, None)
-
-
-def _layers(plan: Plan, batch: int, per_server: list[list[list[Any]]]) -> list[dict[str, Any]]:
-    """Per-op costs: online from both servers' reports (the larger), offline from the plan's layout."""
-    from blindseg.preprocessing import Layout
-
-    layout = Layout.of(plan, batch)
-    online: dict[int, list[float]] = {}
-    for ops in per_server:
-        for i, sec, nbytes, rounds in ops:
-            cur = online.setdefault(int(i), [0.0, 0.0, 0.0])
-            online[int(i)] = [max(cur[0], float(sec)), max(cur[1], float(nbytes)), float(rounds)]
-    out = []
-    for i, op in enumerate(plan.ops):
-        off = sum(it.nbytes for ms in layout.specs[i] for it in ms.items if it.derived)
-        if i not in online and not off:
-            continue
-        sec, nbytes, rounds = online.get(i, [0.0, 0.0, 0.0])
-        out.append({"op": i, "kind": op.kind, "name": op.name, "online_seconds": sec, "online_bytes": int(nbytes),
-                    "rounds": int(rounds), "offline_bytes": off})
-    return out

@@ -158,3 +158,24 @@ def test_secure_matches_plaintext_on_real_test_slices():
     with torch.no_grad():
         plain = torch.argmax(model(torch.from_numpy(x)), 1).numpy()
     assert (res.mask == plain).mean() >= 0.9995
+
+
+def test_layer_rows_take_the_larger_server_and_sum_over_jobs():
+    from blindseg.plan import Plan
+    from blindseg.report import layer_rows, sum_layers
+
+    plan = Plan.from_dict(_small_plan_dict())
+    rows = layer_rows(plan, [{1: (0.5, 100, 1)}, {1: (0.7, 90, 1)}], {2: 40})
+    assert [(r["op"], r["online_seconds"], r["online_bytes"], r["rounds"], r["offline_bytes"]) for r in rows] == [
+        (1, 0.7, 100, 1, 0), (2, 0.0, 0, 0, 40)]
+    assert sum_layers([rows]) == rows
+    twice = sum_layers([rows, rows])
+    assert twice[0]["online_bytes"] == 200 and twice[0]["rounds"] == 2 and twice[1]["offline_bytes"] == 80
+
+
+def _small_plan_dict():
+    from blindseg.models import build_model
+    from blindseg.plan import compile_model
+
+    x = np.random.default_rng(0).normal(size=(1, 1, 16, 16))
+    return compile_model(build_model("ref-unet", seed=0), (1, 16, 16), "mask", "auto", samples=x).plan.to_dict()
