@@ -44,6 +44,12 @@ class Open:
     arith: list[np.ndarray] = field(default_factory=list)
     boolean: list[np.ndarray] = field(default_factory=list)
 
+    def combine(self, theirs: list[np.ndarray]) -> Opened:
+        """The opened values, from the peer's shares in the same order (arithmetic: add; boolean: XOR)."""
+        na = len(self.arith)
+        return ([a + b for a, b in zip(self.arith, theirs[:na], strict=True)],
+                [a ^ b for a, b in zip(self.boolean, theirs[na:], strict=True)])
+
 
 Opened = tuple[list[np.ndarray], list[np.ndarray]]
 Proto = Generator[Open, Opened, np.ndarray]

@@ -243,8 +243,7 @@ async def exchange(party: int, peer: Endpoint, label: str, req: P.Open, timeout:
     for a, b in zip(mine, theirs, strict=True):
         if a.shape != b.shape or a.dtype != b.dtype:
             raise ProtocolError(f"peer share for {label!r} has shape {b.shape}/{b.dtype}, expected {a.shape}/{a.dtype}")
-    na = len(req.arith)
-    return [a + b for a, b in zip(mine[:na], theirs[:na], strict=False)], [a ^ b for a, b in zip(mine[na:], theirs[na:], strict=False)]
+    return req.combine(theirs)
 
 
 async def drive(gen: Step, party: int, peer: Endpoint, job: str, stats: RunStats | None = None,
