@@ -241,50 +241,33 @@ def compile_model(
             kind = type(mod)
         fn = node.target if node.op in ("call_function", "call_method") else None
         x = arg(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-        if kind is nn.Conv2d:
-            conv_mod = mod
-            if conv_mod.groups != 1 or conv_mod.padding_mode != "zeros" or isinstance(conv_mod.padding, str):
+        if kind is nn.Conv2d or kind is nn.ConvTranspose2d:
+            m = mod
+            transposed = kind is nn.ConvTranspose2d
+            if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
                 raise UnsupportedLayerError(f"{node.target} ({desc}): only groups=1, numeric zero padding")
             src = settle(x)  # type: ignore[arg-type]
-            k = _pair(conv_mod.kernel_size)
-            st = _square(conv_mod.stride, "stride", node.target)
-            pd = _square(conv_mod.padding, "padding", node.target)
-            dl = _square(conv_mod.dilation, "dilation", node.target)
-            cin, hi, wi = ops[src].shape
-            if cin != conv_mod.in_channels:
-                raise UsageError(f"{node.target} expects {conv_mod.in_channels} input channels, the input has {cin}")
-            from .linalg import conv2d_out_hw
-
-            ho, wo = conv2d_out_hw(hi, wi, k, st, pd, dl)
-            idx = add("conv", (src,), (conv_mod.out_channels, ho, wo), node.target,
-                      kernel=list(k), stride=st, padding=pd, dilation=dl, fw=0)
-            wt = conv_mod.weight.detach().double().numpy().copy()
-            bias = conv_mod.bias.detach().double().numpy().copy() if conv_mod.bias is not None else None
-            weights[idx] = (wt, bias)
-            vals[node.name] = _Val(idx, pending=True)
-            last_bn_conv[node.name] = idx
-        elif kind is nn.ConvTranspose2d:
-            m = mod
-            if m.groups != 1 or m.padding_mode != "zeros":
-                raise UnsupportedLayerError(f"{node.target} ({desc}): only groups=1, zero padding")
-            src = settle(x)  # type: ignore[arg-type]
             k = _pair(m.kernel_size)
-            st = _square(m.stride, "stride", node.target)
-            pd = _square(m.padding, "padding", node.target)
-            op_ = _square(m.output_padding, "output_padding", node.target)
-            dl = _square(m.dilation, "dilation", node.target)
+            geom = {name: _square(getattr(m, name), name, node.target)
+                    for name in ("stride", "padding", *(("output_padding",) if transposed else ()), "dilation")}
             cin, hi, wi = ops[src].shape
             if cin != m.in_channels:
                 raise UsageError(f"{node.target} expects {m.in_channels} input channels, the input has {cin}")
-            from .linalg import conv_transpose2d_out_hw
+            from .linalg import conv2d_out_hw, conv_transpose2d_out_hw
 
-            ho, wo = conv_transpose2d_out_hw(hi, wi, k, st, pd, op_, dl)
-            idx = add("convt", (src,), (m.out_channels, ho, wo), node.target,
-                      kernel=list(k), stride=st, padding=pd, output_padding=op_, dilation=dl, fw=0)
+            if transposed:
+                ho, wo = conv_transpose2d_out_hw(hi, wi, k, geom["stride"], geom["padding"], geom["output_padding"],
+                                                 geom["dilation"])
+            else:
+                ho, wo = conv2d_out_hw(hi, wi, k, geom["stride"], geom["padding"], geom["dilation"])
+            idx = add("convt" if transposed else "conv", (src,), (m.out_channels, ho, wo), node.target,
+                      kernel=list(k), **geom, fw=0)
             wt = m.weight.detach().double().numpy().copy()
             bias = m.bias.detach().double().numpy().copy() if m.bias is not None else None
             weights[idx] = (wt, bias)
             vals[node.name] = _Val(idx, pending=True)
+            if not transposed:
+                last_bn_conv[node.name] = idx
         elif kind is nn.BatchNorm2d:
             prev = node.args[0]
             if x is None or not x.pending or len(prev.users) != 1 or ops[x.idx].kind != "conv":

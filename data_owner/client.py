@@ -71,15 +71,24 @@ class Client:
             elif (kind, key) in self._waiters and not self._waiters[(kind, key)].done():
                 self._waiters[(kind, key)].set_result(h)
 
-    async def plan(self, model: str) -> Plan:
+    async def plan(self, model: str, timeout: float = 30.0) -> Plan:
+        """The model's public plan, asked of server0 (re-asked every 2 s: a request can be lost while a
+        party reconnects to the broker; asking is idempotent)."""
         if model not in self.plans:
             fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             self._waiters[("planinfo", model)] = fut
-            await self.node.tell("server0", "getplan", {"model": model})
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
             try:
-                h = await asyncio.wait_for(fut, 30)
-            except TimeoutError:
-                raise ConnectionLost("server0 did not answer within 30 s: is it running?") from None
+                while True:
+                    await self.node.tell("server0", "getplan", {"model": model})
+                    try:
+                        h = await asyncio.wait_for(asyncio.shield(fut), min(2.0, max(0.01, deadline - loop.time())))
+                        break
+                    except TimeoutError:
+                        if loop.time() >= deadline:
+                            raise ConnectionLost(f"server0 did not answer within {timeout:.0f} s: is it running?"
+                                                 ) from None
             finally:
                 self._waiters.pop(("planinfo", model), None)
             self.plans[model] = Plan.from_dict(h["plan"])
