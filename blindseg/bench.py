@@ -11,23 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from .compiler import compile_model
 from .engine import run_compiled
-from .models import build_model
-from .plan import compile_model
+from .models import build_model, test_image
 
-
-def test_image(batch: int, size: int, seed: int = 0) -> np.ndarray:
-    """A structured synthetic scan-like image (smooth blobs + noise), N x 1 x size x size."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    out = []
-    for _ in range(batch):
-        img = np.zeros((size, size))
-        for _ in range(6):
-            cy, cx, r = rng.uniform(0.2, 0.8, 2).tolist() + [rng.uniform(0.05, 0.25)]
-            img += rng.uniform(0.5, 1.5) * (np.hypot(yy - cy, xx - cx) < r)
-        out.append(img + 0.1 * rng.normal(size=(size, size)))
-    return np.stack(out)[:, None]
+__all__ = ["run_bench", "run_load_bench", "run_mqtt_bench", "test_image"]
 
 
 def plaintext_seconds(model: Any, x: np.ndarray, repeats: int = 5) -> float:

@@ -5,8 +5,8 @@ label; frames that arrive before anyone waits for them are buffered by label
 (MPyC-style), so interleaved protocol steps never mix messages. Every
 endpoint counts the bytes and frames it sends. :class:`MemoryLink` joins two
 endpoints in-process with the exact serialized frames a network would carry;
-the MQTT transport (``transport.py``) implements the same interface, and netsim wraps
-an endpoint to shape it.
+:class:`MemoryNetwork` joins whole parties (their services run unchanged in-process); the MQTT
+transport (``transport.py``) implements the same interface, and netsim wraps an endpoint to shape it.
 """
 
 from __future__ import annotations
@@ -37,13 +37,21 @@ class Counters:
 
 
 class Endpoint(ABC):
-    """One party's end of a link to one peer."""
+    """One party's end of a link to one peer. :meth:`send` counts every frame once, as the bytes it
+    occupies on the link (what :meth:`_send` reports); subclasses only move bytes."""
 
     def __init__(self) -> None:
         self.counters = Counters()
 
+    async def send(self, label: str, frame: bytes) -> None:
+        n = await self._send(label, frame)
+        self.counters.bytes_sent += n
+        self.counters.frames_sent += 1
+        self.counters.log.append((label, n))
+
     @abstractmethod
-    async def send(self, label: str, frame: bytes) -> None: ...
+    async def _send(self, label: str, frame: bytes) -> int:
+        """Move one frame; returns the bytes it took on the link."""
 
     @abstractmethod
     async def recv(self, label: str, timeout: float | None = None) -> Frame: ...
@@ -85,21 +93,28 @@ class _Inbox:
             self.waiting.pop(label, None)
 
 
-class MemoryEndpoint(Endpoint):
-    """In-process endpoint: frames go straight into the peer's inbox."""
+Control = asyncio.Queue[tuple[str, str, Frame]]  # (sender, label, frame) of ``ctl:`` frames
 
-    def __init__(self) -> None:
+
+class MemoryEndpoint(Endpoint):
+    """In-process endpoint: frames go straight into the peer's inbox (``ctl:`` frames into the peer
+    party's control queue, when it has one, as the MQTT transport does)."""
+
+    def __init__(self, owner: str = "", control: Control | None = None) -> None:
         super().__init__()
+        self.owner, self.control = owner, control
         self.inbox = _Inbox()
         self.peer: MemoryEndpoint | None = None
 
-    async def send(self, label: str, frame: bytes) -> None:
-        if self.peer is None or self.peer.inbox.closed:
+    async def _send(self, label: str, frame: bytes) -> int:
+        peer = self.peer
+        if peer is None or peer.inbox.closed:
             raise ConnectionLost("peer endpoint is closed")
-        self.counters.bytes_sent += len(frame)
-        self.counters.frames_sent += 1
-        self.counters.log.append((label, len(frame)))
-        self.peer.inbox.deliver(label, frame)
+        if peer.control is not None and label.startswith("ctl:"):
+            peer.control.put_nowait((self.owner, label, frame))
+        else:
+            peer.inbox.deliver(label, frame)
+        return len(frame)
 
     async def recv(self, label: str, timeout: float | None = None) -> Frame:
         return await self.inbox.take(label, timeout)
@@ -114,6 +129,35 @@ class MemoryEndpoint(Endpoint):
 class MemoryLink:
     """Two connected in-memory endpoints, ``a`` and ``b``."""
 
-    def __init__(self) -> None:
-        self.a, self.b = MemoryEndpoint(), MemoryEndpoint()
+    def __init__(self, a: MemoryEndpoint | None = None, b: MemoryEndpoint | None = None) -> None:
+        self.a, self.b = a or MemoryEndpoint(), b or MemoryEndpoint()
         self.a.peer, self.b.peer = self.b, self.a
+
+
+class MemoryTransport:
+    """One party of a :class:`MemoryNetwork`: an endpoint per peer and a control queue (the interface
+    of :class:`~blindseg.transport.MqttTransport`)."""
+
+    def __init__(self, me: str) -> None:
+        self.me = me
+        self.control: Control = asyncio.Queue()
+        self.endpoints: dict[str, MemoryEndpoint] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for ep in self.endpoints.values():
+            ep.close()
+
+
+class MemoryNetwork:
+    """Named parties, every pair joined in memory: the same frames and labels as over MQTT."""
+
+    def __init__(self, parties: tuple[str, ...]) -> None:
+        self.transports = {p: MemoryTransport(p) for p in parties}
+        for i, a in enumerate(parties):
+            for b in parties[i + 1:]:
+                ta, tb = self.transports[a], self.transports[b]
+                link = MemoryLink(MemoryEndpoint(a, ta.control), MemoryEndpoint(b, tb.control))
+                ta.endpoints[b], tb.endpoints[a] = link.a, link.b

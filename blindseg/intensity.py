@@ -22,7 +22,7 @@ def apply(spec: dict[str, Any] | None, image: np.ndarray) -> np.ndarray:
     kind = (spec or {"kind": "none"}).get("kind", "none")
     x = np.asarray(image, dtype=np.float32)
     if kind == "none":
-        return x
+        return np.asarray(image, dtype=np.float64)
     if kind == "mri-percentile":
         p = float(spec.get("p", 99)) if spec else 99.0
         out = np.empty_like(x)

@@ -105,7 +105,19 @@ def load_named_model(name: str, size: int = 64) -> tuple[Any, np.ndarray, dict[s
         calib = intensity.apply(MNI_PREPROCESS, demo_slices()["calib_image"].astype(np.float32))
         return model.eval(), calib, {"preprocess": MNI_PREPROCESS, "class_names": MNI_CLASSES, "name": name}
     model = build_model(name, classes=2)
-    from .bench import test_image
-
     calib = test_image(2, size, seed=99).astype(np.float32)
     return model, calib, {"preprocess": {"kind": "none"}, "class_names": ["background", "foreground"], "name": name}
+
+
+def test_image(batch: int, size: int, seed: int = 0) -> np.ndarray:
+    """A structured synthetic scan-like image (smooth blobs + noise), N x 1 x size x size."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(batch):
+        img = np.zeros((size, size))
+        for _ in range(6):
+            cy, cx, r = rng.uniform(0.2, 0.8, 2).tolist() + [rng.uniform(0.05, 0.25)]
+            img += rng.uniform(0.5, 1.5) * (np.hypot(yy - cy, xx - cx) < r)
+        out.append(img + 0.1 * rng.normal(size=(size, size)))
+    return np.stack(out)[:, None]

@@ -25,29 +25,47 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
-
+from netsim import Profile, profile, wrap
 from netsim import close as close_links
-from netsim import profile, wrap
 
-from .channel import Endpoint
+from .channel import Control, Endpoint
 from .config import PartyConfig
-from .transport import MqttTransport
-from .wire import encode_frame
+from .errors import ProtocolError, UsageError
+from .messages import Message, decode
 
 log = logging.getLogger("blindseg.node")
+
+
+class Transport(Protocol):
+    """What a node needs of a transport (MQTT or in-memory): endpoints per peer and a control queue."""
+
+    control: Control
+
+    @property
+    def endpoints(self) -> Any: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class Node:
     """A party's connection to the deployment: endpoints to its peers, shaped by its netsim profile."""
 
-    def __init__(self, cfg: PartyConfig) -> None:
-        self.cfg = cfg
-        self.transport = MqttTransport(cfg.deployment, cfg.party, cfg.key, cfg.peers, cfg.broker)
-        prof = profile(cfg.net)
-        self.links: dict[str, Endpoint] = {p: wrap(ep, prof) for p, ep in self.transport.endpoints.items()}
+    def __init__(self, party: str, transport: Transport, prof: Profile | None = None, where: str = "",
+                 deployment: str = "local") -> None:
+        self.party, self.transport, self.where, self.deployment = party, transport, where or party, deployment
+        prof = prof or profile("none")
+        self.links: dict[str, Endpoint] = {p: wrap(ep, prof) for p, ep in transport.endpoints.items()}
+
+    @staticmethod
+    def from_config(cfg: PartyConfig) -> Node:
+        from .transport import MqttTransport
+
+        return Node(cfg.party, MqttTransport(cfg.deployment, cfg.party, cfg.key, cfg.peers, cfg.broker),
+                    profile(cfg.net), str(cfg.path), cfg.deployment)
 
     async def start(self) -> Node:
         await self.transport.start()
@@ -59,18 +77,25 @@ class Node:
 
     def link(self, peer: str) -> Endpoint:
         if peer not in self.links:
-            from .errors import UsageError
-
-            raise UsageError(f"{self.cfg.path}: no [peers] key for {peer!r}")
+            raise UsageError(f"{self.where}: no [peers] key for {peer!r}")
         return self.links[peer]
 
-    async def tell(self, peer: str, kind: str, header: dict[str, Any], arrays: list[np.ndarray] = ()) -> None:  # type: ignore[assignment]
-        await self.link(peer).send(f"ctl:{kind}", encode_frame({"t": kind, **header}, list(arrays)))
+    async def tell(self, peer: str, msg: Message) -> None:
+        """Send a control message (label ``ctl:<type>``)."""
+        await self.link(peer).send(f"ctl:{msg.T}", msg.encode())
 
-    async def next_control(self) -> tuple[str, str, bytes]:
-        """(sender, kind, frame) of the next control message."""
-        sender, label, frame = await self.transport.control.get()
-        return sender, label[4:], frame
+    async def next_control(self) -> tuple[str, Message]:
+        """(sender, message) of the next well-formed control message; malformed ones are dropped with a
+        logged reason (the peer misbehaved; the service goes on)."""
+        while True:
+            sender, label, frame = await self.transport.control.get()
+            try:
+                msg = decode(frame)
+                if label != f"ctl:{msg.T}":
+                    raise ProtocolError(f"a {msg.T} message arrived on {label!r}")
+                return sender, msg
+            except ProtocolError as e:
+                log.warning("%s: dropped control message from %s: %s", self.party, sender, e)
 
 
 def run_service(coro: Any) -> int:

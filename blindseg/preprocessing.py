@@ -1,4 +1,4 @@
-"""What each plan op consumes from the dealer, and how a server expands its bundle.
+"""Preprocessing material: items, the delivery rule, the dealer's half of an op, server expansion.
 
 A *bundle* is everything one job consumes. Each op's material is a list of
 items (arithmetic uint32 arrays or bit-sliced uint64 words). An item is either
@@ -9,7 +9,7 @@ items (arithmetic uint32 arrays or bit-sliced uint64 words). An item is either
   draws its share from its PRG, server 1 receives ``value - share0`` (or XOR)
   as a *correction* -- the only offline bytes that must travel.
 
-Server 0's bundle is therefore a 32-byte seed; server 1's is a seed plus the
+Who receives what is decided in one place, :func:`by_correction`. Server 0's bundle is therefore a 32-byte seed; server 1's is a seed plus the
 corrections. PRG streams are per op (AES-CTR nonce = op index), so material
 can be expanded op by op.
 
@@ -24,18 +24,16 @@ Material kinds:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .bits import nwords
-from .circuit import Circuit, build_circuit
-from .plan import LINEAR, Op, Plan
+from .bits import nwords, unslice
+from .circuit import Circuit, mask_products
+from .errors import ProtocolError, UsageError
 from .prg import Prg
-
-DEFAULT_ARITIES = (3, 3, 2)
 
 
 @dataclass(frozen=True)
@@ -107,45 +105,69 @@ def tournament(count: int) -> list[int]:
     return levels
 
 
-def op_specs(plan: Plan, i: int, batch: int, circuit: Circuit) -> list[MatSpec]:
-    """The material op ``i`` consumes for a batch of ``batch`` images."""
-    op: Op = plan.ops[i]
-    if op.kind in LINEAR:
-        src = plan.ops[op.inputs[0]].shape
-        return [beaver_spec((batch, *src), (batch, *op.shape))]
-    n = batch * int(np.prod(op.shape))
-    if op.kind == "rescale":
-        s = int(op.p("shift"))
-        return [select_spec(n, s, circuit)] if op.p("relu") else [trunc_spec(n, s)]
-    if op.kind == "maxpool":
-        return [select_spec(p * n, 0, circuit) for p in tournament(int(op.p("kernel")) ** 2)]
-    if op.kind == "argmax":
-        return [select_spec(p * n, 0, circuit) for p in tournament(int(op.p("classes")))]
-    return []
+# ------------------------------------------------------------ delivery rule
 
 
-@dataclass(frozen=True)
-class Layout:
-    """The whole job's material, per op."""
+def by_correction(item: Item, party: int) -> bool:
+    """The one delivery rule: does ``party`` receive ``item`` as a correction from the dealer?
 
-    plan: Plan
-    batch: int
-    circuit: Circuit
-    specs: tuple[tuple[MatSpec, ...], ...]
+    Random items: never (both servers draw their share from their own PRG stream).
+    Derived items: server 1 receives ``value - share0`` (XOR for bits); server 0 draws its
+    share from its stream. Dealer, servers and tests all ask this function.
+    """
+    return item.derived and party == 1
 
-    @staticmethod
-    def of(plan: Plan, batch: int, arities: tuple[int, ...] = DEFAULT_ARITIES) -> Layout:
-        circuit = build_circuit(30, arities)
-        return Layout(plan, batch, circuit, tuple(tuple(op_specs(plan, i, batch, circuit)) for i in range(len(plan.ops))))
 
-    def material_bytes(self) -> int:
-        """One server's expanded material for the whole job (upper bound: every item, both kinds)."""
-        return sum(it.nbytes for op in self.specs for ms in op for it in ms.items)
+def corrections_of(specs: tuple[MatSpec, ...] | list[MatSpec], party: int) -> list[Item]:
+    """The items of one op that ``party`` receives as corrections, in stream order."""
+    return [it for ms in specs for it in ms.items if by_correction(it, party)]
 
-    def correction_bytes(self, op: int | None = None) -> int:
-        """Bytes of derived items (server 1's corrections) for one op, or the whole job."""
-        ops = self.specs if op is None else (self.specs[op],)
-        return sum(it.nbytes for specs in ops for ms in specs for it in ms.items if it.derived)
+
+def derive_material(ms: MatSpec, rand: dict[str, np.ndarray], circ: Circuit) -> dict[str, np.ndarray]:
+    """Plain values of the derived items of a ``trunc`` or ``select`` spec from its random items
+    (``beaver`` needs the op's bilinear function: the linear layer derives it)."""
+    s = ms.shift
+    r = rand["r"] if ms.kind == "trunc" else unslice(rand["rbits"], ms.n)
+    u = np.uint32(0) - ((r & np.uint32(0x7FFFFFFF)) >> np.uint32(s))
+    msb = r >> np.uint32(31)  # v's items carry msb(r) mod 2^(s+1); the server shifts by 31 - s
+    if ms.kind == "trunc":
+        return {"u": u, "v": msb}
+    if ms.kind != "select":
+        raise UsageError(f"material kind {ms.kind!r} has no generic derivation")
+    rb = rand["rbits"]
+    out = {"rpairs": rb[0:30:2] & rb[1:30:2]}
+    for k, level in enumerate(circ.levels):
+        out[f"prod{k}"] = mask_products(level, rand[f"mask{k}"])
+    rho = unslice(rand["rho"], ms.n)
+    out.update(r=r, u=u, v=msb, rho_a=rho, rho_u=rho * u, rho_v=rho * msb)
+    return out
+
+
+Derive = Callable[[MatSpec, dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def deal_op(specs: tuple[MatSpec, ...] | list[MatSpec], seed0: bytes, seed1: bytes, op_index: int,
+            derive: Derive) -> list[np.ndarray]:
+    """Dealer side of one op: the corrections server 1 receives (per :func:`by_correction`).
+
+    The dealer replays both servers' PRG streams for the op, adds (XORs) the two shares of every
+    random item to get its value, derives the dependent values, and returns ``value - share0``."""
+    prg0, prg1 = Prg(seed0, stream=op_index), Prg(seed1, stream=op_index)
+    out: list[np.ndarray] = []
+    for ms in specs:
+        rand: dict[str, np.ndarray] = {}
+        for it in ms.items:
+            if not it.derived:
+                a0, a1 = draw(prg0, it), draw(prg1, it)
+                rand[it.name] = a0 + a1 if it.kind == "arith" else a0 ^ a1
+        values = derive(ms, rand)
+        del rand
+        for it in ms.items:
+            if by_correction(it, 1):
+                share0 = draw(prg0, it)
+                val = values[it.name].astype(it.dtype)
+                out.append(val - share0 if it.kind == "arith" else val ^ share0)
+    return out
 
 
 def draw(prg: Prg, item: Item) -> np.ndarray:
@@ -173,13 +195,11 @@ def expand_op(
         for it in ms.items:
             if it.name in skip:
                 continue
-            if it.derived and party == 1:
+            if by_correction(it, party):
                 if corrections is None:
-                    raise ValueError("server 1 needs corrections to expand derived items")
+                    raise UsageError("server 1 needs corrections to expand derived items")
                 arr = next(corrections)
                 if arr.dtype != it.dtype or arr.shape != it.shape:
-                    from .errors import ProtocolError
-
                     raise ProtocolError(f"bundle item {it.name} of op {op_index} has the wrong dtype or shape")
                 mat[it.name] = arr
             else:

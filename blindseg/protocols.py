@@ -8,7 +8,7 @@ bytes; nothing here touches a socket, a clock or a global.
 Costs are per server and per element unless stated; ``L`` = circuit levels
 (2 with the default (3, 5) tree).
 
-- :func:`linear` (SecConv / SecTrConv, Beaver with fixed model masks):
+- :func:`linear` (any bilinear op f, Beaver with fixed model masks):
   open D = X - A (1 round, 4 B per input element); Z_i = F_i + f(D, B_i + i*E)
   with F_i = C_i + f(A_i, E) + bias_i precomputed offline. One ring conv online.
 - :func:`trunc`: open c = x + 2^(s-1) + 2^30 + r (1 round, 4 B);
@@ -17,23 +17,22 @@ Costs are per server and per element unless stated; ``L`` = circuit levels
   c, then the borrow circuit (``circuit.py``) gives sign bit b (L rounds,
   ``opened_bits`` bits), then e = b ^ rho is opened (1 round, 1 bit) and
   b * (x >> s) is linear in the dealer's rho, rho*u, rho*v. 2 + L rounds.
-- :func:`maxpool`: tournament, max(a, b) = b + ReLU(a - b); 2x2 -> 2 levels,
-  3 comparisons per output.
+- :func:`leaky`: LeakyReLU as ReLU plus a second truncation of the negative part. 3 + L rounds.
+- :func:`tournament_max`: max(a, b) = b + ReLU(a - b) per level (max-pool 2x2: 2 levels,
+  3 comparisons per output).
 - :func:`argmax`: values lifted to x * 2^bits + (K - 1 - k), tournament of
   max; the low ``bits`` of the maximum are the label. Only those bits leave.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import circuit as cc
 from .bits import bitslice, unslice
-from .linalg import conv2d, conv_transpose2d
-from .plan import Op, windows
 from .preprocessing import Material, tournament
 
 
@@ -57,25 +56,11 @@ Proto = Generator[Open, Opened, np.ndarray]
 HALF = np.uint32(1 << 30)
 
 
-def apply_linear(op: Op, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """The op's exact ring bilinear function f(x, w)."""
-    if op.kind == "conv":
-        return conv2d(x, w, op.p("stride"), op.p("padding"), op.p("dilation"))
-    return conv_transpose2d(x, w, op.p("stride"), op.p("padding"), op.p("output_padding"), op.p("dilation"))
-
-
-def linear_offline(party: int, op: Op, mat: Material, e: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """F_i = C_i + f(A_i, E) (+ bias_i): everything that does not depend on the image."""
-    f = mat["C"] + apply_linear(op, mat["A"], e)
-    if bias is not None:
-        f += bias[None, :, None, None]
-    return f
-
-
-def linear(op: Op, x: np.ndarray, mat: Material, f_pre: np.ndarray, w_online: np.ndarray) -> Proto:
-    """Beaver for a bilinear op: open D = X - A, then Z_i = F_i + f(D, B_i + i*E)."""
+def linear(x: np.ndarray, mat: Material, f_pre: np.ndarray, w_online: np.ndarray,
+           f: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Proto:
+    """Beaver for a bilinear op ``f``: open D = X - A, then Z_i = F_i + f(D, B_i + i*E)."""
     (d,), _ = yield Open(arith=[x - mat["A"]])
-    return f_pre + apply_linear(op, d, w_online)
+    return f_pre + f(d, w_online)
 
 
 def _public_part(c: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,8 +107,9 @@ def sign_bits(party: int, c: np.ndarray, mat: Material, circ: cc.Circuit) -> Gen
     return ge
 
 
-def select(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit) -> Proto:
-    """ReLU(z >> s) (s = 0: ReLU(z)). 2 + L rounds; the sign and truncation share one opening."""
+def select_value(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit
+                 ) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
+    """(ReLU(z >> s), z >> s): the ReLU and the truncated value it selects from, same rounds as :func:`select`."""
     shape = z.shape
     n = z.size
     (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], s)])
@@ -133,10 +119,26 @@ def select(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit) -
     t, k = _public_part(c, s)
     one_m2e = np.uint32(1) - (e << np.uint32(1))
     v, rho_v = _msb_term(mat["v"], s), _msb_term(mat["rho_v"], s)
-    out = e * (mat["u"] + k * v) + one_m2e * (t * mat["rho_a"] + mat["rho_u"] + k * rho_v)
+    value = mat["u"] + k * v
+    out = e * value + one_m2e * (t * mat["rho_a"] + mat["rho_u"] + k * rho_v)
     if party == 0:
         out += e * t
-    return out.reshape(shape)
+        value += t
+    return out.reshape(shape), value.reshape(shape)
+
+
+def select(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit) -> Proto:
+    """ReLU(z >> s) (s = 0: ReLU(z)). 2 + L rounds; the sign and truncation share one opening."""
+    out, _ = yield from select_value(party, z, mat, s, circ)
+    return out
+
+
+def leaky(party: int, z: np.ndarray, mats: list[Material], s: int, q: int, g: int, circ: cc.Circuit) -> Proto:
+    """LeakyReLU(z >> s) with public slope q / 2^g: p + trunc(q * (t - p), g), p = ReLU(t), t = z >> s.
+    3 + L rounds; 4 B per element more than ReLU (the second truncation)."""
+    pos, t = yield from select_value(party, z, mats[0], s, circ)
+    low = yield from trunc(party, (t - pos) * np.uint32(q & 0xFFFFFFFF), mats[1], g)
+    return pos + low
 
 
 def tournament_max(party: int, cands: list[np.ndarray], mats: list[Material], circ: cc.Circuit) -> Proto:
@@ -149,29 +151,13 @@ def tournament_max(party: int, cands: list[np.ndarray], mats: list[Material], ci
     return cands[0]
 
 
-def maxpool(party: int, op: Op, x: np.ndarray, mats: list[Material], circ: cc.Circuit) -> Proto:
-    """k x k max-pool as a tournament (2x2: 2 comparison depths, 3 comparisons per output)."""
-    cands = [np.ascontiguousarray(w) for w in windows(x, int(op.p("kernel")), int(op.p("stride")))]
-    return (yield from tournament_max(party, cands, mats, circ))
-
-
-def avgsum(op: Op, x: np.ndarray) -> np.ndarray:
-    """Window sums (local); the following rescale divides."""
-    ws = windows(x, int(op.p("kernel")), int(op.p("stride")))
-    out = ws[0].copy()
-    for w in ws[1:]:
-        out += w
-    return out
-
-
-def argmax(party: int, op: Op, z: np.ndarray, mats: list[Material], circ: cc.Circuit) -> Proto:
+def argmax(party: int, classes: int, bits: int, z: np.ndarray, mats: list[Material], circ: cc.Circuit) -> Proto:
     """Label shares mod 2^bits: tournament over the lifted channels x*2^b + (K-1-k)."""
-    k_cls, bits = int(op.p("classes")), int(op.p("bits"))
     cands = []
-    for k in range(k_cls):
+    for k in range(classes):
         v = z[:, k] << np.uint32(bits)
         if party == 0:
-            v += np.uint32(k_cls - 1 - k)
+            v += np.uint32(classes - 1 - k)
         cands.append(v)
     m = yield from tournament_max(party, cands, mats, circ)
     return (m & np.uint32((1 << bits) - 1)).astype(np.uint8)

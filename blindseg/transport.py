@@ -202,7 +202,7 @@ class MqttEndpoint(Endpoint):
         self._out = topic_for(transport.deployment, peer, transport.me)
         self._lock = asyncio.Lock()
 
-    async def send(self, label: str, frame: bytes) -> None:
+    async def _send(self, label: str, frame: bytes) -> int:
         lab = label.encode()
         if len(frame) > self.t.max_frame:
             raise ProtocolError(f"frame {label!r} is {len(frame)} bytes, over the {self.t.max_frame}-byte limit")
@@ -214,9 +214,7 @@ class MqttEndpoint(Endpoint):
             msgs.append(self._sealer.seal(self._out, head, view[k * self.t.chunk:(k + 1) * self.t.chunk]))
         async with self._lock:  # one frame's chunks stay contiguous on the topic
             await asyncio.gather(*(self.t.publish(self._out, m) for m in msgs))
-        self.counters.bytes_sent += sum(len(m) for m in msgs)
-        self.counters.frames_sent += 1
-        self.counters.log.append((label, sum(len(m) for m in msgs)))
+        return sum(len(m) for m in msgs)
 
     async def recv(self, label: str, timeout: float | None = None) -> Frame:
         return await self.inbox.take(label, timeout)

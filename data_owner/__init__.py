@@ -18,17 +18,19 @@ from blindseg.ring import decode, encode
 
 
 def validate_image(plan: Plan, image: Any) -> np.ndarray:
-    """The image as float64 N x C x H x W, or a UsageError naming the problem."""
+    """The image as float64 (N, C, *spatial) as the plan expects, or a UsageError naming the problem."""
     torch = sys.modules.get("torch")  # a tensor implies torch is loaded; never import it just to check
     if torch is not None and isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     arr = np.asarray(image)
     if arr.dtype.kind not in "fiu":
         raise UsageError(f"image must be a numeric array, got dtype {arr.dtype}")
-    if arr.ndim != 4:
-        raise UsageError(f"image must be N x C x H x W, got {arr.ndim} dimensions {arr.shape}")
+    want = 2 + len(plan.input_shape) - 1
+    if arr.ndim != want:
+        axes = "N x C x " + " x ".join("DHW"[-(want - 2):])
+        raise UsageError(f"image must be {axes} ({want - 2}D model), got {arr.ndim} dimensions {arr.shape}")
     if tuple(arr.shape[1:]) != plan.input_shape:
-        raise UsageError(f"image has shape C x H x W = {tuple(arr.shape[1:])}, the model expects {plan.input_shape}")
+        raise UsageError(f"image has shape (C, *spatial) = {tuple(arr.shape[1:])}, the model expects {plan.input_shape}")
     if arr.shape[0] < 1:
         raise UsageError("image batch is empty")
     arr = arr.astype(np.float64)
@@ -45,9 +47,9 @@ def share_image(plan: Plan, image: np.ndarray, seed: bytes | None = None) -> tup
 
 
 def reconstruct(plan: Plan, out0: np.ndarray, out1: np.ndarray) -> np.ndarray:
-    """Label mask (N x H x W, int64) or logits (float) from the two servers' output shares."""
+    """Label mask (N x *spatial, int64) or logits (float) from the two servers' output shares."""
     if plan.output == "mask":
-        bits = int(plan.ops[-1].p("bits"))
+        bits = int(plan.ops[-1].params.bits)
         low = (out0.astype(np.uint32) + out1.astype(np.uint32)) & np.uint32((1 << bits) - 1)
         labels = (plan.classes - 1) - low.astype(np.int64)
         if labels.min() < 0:

@@ -21,11 +21,11 @@ import numpy as np
 from blindseg import intensity
 from blindseg.config import PartyConfig
 from blindseg.errors import ConnectionLost, ProtocolError
+from blindseg.layout import Layout
+from blindseg.messages import Error, GetPlan, Job, Output, PlanInfo, Progress, expect
 from blindseg.node import Node
 from blindseg.plan import Plan
-from blindseg.preprocessing import Layout
 from blindseg.report import layer_rows
-from blindseg.wire import decode_frame
 
 from . import reconstruct, share_image
 
@@ -35,12 +35,13 @@ log = logging.getLogger("blindseg.data_owner")
 class Client:
     """A connected data owner; run several :meth:`segment` calls concurrently if you like."""
 
-    def __init__(self, cfg: PartyConfig, timeout: float | None = None) -> None:
-        self.node = Node(cfg)
-        self.timeout = timeout if timeout is not None else cfg.job_timeout
-        self._waiters: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
+    def __init__(self, cfg: PartyConfig | Node, timeout: float | None = None) -> None:
+        self.node = cfg if isinstance(cfg, Node) else Node.from_config(cfg)
+        default = 600.0 if isinstance(cfg, Node) else cfg.job_timeout
+        self.timeout = timeout if timeout is not None else default
+        self._waiters: dict[str, asyncio.Future[PlanInfo]] = {}
         self._progress: dict[str, Callable[[int, int], None]] = {}
-        self._errors: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._errors: dict[str, asyncio.Future[None]] = {}
         self._pump: asyncio.Task[None] | None = None
         self.plans: dict[str, Plan] = {}
 
@@ -56,32 +57,27 @@ class Client:
 
     async def _dispatch(self) -> None:
         while True:
-            sender, kind, frame = await self.node.next_control()
-            try:
-                h, _ = decode_frame(frame)
-            except ProtocolError:
-                continue
-            key = str(h.get("job") or h.get("model"))
-            if kind == "progress" and key in self._progress:
-                self._progress[key](int(h["op"]), int(h["ops"]))
-            elif kind == "error":
-                fut = self._errors.get(key) or self._waiters.get(("planinfo", key))
+            sender, msg = await self.node.next_control()
+            if isinstance(msg, Progress) and msg.job in self._progress:
+                self._progress[msg.job](msg.op, msg.ops)
+            elif isinstance(msg, Error):
+                fut: asyncio.Future[Any] | None = self._errors.get(msg.job or "") or self._waiters.get(msg.model or "")
                 if fut is not None and not fut.done():
-                    fut.set_exception(ProtocolError(f"{sender}: {h.get('error')}"))
-            elif (kind, key) in self._waiters and not self._waiters[(kind, key)].done():
-                self._waiters[(kind, key)].set_result(h)
+                    fut.set_exception(ProtocolError(f"{sender}: {msg.error}"))
+            elif isinstance(msg, PlanInfo) and msg.model in self._waiters and not self._waiters[msg.model].done():
+                self._waiters[msg.model].set_result(msg)
 
     async def plan(self, model: str, timeout: float = 30.0) -> Plan:
         """The model's public plan, asked of server0 (re-asked every 2 s: a request can be lost while a
         party reconnects to the broker; asking is idempotent)."""
         if model not in self.plans:
-            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            self._waiters[("planinfo", model)] = fut
+            fut: asyncio.Future[PlanInfo] = asyncio.get_running_loop().create_future()
+            self._waiters[model] = fut
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             try:
                 while True:
-                    await self.node.tell("server0", "getplan", {"model": model})
+                    await self.node.tell("server0", GetPlan(model))
                     try:
                         h = await asyncio.wait_for(asyncio.shield(fut), min(2.0, max(0.01, deadline - loop.time())))
                         break
@@ -90,8 +86,8 @@ class Client:
                             raise ConnectionLost(f"server0 did not answer within {timeout:.0f} s: is it running?"
                                                  ) from None
             finally:
-                self._waiters.pop(("planinfo", model), None)
-            self.plans[model] = Plan.from_dict(h["plan"])
+                self._waiters.pop(model, None)
+            self.plans[model] = Plan.from_dict(h.plan)
         return self.plans[model]
 
     async def segment(self, model: str, raw: np.ndarray, progress: Callable[[int, int], None] | None = None,
@@ -115,7 +111,7 @@ class Client:
         plan = await self.plan(model)
         x = intensity.apply(plan.meta.get("preprocess"), raw)
         job = uuid.uuid4().hex
-        err: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        err: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._errors[job] = err
         if progress is not None:
             self._progress[job] = progress
@@ -123,23 +119,28 @@ class Client:
         try:
             x0, x1 = share_image(plan, x)
             for i, xs in enumerate((x0, x1)):
-                await self.node.tell(f"server{i}", "job", {"job": job, "model": model, "batch": int(x.shape[0])}, [xs])
+                await self.node.tell(f"server{i}", Job(job, model, int(x.shape[0]), (xs,)))
+            sent_in = self.node.link("server0").counters.log[-1][1]
             outs = asyncio.gather(*(self.node.link(f"server{i}").recv(f"{job}:output", self.timeout) for i in (0, 1)))
             done, _ = await asyncio.wait({err, outs}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[arg-type,type-var]
             if err in done:
                 outs.cancel()
                 err.result()
             frames = outs.result()
-            decoded = [decode_frame(f) for f in frames]
-            mask = reconstruct(plan, decoded[0][1][0], decoded[1][1][0])
+            outs_ = [expect(f, Output) for f in frames]
+            mask = reconstruct(plan, outs_[0].arrays[0], outs_[1].arrays[0])
+            online = time.perf_counter() - t0
             layout = Layout.of(plan, int(x.shape[0]))  # offline bytes per op follow from the public plan
             offline = {i: layout.correction_bytes(i) for i in range(len(plan.ops))}
-            layers = layer_rows(plan, [{int(i): (float(sec), int(nb), int(r)) for i, sec, nb, r in d[0].get("ops", [])}
-                                       for d in decoded], offline)
-            cost = {"online_seconds": time.perf_counter() - t0, "layers": layers, "rounds": int(decoded[0][0]["rounds"]),
-                    "server_bytes": [int(d[0]["bytes"]) for d in decoded],
-                    "offline_bytes": [int(d[0].get("offline_bytes", 0)) for d in decoded],
-                    "offline_seconds": max(float(d[0].get("offline_seconds", 0.0)) for d in decoded)}
+            try:
+                per_op = [{int(i): (float(sec), int(nb), int(r)) for i, sec, nb, r in o.ops} for o in outs_]
+                logs = [[(str(lab), int(n)) for lab, n in o.log] for o in outs_]
+            except (TypeError, ValueError):
+                raise ProtocolError("a server's cost report is malformed") from None
+            cost = {"online_seconds": online, "layers": layer_rows(plan, per_op, offline), "rounds": outs_[0].rounds,
+                    "server_bytes": [o.bytes for o in outs_], "offline_bytes": [o.offline_bytes for o in outs_],
+                    "offline_seconds": max(o.offline_seconds for o in outs_), "round_log": logs,
+                    "io_frames": [sent_in, len(frames[0])], "output_bytes": [len(f) for f in frames]}
             return mask, cost
         finally:
             self._errors.pop(job, None)

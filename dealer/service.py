@@ -14,37 +14,63 @@ import asyncio
 import json
 import logging
 import os
+import time
+from pathlib import Path
 from typing import Any
 
+from blindseg.channel import Endpoint
 from blindseg.config import PartyConfig
 from blindseg.errors import BlindsegError, UsageError
+from blindseg.messages import Masks, Message, Need, PlanMsg, PoolRequest
 from blindseg.node import Node
 from blindseg.plan import Plan
-from blindseg.wire import decode_frame
 
-from .core import Dealer, stream_bundle
+from .core import Dealer
 
 log = logging.getLogger("blindseg.dealer")
 
 
+async def stream_bundle(dealer: Dealer, model_id: str, batch: int, to0: Endpoint, to1: Endpoint,
+                        announce: str = "ctl:bundle") -> tuple[str, float]:
+    """Generate one job's bundles and send them: an announcement (seed) to each server, then
+    server 1's corrections op by op as they are made (labels ``bundle:<id>:<op>``).
+    Returns the bundle id and the dealer's compute seconds."""
+    b0, b1 = dealer.new_bundle(model_id, batch)
+    await to0.send(announce, b0.announce().encode())
+    await to1.send(announce, b1.announce().encode())
+    gen = dealer.corrections(b0, b1)
+    busy = 0.0
+    while True:
+        t = time.perf_counter()
+        msg = await asyncio.to_thread(next, gen, None)
+        busy += time.perf_counter() - t
+        if msg is None:
+            return b0.bundle_id, busy
+        await to1.send(f"bundle:{b1.bundle_id}:{msg.op}", msg.encode())
+
+
 class DealerService:
-    def __init__(self, cfg: PartyConfig, pool: int = 2) -> None:
-        if cfg.party != "dealer":
-            raise UsageError(f"{cfg.path}: not a dealer config")
-        self.cfg, self.pool = cfg, pool
-        self.node = Node(cfg)
+    def __init__(self, node: Node, state_dir: Path, pool: int = 2) -> None:
+        self.node, self.pool = node, pool
         self.dealer = Dealer()
-        self.state = cfg.state_dir / "models.json"
+        self.state = state_dir / "models.json"
+        self.dealer_seconds = 0.0  # compute time of the bundles made so far
         self._work: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
         self._pending: dict[tuple[str, int], int] = {}  # bundles queued or being streamed, per (model, batch)
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(parents=True, exist_ok=True)
         if self.state.exists():
             for model, m in json.loads(self.state.read_text()).items():
                 self.dealer.restore(model, Plan.from_dict(m["plan"]), bytes.fromhex(m["s0"]), bytes.fromhex(m["s1"]))
 
+    @staticmethod
+    def from_config(cfg: PartyConfig, pool: int = 2) -> DealerService:
+        if cfg.party != "dealer":
+            raise UsageError(f"{cfg.path}: not a dealer config")
+        return DealerService(Node.from_config(cfg), cfg.state_dir, pool)
+
     def _persist(self) -> None:
         data = {m: {"plan": plan.to_dict(), "s0": s0.hex(), "s1": s1.hex()}
-                for m, (plan, s0, s1, _) in self.dealer._models.items()}
+                for m, (plan, s0, s1) in self.dealer.models().items()}
         tmp = self.state.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -54,48 +80,48 @@ class DealerService:
     async def serve(self) -> None:
         await self.node.start()
         worker = asyncio.get_running_loop().create_task(self._generate())
-        log.info("dealer serving deployment %s (pool %d per model)", self.cfg.deployment, self.pool)
+        log.info("dealer serving deployment %s (pool %d per model)", self.node.deployment, self.pool)
         try:
             while True:
-                sender, kind, frame = await self.node.next_control()
+                sender, msg = await self.node.next_control()
                 try:
-                    await self._handle(sender, kind, frame)
-                except (BlindsegError, KeyError, TypeError, ValueError) as e:
-                    log.warning("dealer: %s from %s failed: %s", kind, sender, e)
+                    await self._handle(sender, msg)
+                except BlindsegError as e:
+                    log.warning("dealer: %s from %s failed: %s", msg.T, sender, e)
         finally:
             worker.cancel()
             await self.node.close()
 
-    async def _handle(self, sender: str, kind: str, frame: bytes) -> None:
-        header, _ = decode_frame(frame)
-        if kind == "plan" and sender == "model_owner":
-            model = str(header["model"])
-            s0, s1 = self.dealer.deploy(model, Plan.from_dict(header["plan"]))
+    async def _handle(self, sender: str, msg: Message) -> None:
+        if isinstance(msg, PlanMsg) and sender == "model_owner":
+            s0, s1 = self.dealer.deploy(msg.model, Plan.from_dict(msg.plan))
             await asyncio.to_thread(self._persist)
-            await self.node.tell("server0", "masks", {"model": model, "seed": s0})
-            await self.node.tell("server1", "masks", {"model": model, "seed": s1})
+            await self.node.tell("server0", Masks(msg.model, s0))
+            await self.node.tell("server1", Masks(msg.model, s1))
             for _ in range(self.pool):
-                self._enqueue((model, 1))
-        elif kind in ("used", "need") and sender == "server0":
+                self.request(msg.model, 1)
+        elif isinstance(msg, PoolRequest) and sender == "server0":
             # top the pool up to `pool` ready bundles (server0's count + those queued or in flight here);
             # a job that waited always gets one, whatever the count says
-            key = (str(header["model"]), int(header["batch"]))
-            want = self.pool - int(header.get("ready", 0)) - self._pending.get(key, 0)
-            for _ in range(max(want, 1 if kind == "need" and not self._pending.get(key) else 0)):
-                self._enqueue(key)
+            key = (msg.model, msg.batch)
+            want = self.pool - msg.ready - self._pending.get(key, 0)
+            for _ in range(max(want, 1 if isinstance(msg, Need) and not self._pending.get(key) else 0)):
+                self.request(*key)
         else:
-            raise UsageError(f"unexpected {kind!r} from {sender}")
+            raise UsageError(f"unexpected {msg.T!r} from {sender}")
 
-    def _enqueue(self, key: tuple[str, int]) -> None:
-        self._pending[key] = self._pending.get(key, 0) + 1
-        self._work.put_nowait(key)
+    def request(self, model: str, batch: int) -> None:
+        """Queue one more bundle for (model, batch)."""
+        self._pending[(model, batch)] = self._pending.get((model, batch), 0) + 1
+        self._work.put_nowait((model, batch))
 
     async def _generate(self) -> None:
         while True:
             model, batch = await self._work.get()
             try:
                 bid, secs = await stream_bundle(self.dealer, model, batch, self.node.link("server0"),
-                                                self.node.link("server1"), announce="ctl:bundle")
+                                                self.node.link("server1"))
+                self.dealer_seconds += secs
                 log.info("dealer: bundle %s for %s batch %d in %.2f s", bid[:8], model, batch, secs)
             except BlindsegError as e:
                 log.warning("dealer: bundle for %s failed: %s", model, e)
@@ -114,6 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     async def go() -> Any:
-        await DealerService(PartyConfig.load(args.config, "dealer"), args.pool).serve()
+        await DealerService.from_config(PartyConfig.load(args.config, "dealer"), args.pool).serve()
 
     return run_service(go())

@@ -14,47 +14,46 @@ from typing import Any
 
 from blindseg.config import PartyConfig
 from blindseg.errors import ConnectionLost, ProtocolError
+from blindseg.messages import Deploy, Deployed, Error, PlanMsg
 from blindseg.models import load_named_model
 from blindseg.node import Node
-from blindseg.plan import compile_model
-from blindseg.wire import decode_frame
+from blindseg.plan import Compiled
 
-from . import share_weights
+from . import compile_model, share_weights
 
 
 async def deploy(cfg: PartyConfig, model_name: str, model_id: str, timeout: float = 300.0,
                  size: int = 64) -> dict[str, Any]:
+    """Compile a bundled model and deploy it through the deployment ``cfg`` belongs to."""
     model, samples, meta = load_named_model(model_name, size)
-    comp = compile_model(model, tuple(samples.shape[1:]), "mask", "auto", samples=samples)  # type: ignore[arg-type]
+    comp = compile_model(model, tuple(samples.shape[1:]), "mask", "auto", samples=samples)
     comp.plan.meta.update(meta)
-    plan = comp.plan.to_dict()
-    w0, w1 = share_weights(comp)
-    node = await Node(cfg).start()
-    t0 = time.perf_counter()
+    node = await Node.from_config(cfg).start()
     try:
-        await node.tell("dealer", "plan", {"model": model_id, "plan": plan})
-        for i, shares in enumerate((w0, w1)):
-            ops = sorted(shares)
-            arrays = []
-            for j in ops:
-                w, b = shares[j]
-                arrays += [w] if b is None else [w, b]
-            await node.tell(f"server{i}", "deploy", {"model": model_id, "plan": plan, "ops": ops,
-                                                      "bias": [shares[j][1] is not None for j in ops]}, arrays)
-        done: set[str] = set()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while len(done) < 2:
-            try:
-                sender, kind, frame = await asyncio.wait_for(node.next_control(), max(0.1, deadline - loop.time()))
-            except TimeoutError:
-                raise ConnectionLost(f"servers did not confirm the deployment within {timeout:.0f} s") from None
-            h, _ = decode_frame(frame)
-            if kind == "error":
-                raise ProtocolError(f"{sender} refused the model: {h.get('error')}")
-            if kind == "deployed" and h.get("model") == model_id:
-                done.add(sender)
+        return await deploy_compiled(node, comp, model_id, timeout)
     finally:
         await node.close()
+
+
+async def deploy_compiled(node: Node, comp: Compiled, model_id: str, timeout: float = 300.0) -> dict[str, Any]:
+    """Send the plan to the dealer and each server its weight shares; wait until both opened E."""
+    t0 = time.perf_counter()
+    plan = comp.plan.to_dict()
+    w0, w1 = share_weights(comp)
+    await node.tell("dealer", PlanMsg(model_id, plan))
+    for i, shares in enumerate((w0, w1)):
+        await node.tell(f"server{i}", Deploy.of(model_id, plan, shares))
+    done: set[str] = set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(done) < 2:
+        try:
+            sender, msg = await asyncio.wait_for(node.next_control(), max(0.1, deadline - loop.time()))
+        except TimeoutError:
+            raise ConnectionLost(f"servers did not confirm the deployment within {timeout:.0f} s") from None
+        if isinstance(msg, Error):
+            raise ProtocolError(f"{sender} refused the model: {msg.error}")
+        if isinstance(msg, Deployed) and msg.model == model_id:
+            done.add(sender)
     return {"model": model_id, "frac_bits": comp.plan.frac_bits, "ops": len(comp.plan.ops),
             "deploy_seconds": time.perf_counter() - t0}

@@ -72,18 +72,11 @@ class ShapedEndpoint(Endpoint):
         self._pump: asyncio.Task[None] | None = None
         self._rng = random.Random(seed)
 
-    async def send(self, label: str, frame: bytes) -> None:
-        if not self.profile.shaped:
-            before = self.inner.counters.bytes_sent
-            await self.inner.send(label, frame)
-            self.counters.bytes_sent += self.inner.counters.bytes_sent - before
-            self.counters.frames_sent += 1
-            self.counters.log.append((label, self.inner.counters.bytes_sent - before))
-            return
+    async def _send(self, label: str, frame: bytes) -> int:
         size = self.inner.wire_size(label, frame)  # counted when it enters the link
-        self.counters.bytes_sent += size
-        self.counters.frames_sent += 1
-        self.counters.log.append((label, size))
+        if not self.profile.shaped:
+            await self.inner.send(label, frame)
+            return size
         now = time.perf_counter()
         start = max(now, self._free_at)
         self._free_at = start + self.profile.transfer_seconds(size)
@@ -99,6 +92,7 @@ class ShapedEndpoint(Endpoint):
             await asyncio.sleep(busy)
         if done.done() and done.exception() is not None:
             raise done.exception()  # type: ignore[misc]
+        return size
 
     async def _deliver(self) -> None:
         while True:

@@ -2,6 +2,6 @@
 
 import sys
 
-from blindseg.service import main
+from server.service import main
 
 sys.exit(main("server0"))

@@ -1,1 +1,1 @@
-"""Compute server 1: the shared server code (``blindseg.service``) run as party 1."""
+"""Compute server 1: the shared server role (:mod:`server`) run as party 1."""

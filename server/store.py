@@ -26,7 +26,7 @@ from typing import BinaryIO
 import msgpack
 import numpy as np
 
-from .errors import ProtocolError, UsageError
+from blindseg.errors import ProtocolError, UsageError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bundles (

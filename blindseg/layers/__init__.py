@@ -1,0 +1,50 @@
+"""The layer registry: every secure layer kind, one object each, looked up by op kind.
+
+=========== ===================== =========================================================
+kind        module                what it is
+=========== ===================== =========================================================
+input       :mod:`.local`         the image share at scale f
+conv, convt :mod:`.linear`        exact ring (transposed) conv, Beaver with fixed model masks
+rescale     :mod:`.rescale`       truncation, optionally fused with ReLU / LeakyReLU
+maxpool     :mod:`.pool`          tournament of comparisons
+avgsum      :mod:`.local`         window sum (the next rescale divides)
+concat, add :mod:`.local`         channel concat / elementwise add
+upsample    :mod:`.local`         nearest-neighbour, integer factor
+argmax      :mod:`.argmax`        label per voxel (mask output)
+output      :mod:`.local`         logits to the data owner
+=========== ===================== =========================================================
+
+The plan walk, the dealer, the layout and the reference interpreters loop over this table; no
+other module dispatches on an op's kind. Adding a layer: README, "Adding a layer".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from ..errors import UsageError
+from .argmax import Argmax, ArgmaxParams
+from .base import Calibration, DealContext, Layer, LocalLayer, NoParams, OpMaterial, Params, Runtime, windows
+from .linear import Linear, LinearParams, ModelShare
+from .local import Add, AvgSum, Concat, Input, Output, Upsample, UpsampleParams
+from .pool import MaxPool, PoolParams
+from .rescale import Rescale, RescaleParams
+
+REGISTRY: Mapping[str, Layer] = MappingProxyType({layer.kind: layer for layer in (
+    Input(), Linear("conv", transposed=False), Linear("convt", transposed=True), Rescale(), MaxPool(), AvgSum(),
+    Concat(), Add(), Upsample(), Argmax(), Output(),
+)})
+
+
+def layer_of(kind: str) -> Layer:
+    """The registered layer for an op kind; a UsageError naming the known kinds otherwise."""
+    try:
+        return REGISTRY[kind]
+    except KeyError:
+        raise UsageError(f"unknown op kind {kind!r}; known: {', '.join(REGISTRY)}") from None
+
+
+__all__ = ["REGISTRY", "Argmax", "ArgmaxParams", "Calibration", "DealContext", "Layer", "Linear", "LinearParams",
+           "LocalLayer", "ModelShare", "NoParams", "OpMaterial", "Params", "PoolParams", "Rescale", "RescaleParams",
+           "Runtime", "Upsample", "UpsampleParams", "layer_of", "windows"]

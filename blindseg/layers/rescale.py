@@ -1,0 +1,123 @@
+"""Rescale: ``(x * mul) >> shift`` by dealer-assisted truncation, with an optional fused activation.
+
+``act``: ``none`` (truncation only: 1 round, 4 B), ``relu`` (select: 2 + L rounds, one opening shared
+with the truncation), ``leaky`` (LeakyReLU(t) = ReLU(t) + slope * (t - ReLU(t)), the slope as
+q / 2^g with a second truncation: 3 + L rounds). ``rule`` says how calibration sets the shift:
+``fixed`` (as given), ``linear`` (the input's weight bits fw: back to scale f after a conv),
+``window`` (divide by ``divisor`` at scale f: mul = round(2^f / divisor)). The float forward divides
+by ``divisor`` (an average pool's window size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import protocols as P
+from ..circuit import Circuit
+from ..errors import ScaleOverflowError
+from ..preprocessing import MatSpec, select_spec, trunc_spec
+from .base import Calibration, Layer, OpMaterial, Params, Runtime, check
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..plan import Op
+    from ..protocols import Proto
+
+ACTS = ("none", "relu", "leaky")
+RULES = ("fixed", "linear", "window")
+MAX_SLOPE_BITS = 12
+MARGIN_LOG2 = 29
+
+
+@dataclass(frozen=True)
+class RescaleParams(Params):
+    shift: int = 0
+    mul: int = 1
+    act: str = "none"
+    rule: str = "fixed"
+    divisor: int = 1
+    slope: float = 0.0  # leaky only: the negative slope
+    slope_bits: int = 0  # leaky only: g, the slope's fixed-point bits (set by calibration)
+
+    def __post_init__(self) -> None:
+        check(self.act in ACTS, f"rescale act {self.act!r} must be one of {ACTS}")
+        check(self.rule in RULES, f"rescale rule {self.rule!r} must be one of {RULES}")
+        check(0 <= self.shift <= 24 and 1 <= self.mul < 1 << 16 and self.divisor >= 1,
+              f"rescale shift {self.shift} / mul {self.mul} / divisor {self.divisor} out of range")
+        check(self.act != "leaky" or 0.0 < self.slope < 1.0, f"LeakyReLU slope {self.slope} must be in (0, 1)")
+        check(0 <= self.slope_bits <= MAX_SLOPE_BITS, f"slope_bits {self.slope_bits} outside 0..{MAX_SLOPE_BITS}")
+
+    @property
+    def q(self) -> int:
+        """The slope as an integer at ``slope_bits`` fraction bits."""
+        return round(self.slope * (1 << self.slope_bits))
+
+
+class Rescale(Layer):
+    kind = "rescale"
+    params = RescaleParams
+
+    def out_shape(self, op: Op, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+        return in_shapes[0]
+
+    def specs(self, op: Op, in_shapes: list[tuple[int, ...]], batch: int, circ: Circuit) -> list[MatSpec]:
+        p: RescaleParams = op.params
+        n = batch * math.prod(op.shape)
+        if p.act == "none":
+            return [trunc_spec(n, p.shift)]
+        if p.act == "relu":
+            return [select_spec(n, p.shift, circ)]
+        return [select_spec(n, p.shift, circ), trunc_spec(n, p.slope_bits)]
+
+    def online(self, rt: Runtime, i: int, op: Op, ins: list[np.ndarray], mat: OpMaterial) -> Proto:
+        p: RescaleParams = op.params
+        z = ins[0] * np.uint32(p.mul) if p.mul != 1 else ins[0]
+        if p.act == "none":
+            return P.trunc(rt.party, z, mat.mats[0], p.shift)
+        if p.act == "relu":
+            return P.select(rt.party, z, mat.mats[0], p.shift, rt.circuit)
+        return P.leaky(rt.party, z, mat.mats, p.shift, p.q, p.slope_bits, rt.circuit)
+
+    def reference(self, op: Op, ins: list[np.ndarray], weights: Any = None) -> np.ndarray:
+        p: RescaleParams = op.params
+        t = _round_shift(ins[0] * p.mul, p.shift)
+        if p.act == "none":
+            return t
+        pos = np.maximum(t, 0)
+        if p.act == "relu":
+            return pos
+        return pos + _round_shift((t - pos) * p.q, p.slope_bits)
+
+    def forward(self, op: Op, ins: list[torch.Tensor], weights: Any = None) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        p: RescaleParams = op.params
+        v = ins[0] / p.divisor if p.divisor != 1 else ins[0]
+        if p.act == "relu":
+            return F.relu(v)
+        if p.act == "leaky":
+            return F.leaky_relu(v, p.slope)
+        return v
+
+    def calibrate(self, op: Op, i: int, cal: Calibration, ops: tuple[Op, ...]) -> Params:
+        p: RescaleParams = op.params
+        if p.rule == "linear":
+            p = replace(p, shift=int(cal.fw[op.inputs[0]]))
+        elif p.rule == "window":
+            p = replace(p, shift=cal.f, mul=round(2**cal.f / p.divisor))
+        if p.act == "leaky":  # q * |t - ReLU(t)| < 2^29 with t at scale f
+            m = max(cal.maxabs[op.inputs[0]] / p.divisor * p.slope, 1e-9)
+            g = min(MAX_SLOPE_BITS, MARGIN_LOG2 - 1 - cal.f - math.ceil(math.log2(m)))
+            if g < 4:
+                raise ScaleOverflowError(f"{op.name}: LeakyReLU slope has only {g} bits left in the 32-bit ring")
+            p = replace(p, slope_bits=g)
+        return p
+
+
+def _round_shift(z: np.ndarray, s: int) -> np.ndarray:
+    return (z + ((1 << s) >> 1)) >> s
