@@ -64,7 +64,7 @@ async def secure_segment_async(model: Any, image: Any, frac_bits: int | str = "a
     """Async form of :func:`secure_segment`."""
     arr = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
     if arr.ndim < 3:
-        raise UsageError(f"image must be N x C x spatial..., got shape {arr.shape}")
+        raise UsageError(f"image must be N x C x H x W (2D) or N x C x D x H x W (3D), got shape {arr.shape}")
     comp = compile_model(model, tuple(arr.shape[1:]), output, frac_bits,
                          samples=np.asarray(calibration) if calibration is not None else _finite(arr), arities=arities)
     return await run_compiled(comp, arr)

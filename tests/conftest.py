@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from blindseg.circuit import build_circuit
 from blindseg.preprocessing import MatSpec
-from blindseg.prg import Prg, new_seed
+from blindseg.prg import new_seed
 
 
 def run_pair(g0: Generator[Any, Any, Any], g1: Generator[Any, Any, Any], log: list[Any] | None = None) -> tuple[Any, Any]:
@@ -35,27 +36,20 @@ def run_pair(g0: Generator[Any, Any, Any], g1: Generator[Any, Any, Any], log: li
 
 
 def deal(specs: list[MatSpec], plan: Any = None, op_index: int = 0, masks: Any = None) -> tuple[list[dict], list[dict]]:
-    """Material for a list of specs, via the real dealer derivation and server expansion."""
-    from blindseg.circuit import build_circuit
-    from blindseg.preprocessing import DEFAULT_ARITIES, draw, expand_op
-    from dealer.core import _derive
+    """Material for a list of specs through the real dealer half (the op's layer derives, ``deal_op``
+    applies the delivery rule) and the real server expansion. Without a plan: trunc/select material."""
+    from blindseg.layers import DealContext
+    from blindseg.plan import DEFAULT_ARITIES
+    from blindseg.preprocessing import deal_op, derive_material, expand_op
 
     circ = build_circuit(30, DEFAULT_ARITIES)
     seed0, seed1 = new_seed(), new_seed()
-    prg0, prg1 = Prg(seed0, stream=op_index), Prg(seed1, stream=op_index)
-    corr = []
-    for ms in specs:
-        rand = {}
-        for it in ms.items:
-            if not it.derived:
-                a0, a1 = draw(prg0, it), draw(prg1, it)
-                rand[it.name] = a0 + a1 if it.kind == "arith" else a0 ^ a1
-        vals = _derive(ms, rand, plan, op_index, masks, circ)
-        for it in ms.items:
-            if it.derived:
-                s0 = draw(prg0, it)
-                v = vals[it.name].astype(it.dtype)
-                corr.append(v - s0 if it.kind == "arith" else v ^ s0)
+    if plan is None:
+        corr = deal_op(specs, seed0, seed1, op_index, lambda ms, rand: derive_material(ms, rand, circ))
+    else:
+        op = plan.ops[op_index]
+        ctx = DealContext(masks or {}, circ)
+        corr = deal_op(specs, seed0, seed1, op_index, lambda ms, rand: op.layer.derive(op, op_index, ms, rand, ctx))
     m0 = expand_op(tuple(specs), 0, seed0, op_index, None)
     m1 = expand_op(tuple(specs), 1, seed1, op_index, iter(corr))
     return m0, m1

@@ -48,7 +48,7 @@ def test_logits_match_fixed_point_reference_and_float() -> None:
     x = np.random.default_rng(2).normal(size=(1, 1, 32, 32))
     res = secure_segment(model, x, output="logits")
     assert res.logits is not None and res.mask is None
-    from blindseg.plan import compile_model
+    from blindseg.compiler import compile_model
 
     comp = compile_model(model, (1, 32, 32), "logits", "auto", samples=x)
     ref = reference(comp.plan, encode_weights(comp), encode(x, comp.plan.frac_bits))[-1]

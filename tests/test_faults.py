@@ -28,6 +28,7 @@ from blindseg.demo import LocalDeployment
 from blindseg.errors import BlindsegError, ConnectionLost, PreprocessingExhausted, ProtocolError
 from blindseg.models import load_named_model
 from blindseg.node import Node
+from blindseg.messages import Error, Job
 from blindseg.wire import encode_frame
 from data_owner import share_image
 from data_owner.client import Client
@@ -109,13 +110,13 @@ async def test_faults_end_cleanly_and_the_service_keeps_serving(tmp_path, refere
             await _ok(dep, reference, retries=1)
 
             # 3. duplicate job id: refused with a named reason, the first job unaffected
-            node = await Node(PartyConfig.load(dep.configs["data_owner"])).start()
+            node = await Node.from_config(PartyConfig.load(dep.configs["data_owner"])).start()
             try:
                 plan_x0, plan_x1 = share_image(load_plan(dep), x)
                 for _ in range(2):
-                    await node.tell("server0", "job", {"job": "dup1", "model": "m", "batch": 1}, [plan_x0])
-                sender, kind, frame = await asyncio.wait_for(_next_error(node), 10)
-                assert sender == "server0" and b"duplicate job id dup1" in frame
+                    await node.tell("server0", Job("dup1", "m", 1, (plan_x0,)))
+                sender, err = await asyncio.wait_for(_next_error(node), 10)
+                assert sender == "server0" and "duplicate job id dup1" in err.error
             finally:
                 await node.close()
 
@@ -176,9 +177,9 @@ def load_plan(dep: LocalDeployment):
 
 async def _next_error(node: Node):
     while True:
-        sender, kind, frame = await node.next_control()
-        if kind == "error":
-            return sender, kind, frame
+        sender, msg = await node.next_control()
+        if isinstance(msg, Error):
+            return sender, msg
 
 
 async def test_hostile_frames_are_dropped_and_never_stop_a_role(tmp_path, reference):
@@ -217,7 +218,7 @@ async def test_hostile_frames_are_dropped_and_never_stop_a_role(tmp_path, refere
             log0 = _log(dep, "server0")
             for reason in ("failed authentication", "replayed or reordered", "not a sealed blindseg frame",
                            "over the size limit", "unexpected topic", "not valid msgpack",
-                           "unexpected control message"):
+                           "unknown message type"):
                 assert reason in log0, reason
             assert dep.procs["server0"].poll() is None and "Traceback" not in log0
             await _ok(dep, reference)  # still serving

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from blindseg.crypto import Opener, Sealer, generate_key
 from blindseg.errors import BlindsegError, ProtocolError, UsageError
 from blindseg.models import build_model
-from blindseg.plan import Plan, compile_model
+from blindseg.compiler import compile_model
+from blindseg.plan import Plan
 
 # ------------------------------------------------------------------ fuzzing
 
@@ -91,8 +92,8 @@ def test_reusing_a_bundle_would_leak_and_is_refused(tmp_path) -> None:
     """With the same Beaver mask A, the openings D = X - A of two inputs differ by X1 - X2: reuse leaks.
     The store and the server refuse a second use of a bundle, also after a restart."""
     from blindseg.prg import Prg
-    from blindseg.server import ServerCore
-    from blindseg.store import BundleStore
+    from server.core import ServerCore
+    from server.store import BundleStore
 
     x1, x2 = (np.random.default_rng(k).integers(0, 2**32, 100, dtype=np.uint32) for k in (1, 2))
     a = Prg(b"s" * 32, stream=1).uint32((100,))

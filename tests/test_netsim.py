@@ -11,7 +11,7 @@ import pytest
 from blindseg.channel import MemoryLink
 from blindseg.errors import UsageError
 from blindseg.models import build_model
-from blindseg.plan import compile_model
+from blindseg.compiler import compile_model
 from netsim import PROFILES, ShapedEndpoint, predict_online, profile
 
 

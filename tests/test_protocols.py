@@ -14,7 +14,9 @@ from scipy import stats
 from blindseg import protocols as P
 from blindseg.circuit import build_circuit
 from blindseg.plan import Op
-from blindseg.preprocessing import DEFAULT_ARITIES, select_spec, tournament, trunc_spec
+from blindseg.layers import REGISTRY, ModelShare, OpMaterial, Runtime
+from blindseg.plan import DEFAULT_ARITIES
+from blindseg.preprocessing import select_spec, tournament, trunc_spec
 from blindseg.ring import signed
 
 from .conftest import deal, run_pair, split
@@ -83,12 +85,14 @@ def test_maxpool(rng: np.random.Generator, shape: tuple[int, ...], k: int, strid
     v.reshape(-1)[:3] = [-(1 << 29), (1 << 29) - 1, 0]
     op = Op("maxpool", (0,), (shape[1], (shape[2] - k) // stride + 1, (shape[3] - k) // stride + 1),
             {"kernel": k, "stride": stride})
+    pool = REGISTRY["maxpool"]
     n = shape[0] * int(np.prod(op.shape))
     specs = [select_spec(p * n, 0, CIRC) for p in tournament(k * k)]
     m0, m1 = deal(specs)
     x0, x1 = split(v, rng)
     log: list = []
-    o0, o1 = run_pair(P.maxpool(0, op, x0, m0, CIRC), P.maxpool(1, op, x1, m1, CIRC), log)
+    o0, o1 = run_pair(pool.online(Runtime(0, CIRC), 1, op, [x0], OpMaterial(m0, [])),
+                      pool.online(Runtime(1, CIRC), 1, op, [x1], OpMaterial(m1, [])), log)
     import torch
 
     want = torch.nn.functional.max_pool2d(torch.tensor(v, dtype=torch.float64), k, stride).numpy().astype(np.int64)
@@ -108,7 +112,8 @@ def test_argmax_with_ties(rng: np.random.Generator, classes: int) -> None:
     n = 2 * 5 * 7
     m0, m1 = deal([select_spec(p * n, 0, CIRC) for p in tournament(classes)])
     x0, x1 = split(z, rng)
-    o0, o1 = run_pair(P.argmax(0, op, x0, m0, CIRC), P.argmax(1, op, x1, m1, CIRC))
+    o0, o1 = run_pair(P.argmax(0, classes, op.params.bits, x0, m0, CIRC),
+                      P.argmax(1, classes, op.params.bits, x1, m1, CIRC))
     from blindseg.plan import Plan
     from data_owner import reconstruct
 
@@ -129,11 +134,13 @@ def test_beaver_conv_exact(rng: np.random.Generator) -> None:
     plan = Plan((Op("input", (), (3, 6, 5)), op), 8, "logits")
     m0, m1 = deal([beaver_spec((2, 3, 6, 5), (2, 4, 6, 5))], plan, 1, {1: b_mask})
     e = w.astype(np.uint32) - b_mask
-    f0 = P.linear_offline(0, op, m0[0], e, None)
-    f1 = P.linear_offline(1, op, m1[0], e, None)
+    conv = REGISTRY["conv"]
     x0, x1 = split(x, rng)
     b0, b1 = split(b_mask, rng)  # the servers' shares of the model mask B
-    o0, o1 = run_pair(P.linear(op, x0, m0[0], f0, b0), P.linear(op, x1, m1[0], f1, b1 + e))
+    rts = [Runtime(i, CIRC, {1: ModelShare(e, (b0, b1 + e)[i], None)}) for i in (0, 1)]
+    f0, f1 = (conv.precompute(rts[i], 1, op, m) for i, m in ((0, m0), (1, m1)))
+    o0, o1 = run_pair(conv.online(rts[0], 1, op, [x0], OpMaterial([m0[0]], f0)),
+                      conv.online(rts[1], 1, op, [x1], OpMaterial([m1[0]], f1)))
     import torch
 
     want = torch.nn.functional.conv2d(torch.tensor(x, dtype=torch.float64), torch.tensor(w, dtype=torch.float64),

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import aiomqtt
-import msgpack
 import numpy as np
 import pytest
 import torch
@@ -19,7 +18,7 @@ from blindseg.demo import LocalDeployment
 from blindseg.engine import run_compiled
 from blindseg.errors import ProtocolError
 from blindseg.models import load_named_model
-from blindseg.plan import compile_model
+from blindseg.compiler import compile_model
 from blindseg.transport import BrokerAddress
 from data_owner.client import Client
 from model_owner.client import deploy
@@ -69,18 +68,16 @@ async def _full_job(tmp: Path, url: str) -> None:
         plain = torch.argmax(model(torch.from_numpy(x)), 1).numpy()
     assert (mask == local.mask).mean() >= 0.999 and (mask == plain).mean() >= 0.999
     assert cost["rounds"] == local.stats["rounds"]
-    # sealed bytes = in-process frame bytes + per-chunk overhead (same frames; the job label "job" becomes a
-    # 32-hex-digit id, which the frame header and the chunk header both carry)
-    def relabel(lab: str) -> str:
-        return "x" * 32 + lab[3:]
-
+    # the same frames in the same order through the same service code: each sealed frame is the in-process
+    # frame plus, per chunk, the AEAD overhead and the chunk header (label length, label, index, count)
     for i in (0, 1):
-        log = local.stats["round_log"][i]
-        want = sum(n + len(msgpack.packb(relabel(lab))) - len(msgpack.packb(lab)) + OVERHEAD + 10 + len(relabel(lab))
-                   for lab, n in log if n <= (1 << 20))
-        big = [(lab, n) for lab, n in log if n > (1 << 20)]
-        assert not big  # 64x64 rounds fit one chunk
-        assert cost["server_bytes"][i] == want
+        local_log, mqtt_log = local.stats["round_log"][i], cost["round_log"][i]
+        assert [lab.split(":")[1:] for lab, _ in local_log] == [lab.split(":")[1:] for lab, _ in mqtt_log]
+        assert not [n for _, n in local_log if n > (1 << 20)]  # 64x64 rounds fit one chunk
+        for (lab, n), (mlab, m) in zip(local_log, mqtt_log, strict=True):
+            assert len(lab) == len(mlab) and m == n + OVERHEAD + 10 + len(mlab)
+        rounds = [(lab, n) for lab, n in mqtt_log if len(lab.split(":")) == 3 and lab.split(":")[1].isdigit()]
+        assert cost["server_bytes"][i] == sum(n for _, n in rounds) and len(rounds) == cost["rounds"]
 
     # the broker saw only sealed frames: no known plaintext inside, uniform bytes, nothing opens without a key
     assert captured and all(p[:4] == b"BSE1" for _, p in captured)

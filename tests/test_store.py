@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from blindseg.errors import ProtocolError
-from blindseg.store import BundleStore
+from server.store import BundleStore
 
 
 def _write(store: BundleStore, bid: str, commit: bool = True) -> list[np.ndarray]:
