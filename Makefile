@@ -17,4 +17,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy blindseg dealer data_owner model_owner netsim server0 server1
+	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy blindseg dealer data_owner model_owner netsim server server0 server1

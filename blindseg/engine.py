@@ -95,7 +95,8 @@ async def run_compiled(comp: Compiled, image: Any, state_dir: str | Path | None 
         servers = [ServerService(i, nodes[f"server{i}"], root / f"server{i}", ServerSettings(preload_bytes=preload_bytes))
                    for i in (0, 1)]
         dealer = DealerService(nodes["dealer"], root / "dealer", pool=0)
-        tasks = [asyncio.create_task(s.serve()) for s in (*servers, dealer)]
+        services: list[Any] = [*servers, dealer]
+        tasks = [asyncio.create_task(s.serve()) for s in services]
         try:
             return await _job(comp, x, servers, dealer, nodes, net, timeout, tasks)
         finally:

@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from .channel import Endpoint, Frame, _Inbox
+from .channel import Control, Endpoint, Frame, _Inbox
 from .crypto import OVERHEAD, Opener, Sealer
 from .errors import ConnectionLost, ProtocolError, UsageError
 
@@ -91,7 +91,7 @@ class MqttTransport:
             p: MqttEndpoint(self, p, Sealer(key, pk, deployment, me, p), Opener(key, pk, deployment, p, me))
             for p, pk in peers.items()
         }
-        self.control: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
+        self.control: Control = asyncio.Queue()
         self._mqtt_log = logging.getLogger("blindseg.transport.mqtt")
         if self._mqtt_log.level == logging.NOTSET:  # aiomqtt warns on every burst of pipelined publishes
             self._mqtt_log.setLevel(logging.ERROR)

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"{args.input}: {raw.shape[1]} channels, model {args.model} expects "
                                  f"{plan.input_shape[0]}")
             orig_hw = raw.shape[2:]
-            raw = fit(raw, plan.input_shape[1:])  # the model's input size, from its public plan
+            raw = fit(raw, plan.input_shape[1:])  # type: ignore[arg-type]  # the model input size, from its plan
             from tqdm import tqdm
 
             n_jobs = -(-len(raw) // args.batch)

@@ -17,8 +17,8 @@ from blindseg.errors import UsageError
 from blindseg.layers import DealContext
 from blindseg.layout import Layout, model_mask_shares
 from blindseg.messages import BundleAnnounce, BundleOp
-from blindseg.plan import Plan
-from blindseg.preprocessing import deal_op
+from blindseg.plan import Op, Plan
+from blindseg.preprocessing import MatSpec, deal_op
 from blindseg.prg import new_seed
 
 
@@ -77,6 +77,10 @@ class Dealer:
         ctx = DealContext(masks, layout.circuit)
         for i, specs in enumerate(layout.specs):
             op = plan.ops[i]
-            corr = deal_op(specs, b0.seed, b1.seed, i, lambda ms, rand, op=op, i=i: op.layer.derive(op, i, ms, rand, ctx))
+
+            def derive(ms: MatSpec, rand: dict[str, np.ndarray], op: Op = op, i: int = i) -> dict[str, np.ndarray]:
+                return op.layer.derive(op, i, ms, rand, ctx)
+
+            corr = deal_op(specs, b0.seed, b1.seed, i, derive)
             if corr:
                 yield BundleOp(b1.bundle_id, i, tuple(corr))

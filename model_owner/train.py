@@ -83,9 +83,9 @@ def evaluate(batch: int = 7, log: Any = print) -> dict[str, Any]:
 
     import torch
 
+    from blindseg.compiler import compile_model
     from blindseg.engine import run_compiled
     from blindseg.models import demo_slices, load_named_model
-    from blindseg.compiler import compile_model
 
     model, calib, meta = load_named_model("mni-unet")
     d = demo_slices()

@@ -27,6 +27,7 @@ import numpy as np
 
 from blindseg.config import PartyConfig
 from blindseg.errors import BlindsegError, ProtocolError, UsageError
+from blindseg.layout import model_mask_shares
 from blindseg.messages import (
     BundleAnnounce,
     Deploy,
@@ -42,7 +43,6 @@ from blindseg.messages import (
     Progress,
 )
 from blindseg.node import Node
-from blindseg.layout import model_mask_shares
 from blindseg.plan import Plan
 from blindseg.sources import RemoteSource
 

@@ -26,9 +26,9 @@ from blindseg.config import PartyConfig
 from blindseg.crypto import Sealer, generate_key
 from blindseg.demo import LocalDeployment
 from blindseg.errors import BlindsegError, ConnectionLost, PreprocessingExhausted, ProtocolError
+from blindseg.messages import Error, Job
 from blindseg.models import load_named_model
 from blindseg.node import Node
-from blindseg.messages import Error, Job
 from blindseg.wire import encode_frame
 from data_owner import share_image
 from data_owner.client import Client

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blindseg.compiler import compile_model
 from blindseg.crypto import Opener, Sealer, generate_key
 from blindseg.errors import BlindsegError, ProtocolError, UsageError
 from blindseg.models import build_model
-from blindseg.compiler import compile_model
 from blindseg.plan import Plan
 
 # ------------------------------------------------------------------ fuzzing

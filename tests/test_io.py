@@ -144,9 +144,9 @@ def test_secure_matches_plaintext_on_real_test_slices():
     import torch
 
     from blindseg import intensity
+    from blindseg.compiler import compile_model
     from blindseg.engine import run_compiled
     from blindseg.models import demo_slices, load_named_model
-    from blindseg.compiler import compile_model
 
     model, calib, meta = load_named_model("mni-unet")
     d = demo_slices()
@@ -174,8 +174,8 @@ def test_layer_rows_take_the_larger_server_and_sum_over_jobs():
 
 
 def _small_plan_dict():
-    from blindseg.models import build_model
     from blindseg.compiler import compile_model
+    from blindseg.models import build_model
 
     x = np.random.default_rng(0).normal(size=(1, 1, 16, 16))
     return compile_model(build_model("ref-unet", seed=0), (1, 16, 16), "mask", "auto", samples=x).plan.to_dict()

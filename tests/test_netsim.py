@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from blindseg.channel import MemoryLink
+from blindseg.compiler import compile_model
 from blindseg.errors import UsageError
 from blindseg.models import build_model
-from blindseg.compiler import compile_model
 from netsim import PROFILES, ShapedEndpoint, predict_online, profile
 
 

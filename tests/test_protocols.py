@@ -13,9 +13,8 @@ from scipy import stats
 
 from blindseg import protocols as P
 from blindseg.circuit import build_circuit
-from blindseg.plan import Op
 from blindseg.layers import REGISTRY, ModelShare, OpMaterial, Runtime
-from blindseg.plan import DEFAULT_ARITIES
+from blindseg.plan import DEFAULT_ARITIES, Op
 from blindseg.preprocessing import select_spec, tournament, trunc_spec
 from blindseg.ring import signed
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from blindseg.broker import EmbeddedBroker, Mosquitto
+from blindseg.compiler import compile_model
 from blindseg.config import PartyConfig
 from blindseg.crypto import OVERHEAD, Opener, generate_key
 from blindseg.demo import LocalDeployment
 from blindseg.engine import run_compiled
 from blindseg.errors import ProtocolError
 from blindseg.models import load_named_model
-from blindseg.compiler import compile_model
 from blindseg.transport import BrokerAddress
 from data_owner.client import Client
 from model_owner.client import deploy

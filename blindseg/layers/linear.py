@@ -83,7 +83,7 @@ class Linear(Layer):
         if len(src) != 3:
             return None
         p: LinearParams = op.params
-        k = p.kernel
+        k = (p.kernel[0], p.kernel[1])
         if self.transposed:
             ho, wo = conv_transpose2d_out_hw(src[1], src[2], k, p.stride, p.padding, p.output_padding, p.dilation)
         else:
