@@ -20,9 +20,9 @@ from .errors import UsageError
 def apply(spec: dict[str, Any] | None, image: np.ndarray) -> np.ndarray:
     """``image`` N x C x H x W float -> what the model expects."""
     kind = (spec or {"kind": "none"}).get("kind", "none")
-    x = np.asarray(image, dtype=np.float32)
     if kind == "none":
         return np.asarray(image, dtype=np.float64)
+    x = np.asarray(image, dtype=np.float32)
     if kind == "mri-percentile":
         p = float(spec.get("p", 99)) if spec else 99.0
         out = np.empty_like(x)

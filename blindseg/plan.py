@@ -103,9 +103,9 @@ class Plan:
             plan = Plan(ops, int(d["frac_bits"]), str(d["output"]), dict(d.get("meta", {})),
                         tuple(int(a) for a in circ.get("arities", DEFAULT_ARITIES)),
                         int(circ.get("width", CIRCUIT_WIDTH)))
+        except UsageError as exc:  # a layer refused its parameters
+            raise UsageError(f"malformed plan: {exc}") from None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            if isinstance(exc, UsageError):
-                raise UsageError(f"malformed plan: {exc}") from None
             raise UsageError(f"malformed plan: {exc!r}") from None
         validate(plan)
         return plan

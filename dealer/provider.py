@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+from blindseg.errors import UsageError
 from blindseg.messages import BundleOp
 from blindseg.sources import MaterialSource
 
@@ -25,6 +26,6 @@ class LocalSource(MaterialSource):
 
     async def op(self, i: int, timeout: float | None) -> tuple[BundleOp, int]:
         if self._ops is None:
-            raise LookupError("server 0 receives no corrections")
+            raise UsageError("server 0 receives no corrections")
         msg = await asyncio.to_thread(next, self._ops)
         return msg, 0
