@@ -96,7 +96,7 @@ async def _service(model_name: str, size: int, net: str = "none", pool: int = 1)
 
 
 async def run_load_bench(model_name: str, size: int, jobs: int = 8) -> dict[str, Any]:
-    """``jobs`` concurrent jobs (one data owner each) through a private Mosquitto: throughput and memory."""
+    """``jobs`` concurrent jobs (of one data-owner process) through a private Mosquitto: throughput and memory."""
     import torch
 
     from data_owner.client import Client
@@ -113,13 +113,11 @@ async def run_load_bench(model_name: str, size: int, jobs: int = 8) -> dict[str,
         await dep.wait_stored(jobs)  # the whole pool at the servers: we measure serving, not the dealer
         cfg = PartyConfig.load(dep.configs["data_owner"])
 
-        async def one(x: np.ndarray) -> np.ndarray:
-            async with Client(cfg) as c:
-                return (await c.segment("bench", x))[0]
-
-        t0 = time.perf_counter()
-        masks = await asyncio.gather(*(one(x) for x in xs))
-        wall = time.perf_counter() - t0
+        async with Client(cfg) as c:  # one process per party identity; its jobs run concurrently
+            await c.plan("bench")
+            t0 = time.perf_counter()
+            masks = [m for m, _ in await asyncio.gather(*(c.segment("bench", x) for x in xs))]
+            wall = time.perf_counter() - t0
         rss = _server_peak_rss(dep)
     agree = [float(np.mean(m == r)) for m, r in zip(masks, refs, strict=True)]
     return {"model": model_name, "size": size, "transport": "mqtt", "broker": "mosquitto", "concurrent_jobs": jobs,

@@ -12,6 +12,7 @@ transport (``transport.py``) implements the same interface, and netsim wraps an 
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -62,23 +63,51 @@ class Endpoint(ABC):
 
 
 class _Inbox:
-    def __init__(self) -> None:
-        self.early: dict[str, Frame] = {}
+    """Frames by label; early arrivals are buffered, bounded in count, bytes and age (a peer or broker
+    cannot grow a party's memory without limit: past a bound the oldest early frames are dropped)."""
+
+    def __init__(self, max_frames: int = 4096, max_bytes: int = 4 << 30, max_age: float = 900.0) -> None:
+        self.early: dict[str, tuple[Frame, float]] = {}
         self.waiting: dict[str, asyncio.Future[Frame]] = {}
         self.closed = False
+        self.max_frames, self.max_bytes, self.max_age = max_frames, max_bytes, max_age
+        self._bytes = 0
+        self.expired = 0  # early frames dropped by the bounds
 
     def deliver(self, label: str, frame: Frame) -> None:
         fut = self.waiting.pop(label, None)
         if fut is not None and not fut.done():
             fut.set_result(frame)
-        elif label in self.early:
+            return
+        if label in self.early:
             raise ProtocolError(f"duplicate frame for label {label!r}")
-        else:
-            self.early[label] = frame
+        if len(frame) > self.max_bytes:
+            raise ProtocolError(f"frame {label!r} is larger than the early-arrival budget")
+        now = time.monotonic()
+        self.early[label] = (frame, now)
+        self._bytes += len(frame)
+        while self.early and (len(self.early) > self.max_frames or self._bytes > self.max_bytes
+                              or now - next(iter(self.early.values()))[1] > self.max_age):
+            self._drop(next(iter(self.early)))
+
+    def _drop(self, label: str) -> None:
+        frame, _ = self.early.pop(label)
+        self._bytes -= len(frame)
+        self.expired += 1
+
+    def fail_all(self, err: BaseException) -> None:
+        """Fail every waiting receive with ``err`` and forget early frames (the peer restarted)."""
+        for label in list(self.early):
+            self._drop(label)
+        for fut in list(self.waiting.values()):
+            if not fut.done():
+                fut.set_exception(err)
 
     async def take(self, label: str, timeout: float | None) -> Frame:
         if label in self.early:
-            return self.early.pop(label)
+            frame, _ = self.early.pop(label)
+            self._bytes -= len(frame)
+            return frame
         if self.closed:
             raise ConnectionLost(f"link closed while waiting for {label!r}")
         if label in self.waiting:

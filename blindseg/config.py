@@ -10,16 +10,20 @@
     ca_file = "tls/ca.crt"            # for mqtts://
     key_file = "keys/server0.key"     # this party's X25519 private key (32 raw bytes)
     state_dir = "state/server0"
+    tenant = "hospital-a"             # data owners only: this hospital's identity (default "data_owner")
     net = "none"                      # netsim profile on this party's links: none | lan | wan | "lat_ms,mbps"
     round_timeout = 120               # seconds a silent peer may take before the job fails (servers)
     bundle_wait = 120                 # seconds a job may wait for preprocessing (servers)
     job_timeout = 600                 # seconds the data owner waits for a job's output
     key_expires = 2027-11-21          # optional: the config is refused after this date (key rotation)
+    max_job_bytes = 17179869184       # servers: a plan or job needing more preprocessing material is refused
 
     [peers]                           # public keys (hex) of the parties this one talks to
     server1 = "ab12..."
+    hospital-a = "cd34..."            # (servers) every tenant is a peer: its own key, topic and ACL
 
-Relative paths are relative to the config file.
+Relative paths are relative to the config file. An unknown field is refused (a misspelt
+``round_timout`` would otherwise be silently ignored).
 """
 
 from __future__ import annotations
@@ -30,11 +34,15 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from . import ids
 from .crypto import load_private, load_public
 from .errors import UsageError
 from .transport import BrokerAddress
 
 PARTIES = ("dealer", "server0", "server1", "model_owner", "data_owner")
+ROLES = ("dealer", "server0", "server1", "model_owner")  # fixed names; any other peer is a tenant (data owner)
+FIELDS = {"deployment", "party", "tenant", "broker", "username", "password_file", "ca_file", "key_file", "state_dir",
+          "net", "round_timeout", "bundle_wait", "job_timeout", "key_expires", "max_job_bytes", "peers"}
 
 
 @dataclass
@@ -50,6 +58,19 @@ class PartyConfig:
     round_timeout: float = 120.0  # a peer silent this long fails the job
     bundle_wait: float = 120.0  # how long a job waits for preprocessing before failing
     job_timeout: float = 600.0  # data owner: how long to wait for a job's output
+    name: str = ""  # this party's identity on the wire: the role, or a data owner's tenant name
+    max_job_bytes: int = 16 << 30
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.party
+
+    def __repr__(self) -> str:  # never the key or the broker password
+        return f"PartyConfig({self.path}, {self.deployment}, {self.name})"
+
+    @property
+    def tenants(self) -> list[str]:
+        """The data-owner identities among the peers (a server's tenants)."""
+        return [p for p in self.peers if p not in ROLES]
 
     @staticmethod
     def load(path: str | Path, expect: str | tuple[str, ...] | None = None) -> PartyConfig:
@@ -75,6 +96,9 @@ class PartyConfig:
             q = Path(v)
             return q if q.is_absolute() else (p.parent / q)
 
+        unknown = sorted(set(raw) - FIELDS)
+        if unknown:
+            raise UsageError(f"{p}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(FIELDS))})")
         party = str(field("party"))
         if party not in PARTIES:
             raise UsageError(f"{p}: party must be one of {', '.join(PARTIES)}, got {party!r}")
@@ -105,9 +129,23 @@ class PartyConfig:
         peers_raw = field("peers", dict)
         peers = {}
         for name, hexkey in peers_raw.items():  # type: ignore[attr-defined]
-            if name not in PARTIES:
-                raise UsageError(f"{p}: unknown peer {name!r} in [peers]")
+            try:
+                ids.check("peer", name)
+            except UsageError as e:
+                raise UsageError(f"{p} [peers]: {e}") from None
             peers[name] = load_public(str(hexkey), f"{p} [peers] {name}")
+        tenant = str(field("tenant", str, "data_owner"))
+        if "tenant" in raw and party != "data_owner":
+            raise UsageError(f"{p}: only a data owner has a tenant name")
+        if tenant in ROLES:
+            raise UsageError(f"{p}: tenant name {tenant!r} is a role's name")
+        try:
+            ids.check("tenant", tenant)
+        except UsageError as e:
+            raise UsageError(f"{p}: {e}") from None
+        mjb = raw.get("max_job_bytes", 16 << 30)
+        if not isinstance(mjb, int) or isinstance(mjb, bool) or mjb <= 0:
+            raise UsageError(f"{p}: field 'max_job_bytes' must be a positive integer")
         def seconds(name: str, default: float) -> float:
             v = raw.get(name, default)
             if not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v <= 86400:
@@ -116,4 +154,5 @@ class PartyConfig:
 
         return PartyConfig(p, str(field("deployment")), party, broker, key, peers,
                            rel(str(field("state_dir", str, f"state/{party}"))), str(field("net", str, "none")),
-                           seconds("round_timeout", 120.0), seconds("bundle_wait", 120.0), seconds("job_timeout", 600.0))
+                           seconds("round_timeout", 120.0), seconds("bundle_wait", 120.0), seconds("job_timeout", 600.0),
+                           tenant if party == "data_owner" else party, mjb)

@@ -1,28 +1,43 @@
-"""End-to-end encryption between two parties: X25519 -> HKDF-SHA256 -> AES-256-GCM.
+"""End-to-end encryption between two parties: a per-run authenticated handshake, then AES-256-GCM.
 
-Every party has a static X25519 key pair; the deployment kit (``blindseg init``)
-gives each party the others' public keys. For each message direction
-(sender -> receiver) the sender starts a *session* with a fresh random 16-byte
-id; the key is ``HKDF(X25519(sk_sender, pk_receiver), salt=session id,
-info="blindseg/1 <deployment> <sender>-><receiver>")``, so a restarted sender
-never reuses a (key, nonce) pair, and the two directions never share a key.
+Every party has a static X25519 key (its identity; the kit carries only the public halves to the
+others) and, per process run, one fresh *ephemeral* X25519 key that is never written anywhere.
+Two parties X and Y agree on keys with a Noise-KK-like exchange of hellos over the broker::
+
+    hello  = b"BSH2" | e_X (32) | seen (32: the ephemeral of Y that X holds, or zeros) | time (8) | mac (32)
+    mac    = HMAC-SHA256(HKDF(DH(s_X, s_Y)), hello without mac | topic)
+
+    key X->Y = HKDF-SHA256(DH(e_X, e_Y) | DH(s_X, e_Y) | DH(e_X, s_Y),
+                           salt = e_X | e_Y, info = "blindseg/2 <deployment> X->Y")
+
+Properties: the key needs an ephemeral private key and a static one of each side, so only X and Y
+can compute it (mutual authentication, resistant to key-compromise impersonation); a later leak of
+both static keys does not open recorded traffic (``ee`` needs an ephemeral, which dies with the
+process: forward secrecy); every run of either party gives new keys, so a message recorded in another
+run (after a restart, or in any earlier CLI session) cannot authenticate. A party answers a hello
+whose ``seen`` is not its own current ephemeral, so two parties converge after any restart; an
+ephemeral a party has moved away from is *retired*: its session is dropped (frames of that run still
+in flight are void) and its hellos are refused, so a broker cannot roll a link back to an earlier run.
+No replay state has to outlive a process.
 
 Sealed message::
 
-    b"BSE1" | session id (16) | counter (8, big endian) | AES-GCM(ciphertext + 16-byte tag)
+    b"BSE2" | session id (16) | counter (8, big endian) | AES-GCM(ciphertext + 16-byte tag)
 
-nonce = 4 zero bytes | counter; AAD = the 28-byte prefix + topic. The receiver
-rejects (with :class:`~blindseg.errors.ProtocolError`) anything that does not
-authenticate, a counter that does not increase within a session (replay or
-reorder), and a message whose sealed timestamp is more than ``max_age``
-seconds old (a replay of an earlier session).
+session id = SHA-256(e_X | e_Y)[:16]; nonce = 4 zero bytes | counter; AAD = the 28-byte prefix +
+topic. The receiver rejects (:class:`~blindseg.errors.ProtocolError`) anything that does not
+authenticate, an unknown session, and a counter that does not increase within its session. The
+hello's clock is not used for any check; :attr:`SecureLink.skew` lets the transport say "clock of
+server1 is 412 s ahead" once, at connect.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
+import hmac
 import struct
 import time
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,12 +45,15 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import ProtocolError, UsageError
+from .errors import ProtocolError, UnknownSession, UsageError
 
-MAGIC = b"BSE1"
+MAGIC = b"BSE2"
+HELLO = b"BSH2"
 PREFIX = 4 + 16 + 8
 TAG = 16
-OVERHEAD = PREFIX + TAG + 8  # + the sealed timestamp
+OVERHEAD = PREFIX + TAG
+HELLO_SIZE = 4 + 32 + 32 + 8 + 32
+_ZERO = bytes(32)
 
 
 def generate_key() -> X25519PrivateKey:
@@ -47,8 +65,12 @@ def private_bytes(key: X25519PrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def _raw(pub: X25519PublicKey) -> bytes:
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def public_hex(key: X25519PrivateKey) -> str:
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    return _raw(key.public_key()).hex()
 
 
 def load_private(raw: bytes, where: str) -> X25519PrivateKey:
@@ -67,65 +89,119 @@ def load_public(hexstr: str, where: str) -> X25519PublicKey:
     return X25519PublicKey.from_public_bytes(raw)
 
 
-def _derive(shared: bytes, session: bytes, deployment: str, sender: str, receiver: str) -> AESGCM:
-    info = f"blindseg/1 {deployment} {sender}->{receiver}".encode()
-    return AESGCM(HKDF(hashes.SHA256(), 32, salt=session, info=info).derive(shared))
+def session_key(ee: bytes, es: bytes, se: bytes, e_from: bytes, e_to: bytes, deployment: str, sender: str,
+                receiver: str) -> bytes:
+    """The direction key ``sender -> receiver`` from the three DH values (see the module docstring)."""
+    info = f"blindseg/2 {deployment} {sender}->{receiver}".encode()
+    return HKDF(hashes.SHA256(), 32, salt=e_from + e_to, info=info).derive(ee + es + se)
 
 
-class Sealer:
-    """Sender side of one direction: a session id and a nonce counter."""
+def session_id(e_from: bytes, e_to: bytes) -> bytes:
+    return hashlib.sha256(b"blindseg/2 sid" + e_from + e_to).digest()[:16]
 
-    def __init__(self, key: X25519PrivateKey, peer: X25519PublicKey, deployment: str, sender: str,
-                 receiver: str) -> None:
-        self.session = os.urandom(16)
-        self._aead = _derive(key.exchange(peer), self.session, deployment, sender, receiver)
-        self._counter = 0
 
+@dataclass
+class _Session:
+    aead: AESGCM = field(repr=False)
+    last: int = 0  # receive side: the highest counter accepted; send side: the last counter used
+
+
+class SecureLink:
+    """One party's end of the encrypted link to one peer (pure: no I/O; the transport moves hellos).
+
+    ``ephemeral`` is this process run's key, shared by all of its links."""
+
+    def __init__(self, key: X25519PrivateKey, peer: X25519PublicKey, ephemeral: X25519PrivateKey,
+                 deployment: str, me: str, peer_name: str) -> None:
+        self._s, self._peer_s, self._e = key, peer, ephemeral
+        self.e_pub = _raw(ephemeral.public_key())
+        self.deployment, self.me, self.peer = deployment, me, peer_name
+        ss = key.exchange(peer)
+        pair = " ".join(sorted((me, peer_name)))
+        self._mac_key = HKDF(hashes.SHA256(), 32, salt=None,
+                             info=f"blindseg/2 hello {deployment} {pair}".encode()).derive(ss)
+        self.peer_e: bytes | None = None  # the peer run's ephemeral this side talks to
+        self.retired: set[bytes] = set()
+        self.skew = 0.0  # the peer's clock minus ours, as its last hello said (includes transit time)
+        self._send: tuple[bytes, _Session] | None = None
+        self._recv: dict[bytes, _Session] = {}  # the current peer run's session
+
+    def __repr__(self) -> str:
+        return f"SecureLink({self.me}->{self.peer}, ready={self.ready})"
+
+    @property
+    def ready(self) -> bool:
+        return self._send is not None
+
+    # ------------------------------------------------------------ handshake
+    def hello(self, topic: str) -> bytes:
+        """This side's hello for ``topic`` (the peer's inbox topic)."""
+        body = HELLO + self.e_pub + (self.peer_e or _ZERO) + struct.pack(">d", time.time())
+        return body + hmac.new(self._mac_key, body + topic.encode(), hashlib.sha256).digest()
+
+    def accept(self, topic: str, msg: bytes) -> tuple[bool, bool]:
+        """Take the peer's hello: ``(new, reply)`` -- whether it starts a new peer session (the peer
+        (re)started) and whether the peer does not yet hold our ephemeral (answer with :meth:`hello`)."""
+        if len(msg) != HELLO_SIZE or msg[:4] != HELLO:
+            raise ProtocolError("handshake message is malformed")
+        body, mac = msg[:-32], msg[-32:]
+        if not hmac.compare_digest(mac, hmac.new(self._mac_key, body + topic.encode(), hashlib.sha256).digest()):
+            raise ProtocolError("handshake failed authentication (wrong key, wrong topic or tampered)")
+        e, seen = bytes(body[4:36]), bytes(body[36:68])
+        (their_time,) = struct.unpack(">d", body[68:76])
+        if e in self.retired:
+            raise ProtocolError(f"stale handshake from an earlier run of {self.peer} (replayed)")
+        new = e != self.peer_e
+        if new:
+            if self.peer_e is not None:
+                self.retired.add(self.peer_e)
+            self._start(e)
+        self.skew = their_time - time.time()
+        return new, seen != self.e_pub
+
+    def _start(self, e: bytes) -> None:
+        pe = X25519PublicKey.from_public_bytes(e)
+        ee = self._e.exchange(pe)
+        out = session_key(ee, self._s.exchange(pe), self._e.exchange(self._peer_s), self.e_pub, e,
+                          self.deployment, self.me, self.peer)
+        back = session_key(ee, self._e.exchange(self._peer_s), self._s.exchange(pe), e, self.e_pub,
+                           self.deployment, self.peer, self.me)
+        if self.peer_e is not None:  # the earlier run's frames are void, even those still in flight
+            self._recv.pop(session_id(self.peer_e, self.e_pub), None)
+        self.peer_e = e
+        self._send = (session_id(self.e_pub, e), _Session(AESGCM(out)))
+        self._recv[session_id(e, self.e_pub)] = _Session(AESGCM(back))
+
+    # --------------------------------------------------------------- frames
     def seal(self, topic: str, *parts: bytes | memoryview) -> bytearray:
-        """Seal the concatenation of ``parts`` (assembled once, encrypted in place after the prefix)."""
-        self._counter += 1
-        prefix = MAGIC + self.session + struct.pack(">Q", self._counter)
-        nonce = b"\0\0\0\0" + prefix[20:]
-        body = bytearray(8 + sum(len(p) for p in parts))
-        body[:8] = struct.pack(">d", time.time())
-        off = 8
-        for p in parts:
-            body[off:off + len(p)] = p
-            off += len(p)
+        """Seal the concatenation of ``parts`` under the current session (assembled once, encrypted in
+        place after the prefix)."""
+        if self._send is None:
+            raise ProtocolError(f"no session with {self.peer} yet (handshake pending)")
+        sid, s = self._send
+        s.last += 1
+        prefix = MAGIC + sid + struct.pack(">Q", s.last)
+        body = b"".join(parts)
         out = bytearray(PREFIX + len(body) + TAG)
         out[:PREFIX] = prefix
-        self._aead.encrypt_into(nonce, body, prefix + topic.encode(), memoryview(out)[PREFIX:])
+        s.aead.encrypt_into(b"\0\0\0\0" + prefix[20:], body, prefix + topic.encode(), memoryview(out)[PREFIX:])
         return out
-
-
-class Opener:
-    """Receiver side of one direction: accepts each sender session's counters strictly increasing."""
-
-    def __init__(self, key: X25519PrivateKey, peer: X25519PublicKey, deployment: str, sender: str,
-                 receiver: str, max_age: float = 300.0) -> None:
-        self._shared = key.exchange(peer)
-        self._ctx = (deployment, sender, receiver)
-        self._sessions: dict[bytes, tuple[AESGCM, int]] = {}
-        self.max_age = max_age
 
     def open(self, topic: str, message: bytes | bytearray) -> memoryview:
         """The plaintext (a view, no copy) of a sealed message, or ProtocolError."""
-        if len(message) < PREFIX + TAG + 8 or message[:4] != MAGIC:
+        if len(message) < PREFIX + TAG or message[:4] != MAGIC:
             raise ProtocolError("message is not a sealed blindseg frame")
-        session, (counter,) = bytes(message[4:20]), struct.unpack(">Q", message[20:28])
-        aead, last = self._sessions.get(session) or (_derive(self._shared, session, *self._ctx), 0)
-        if counter <= last:
-            raise ProtocolError(f"replayed or reordered message (counter {counter} after {last})")
+        s = self._recv.get(bytes(message[4:20]))
+        if s is None:
+            raise UnknownSession(f"message from an unknown session (another run of {self.peer}, or a replay)")
+        (counter,) = struct.unpack(">Q", message[20:28])
+        if counter <= s.last:
+            raise ProtocolError(f"replayed or reordered message (counter {counter} after {s.last})")
         body = bytearray(len(message) - PREFIX - TAG)
         try:
-            aead.decrypt_into(b"\0\0\0\0" + bytes(message[20:28]), memoryview(message)[PREFIX:],
-                              bytes(message[:PREFIX]) + topic.encode(), body)
+            s.aead.decrypt_into(b"\0\0\0\0" + bytes(message[20:28]), memoryview(message)[PREFIX:],
+                                bytes(message[:PREFIX]) + topic.encode(), body)
         except InvalidTag:
             raise ProtocolError("message failed authentication (tampered, wrong key or wrong topic)") from None
-        (ts,) = struct.unpack(">d", body[:8])
-        if abs(time.time() - ts) > self.max_age:
-            raise ProtocolError("message is older than the replay window")
-        if len(self._sessions) > 64 and session not in self._sessions:
-            self._sessions.pop(next(iter(self._sessions)))
-        self._sessions[session] = (aead, counter)
-        return memoryview(body)[8:]
+        s.last = counter
+        return memoryview(body)

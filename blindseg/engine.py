@@ -28,6 +28,7 @@ from model_owner.client import deploy_compiled
 from netsim import PROFILES, Profile
 from server.service import ServerService, ServerSettings
 
+from . import ids
 from .channel import MemoryNetwork
 from .compiler import compile_model
 from .config import PARTIES
@@ -114,11 +115,12 @@ async def _job(comp: Compiled, x: np.ndarray, servers: list[ServerService], deal
     deploy_bytes = [servers[i].node.link(f"server{1 - i}").counters.bytes_sent + mo.link(f"server{i}").counters.bytes_sent
                     for i in (0, 1)]
 
+    key = ids.key(MODEL_ID, dep["epoch"])
     t_off = time.perf_counter()
-    dealer.request(MODEL_ID, batch)
+    dealer.request(key, batch)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not all(s.pool.settled(MODEL_ID, batch) for s in servers):  # offline is measured apart from online
+    while not all(s.pool.settled(key, batch) for s in servers):  # offline is measured apart from online
         for t in tasks:
             if t.done():
                 with contextlib.suppress(asyncio.CancelledError):

@@ -29,8 +29,18 @@ class ScaleOverflowError(UsageError):
     """The fixed-point scale would overflow the 32-bit ring on the observed ranges."""
 
 
+class StaleEpoch(UsageError):
+    """A job, bundle or mask names a deployment (epoch) of a model that is not the current one."""
+
+    code = "epoch"
+
+
 class ProtocolError(BlindsegError):
     """A peer sent something the protocol does not allow."""
+
+
+class UnknownSession(ProtocolError):
+    """A sealed message names a session this party does not hold (another run of the peer, or a replay)."""
 
 
 class ConnectionLost(BlindsegError):

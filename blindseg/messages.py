@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from . import ids
 from .errors import ProtocolError, UsageError
 from .wire import decode_frame, encode_frame
 
@@ -33,8 +34,11 @@ class Message:
 
     def __post_init__(self) -> None:
         for name, typ in _fields(type(self)).items():
-            if name != "arrays" and not _fits(getattr(self, name), typ):
-                raise UsageError(f"{type(self).__name__}.{name} must be {typ}, got {type(getattr(self, name)).__name__}")
+            v = getattr(self, name)
+            if name != "arrays" and not _fits(v, typ):
+                raise UsageError(f"{type(self).__name__}.{name} must be {typ}, got {type(v).__name__}")
+            if name in ids.ID_FIELDS and v:  # empty only where the field is optional
+                ids.check(name, v)
         lo, hi = self.ARRAYS
         if not lo <= len(self.payload) <= hi:
             raise UsageError(f"{type(self).__name__} carries {lo}..{hi} arrays, got {len(self.payload)}")
@@ -134,6 +138,7 @@ class PlanMsg(Message):
 
     T = "plan"
     model: str
+    epoch: str
     plan: dict[str, Any]
 
 
@@ -144,6 +149,8 @@ class Deploy(Message):
     T = "deploy"
     ARRAYS = (0, 4096)
     model: str
+    epoch: str
+    tenants: list[str]
     plan: dict[str, Any]
     ops: list[int]
     bias: list[bool]
@@ -161,13 +168,14 @@ class Deploy(Message):
         return out
 
     @staticmethod
-    def of(model: str, plan: dict[str, Any], shares: dict[int, tuple[np.ndarray, np.ndarray | None]]) -> Deploy:
+    def of(model: str, epoch: str, tenants: list[str], plan: dict[str, Any],
+           shares: dict[int, tuple[np.ndarray, np.ndarray | None]]) -> Deploy:
         ops = sorted(shares)
         arrays: list[np.ndarray] = []
         for j in ops:
             w, b = shares[j]
             arrays += [w] if b is None else [w, b]
-        return Deploy(model, plan, ops, [shares[j][1] is not None for j in ops], tuple(arrays))
+        return Deploy(model, epoch, tenants, plan, ops, [shares[j][1] is not None for j in ops], tuple(arrays))
 
 
 @dataclass(frozen=True, repr=False)
@@ -176,15 +184,36 @@ class Masks(Message):
 
     T = "masks"
     model: str
-    seed: bytes
+    epoch: str
+    seed: bytes = field(repr=False)
 
 
 @dataclass(frozen=True, repr=False)
 class Deployed(Message):
-    """server -> model_owner: E opened, the model is ready."""
+    """server -> model_owner: E opened, the deployment is staged (it serves once committed)."""
 
     T = "deployed"
     model: str
+    epoch: str
+    party: str
+
+
+@dataclass(frozen=True, repr=False)
+class Commit(Message):
+    """model_owner -> servers and dealer: switch ``model`` to ``epoch`` (all staged), purge the old one."""
+
+    T = "commit"
+    model: str
+    epoch: str
+
+
+@dataclass(frozen=True, repr=False)
+class Committed(Message):
+    """server / dealer -> model_owner: ``model`` now serves ``epoch``."""
+
+    T = "committed"
+    model: str
+    epoch: str
     party: str
 
 
@@ -198,6 +227,7 @@ class BundleAnnounce(Message):
     T = "bundle"
     id: str
     model: str
+    epoch: str
     batch: int
     party: int
     seed: bytes
@@ -221,6 +251,7 @@ class PoolRequest(Message):
 
     T = "used"
     model: str
+    epoch: str
     batch: int
     ready: int = 0
 
@@ -243,6 +274,7 @@ class GetPlan(Message):
 class PlanInfo(Message):
     T = "planinfo"
     model: str
+    epoch: str
     plan: dict[str, Any]
 
 
@@ -254,6 +286,7 @@ class Job(Message):
     ARRAYS = (1, 1)
     job: str
     model: str
+    epoch: str
     batch: int
     arrays: tuple[np.ndarray, ...] = ()
 
@@ -275,6 +308,7 @@ class Error(Message):
     party: str
     job: str | None = None
     model: str | None = None
+    code: str = ""  # "epoch": the model was redeployed (ask for the plan again); "" otherwise
 
 
 @dataclass(frozen=True, repr=False)
@@ -301,6 +335,7 @@ class Use(Message):
     T = "use"
     bundle: str = ""
     abort: str = ""
+    tenant: str = ""  # who asked for the job at server0 (server1 must have it from the same one)
 
 
 @dataclass(frozen=True, repr=False)

@@ -64,7 +64,7 @@ class Node:
     def from_config(cfg: PartyConfig) -> Node:
         from .transport import MqttTransport
 
-        return Node(cfg.party, MqttTransport(cfg.deployment, cfg.party, cfg.key, cfg.peers, cfg.broker),
+        return Node(cfg.name, MqttTransport(cfg.deployment, cfg.name, cfg.key, cfg.peers, cfg.broker),
                     profile(cfg.net), str(cfg.path), cfg.deployment)
 
     async def start(self) -> Node:

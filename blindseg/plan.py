@@ -111,9 +111,27 @@ class Plan:
         return plan
 
 
+MAX_OPS = 20000
+MAX_ELEMS = 1 << 28  # per op and image (1 GiB of ring elements)
+
+
+def check_budget(plan: Plan, limit: int, batch: int = 1) -> int:
+    """One server's material bytes for a job of ``batch``; UsageError if over ``limit`` (a plan from a
+    peer must not make a role allocate without bound)."""
+    from .layout import Layout
+
+    need = Layout.of(plan, batch).material_bytes()
+    if need > limit:
+        raise UsageError(f"a job of batch {batch} needs {need / 2**30:.1f} GiB of preprocessing material per "
+                         f"server, over the configured limit of {limit / 2**30:.1f} GiB (max_job_bytes)")
+    return need
+
+
 def validate(plan: Plan) -> None:
     """Structural checks: one input first, inputs refer backwards, shapes agree with what each layer
     implies, a terminal op last, a circuit the ring allows."""
+    if len(plan.ops) > MAX_OPS:
+        raise UsageError(f"plan has {len(plan.ops)} ops, more than {MAX_OPS}")
     if not plan.ops or plan.ops[0].inputs or plan.ops[0].layer is not layer_of("input"):
         raise UsageError("plan must start with its input op")
     if plan.output not in ("mask", "logits"):
@@ -128,8 +146,8 @@ def validate(plan: Plan) -> None:
             raise UsageError(f"plan op {i} ({op.kind}) has no inputs (only the first op is the input)")
         if any(j < 0 or j >= i for j in op.inputs):
             raise UsageError(f"plan op {i} ({op.kind}) refers to a later or missing value")
-        if len(op.shape) != ndim or any(s <= 0 or s > 1 << 16 for s in op.shape):
-            raise UsageError(f"plan op {i} has an invalid shape {op.shape}")
+        if len(op.shape) != ndim or any(s <= 0 or s > 1 << 16 for s in op.shape) or math.prod(op.shape) > MAX_ELEMS:
+            raise UsageError(f"plan op {i} has an invalid shape {op.shape} (at most {MAX_ELEMS} elements per op)")
         if i:
             want = op.layer.out_shape(op, plan.in_shapes(i))
             if want is not None and want != op.shape:

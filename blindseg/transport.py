@@ -3,19 +3,28 @@
 One :class:`MqttTransport` per party process holds one MQTT v5 connection
 (aiomqtt, TCP_NODELAY, QoS 1) and subscribes only to
 ``blindseg/<deployment>/<me>/+`` -- what is addressed to it. A frame for peer P
-travels on ``blindseg/<deployment>/<P>/<me>``, cut into chunks of at most
-``chunk`` bytes, each sealed with the pair's AES-256-GCM direction key
-(:mod:`blindseg.crypto`); the broker sees ciphertext, sizes and timing only.
+travels on ``blindseg/<deployment>/<P>/<me>``. On every (re)connect the transport
+sends each peer a hello (:mod:`blindseg.crypto`: per-run ephemeral keys
+authenticated by the static ones); a frame is sent only once the peer's session
+is known (``handshake_timeout``), so a party that is not running is named at
+once. When a peer's new run appears, waits on the old run's frames fail at once
+("server1 restarted") instead of running into a round timeout.
 
-Chunk plaintext: ``u16 label length | label | u32 chunk index | u32 chunk count | data``.
-Chunks of a frame are published without waiting for each other (pipelined);
-MQTT keeps one publisher's messages in order on a topic, so reassembly is a
-running list per label. A frame is delivered to the receiving
-:class:`MqttEndpoint`'s inbox by label (early arrivals buffered); frames whose
-label starts with ``ctl:`` go to :attr:`MqttTransport.control` for the role's
-service loop. Anything that fails to authenticate, replays, is malformed or
-exceeds the size limit is dropped with a logged reason; it never stops the
-reader. Bytes and frames are counted on the sealed messages.
+A frame is cut into chunks of at most ``chunk`` bytes, each sealed on its own::
+
+    chunk plaintext = u16 label length | label | u64 frame id | u32 index | u32 count | u64 frame length | data
+
+so every chunk is bound to its frame (ids increase per session): chunks of two
+frames never splice, a shortened frame never completes, and the last chunk must
+bring exactly the announced length. One sender's frames go out contiguously, so
+a receiver holds at most one partial frame per peer (bounded bytes, dropped when
+a new frame starts or after ``partial_age`` seconds). Chunks are published
+without waiting for each other (pipelined); MQTT keeps one publisher's messages
+in order on a topic. Frames whose label starts with ``ctl:`` go to
+:attr:`MqttTransport.control` for the role's service loop, others to the
+endpoint's inbox by label. Anything that fails to authenticate, replays, is
+malformed or exceeds a limit is dropped with a logged reason
+(:attr:`MqttTransport.rejected`); it never stops the reader.
 """
 
 from __future__ import annotations
@@ -27,20 +36,23 @@ import math
 import socket
 import ssl
 import struct
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from .channel import Control, Endpoint, Frame, _Inbox
-from .crypto import OVERHEAD, Opener, Sealer
-from .errors import ConnectionLost, ProtocolError, UsageError
+from .crypto import HELLO, OVERHEAD, SecureLink
+from .errors import ConnectionLost, ProtocolError, UnknownSession, UsageError
 
 log = logging.getLogger("blindseg.transport")
 
 CHUNK = 1 << 20
 MAX_FRAME = 1 << 30
+CHUNK_HEAD = 2 + 24  # label length + frame id, index, count, frame length (plus the label)
 
 
 @dataclass
@@ -51,7 +63,7 @@ class BrokerAddress:
     port: int
     tls: bool = False
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     ca_file: str | None = None
     mqtt5: bool = True  # amqtt 0.12 speaks MQTT 3.1.1 only
 
@@ -79,26 +91,41 @@ def topic_for(deployment: str, to: str, sender: str) -> str:
     return f"blindseg/{deployment}/{to}/{sender}"
 
 
+def seal_chunks(link: SecureLink, topic: str, label: str, frame_id: int, frame: bytes | memoryview,
+                chunk: int = CHUNK) -> list[bytearray]:
+    """The sealed chunks of one frame, each bound to it (label, frame id, index, count, length)."""
+    lab, view = label.encode(), memoryview(frame)
+    n = max(1, -(-len(frame) // chunk))
+    head = struct.pack(">H", len(lab)) + lab
+    return [link.seal(topic, head + struct.pack(">QIIQ", frame_id, k, n, len(frame)), view[k * chunk:(k + 1) * chunk])
+            for k in range(n)]
+
+
 class MqttTransport:
-    """One party's connection: sealing, chunking, reconnect with backoff, per-peer endpoints."""
+    """One party's connection: handshakes, sealing, chunking, reconnect with backoff, per-peer endpoints."""
 
     def __init__(self, deployment: str, me: str, key: X25519PrivateKey, peers: dict[str, X25519PublicKey],
                  broker: BrokerAddress, chunk: int = CHUNK, max_frame: int = MAX_FRAME,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, handshake_timeout: float = 30.0, partial_age: float = 120.0,
+                 max_skew: float = 5.0) -> None:
         self.deployment, self.me, self.broker = deployment, me, broker
         self.chunk, self.max_frame, self.connect_timeout = chunk, max_frame, connect_timeout
+        self.handshake_timeout, self.partial_age, self.max_skew = handshake_timeout, partial_age, max_skew
+        self._ephemeral = X25519PrivateKey.generate()  # this run's; never stored
         self.endpoints = {
-            p: MqttEndpoint(self, p, Sealer(key, pk, deployment, me, p), Opener(key, pk, deployment, p, me))
+            p: MqttEndpoint(self, p, SecureLink(key, pk, self._ephemeral, deployment, me, p))
             for p, pk in peers.items()
         }
         self.control: Control = asyncio.Queue()
         self._mqtt_log = logging.getLogger("blindseg.transport.mqtt")
         if self._mqtt_log.level == logging.NOTSET:  # aiomqtt warns on every burst of pipelined publishes
             self._mqtt_log.setLevel(logging.ERROR)
-        self.rejected: list[str] = []  # reasons, for tests and logs
+        self.rejected: list[str] = []  # reasons, for tests and logs (the last 1000)
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
+        self._lost: asyncio.Future[None] | None = None  # resolved when the current connection ends
         self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
     def endpoint(self, peer: str) -> MqttEndpoint:
@@ -119,10 +146,11 @@ class MqttTransport:
 
     async def close(self) -> None:
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for t in [self._task, *self._tasks]:
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
         for ep in self.endpoints.values():
             ep.close()
 
@@ -133,22 +161,31 @@ class MqttTransport:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _run(self) -> None:
         delay = 0.1
         while not self._closing:
+            lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             try:
                 async with aiomqtt.Client(
                     self.broker.host, self.broker.port, username=self.broker.username, password=self.broker.password,
-                    identifier=f"{self.deployment}-{self.me}-{id(self):x}", logger=self._mqtt_log, protocol=aiomqtt.ProtocolVersion.V5 if self.broker.mqtt5 else aiomqtt.ProtocolVersion.V311,
+                    identifier=f"{self.deployment}-{self.me}-{id(self):x}", logger=self._mqtt_log,
+                    protocol=aiomqtt.ProtocolVersion.V5 if self.broker.mqtt5 else aiomqtt.ProtocolVersion.V311,
                     tls_context=self.broker.tls_context(), max_inflight_messages=64,
                     socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),), timeout=self.connect_timeout,
                 ) as client:
                     await client.subscribe(topic_for(self.deployment, self.me, "+"), qos=1)
-                    self._client = client
+                    self._client, self._lost = client, lost
                     self._connected.set()
                     if delay > 0.1:
                         log.info("%s: reconnected to the broker", self.me)
                     delay = 0.1
+                    for ep in self.endpoints.values():  # peers may have restarted while we were away
+                        self._spawn(ep.send_hello())
                     async for msg in client.messages:
                         self._on_message(str(msg.topic), msg.payload)  # type: ignore[arg-type]
             except (aiomqtt.MqttError, OSError, TimeoutError) as e:
@@ -160,6 +197,8 @@ class MqttTransport:
             finally:
                 self._connected.clear()
                 self._client = None
+                if not lost.done():
+                    lost.set_result(None)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -172,47 +211,82 @@ class MqttTransport:
                 raise ProtocolError(f"message on unexpected topic {topic!r}")
             ep._receive(topic, bytes(payload))
         except ProtocolError as e:
-            reason = f"dropped message from {sender or '?'}: {e}"
-            self.rejected.append(reason)
-            log.warning("%s: %s", self.me, reason)
+            self.reject(f"dropped message from {sender or '?'}: {e}")
+
+    def reject(self, reason: str) -> None:
+        self.rejected.append(reason)
+        del self.rejected[:-1000]
+        log.warning("%s: %s", self.me, reason)
 
     async def publish(self, topic: str, payload: bytes | bytearray) -> None:
+        """Publish at QoS 1 and wait for the broker's acknowledgement; ConnectionLost if the connection
+        drops first (a publish in flight when the broker goes away would otherwise wait forever)."""
         try:
             await asyncio.wait_for(self._connected.wait(), self.connect_timeout)
         except TimeoutError:
             raise ConnectionLost(f"not connected to the broker for {self.connect_timeout} s") from None
-        client = self._client
-        if client is None:
+        client, lost = self._client, self._lost
+        if client is None or lost is None or lost.done():
             raise ConnectionLost("broker connection dropped")
+        pub = asyncio.ensure_future(client.publish(topic, payload, qos=1, timeout=math.inf))
         try:
-            await client.publish(topic, payload, qos=1, timeout=math.inf)
-        except aiomqtt.MqttError as e:
+            await asyncio.wait((pub, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not pub.done():
+                pub.cancel()
+        if pub.cancelled() or not pub.done():
+            raise ConnectionLost("broker connection dropped while publishing")
+        e = pub.exception()
+        if isinstance(e, aiomqtt.MqttError):
             raise ConnectionLost(f"publish failed: {e}") from None
+        if e is not None:
+            raise e
 
 
 class MqttEndpoint(Endpoint):
     """This party's link to one peer over the shared transport."""
 
-    def __init__(self, transport: MqttTransport, peer: str, sealer: Sealer, opener: Opener) -> None:
+    def __init__(self, transport: MqttTransport, peer: str, link: SecureLink) -> None:
         super().__init__()
-        self.t, self.peer = transport, peer
-        self._sealer, self._opener = sealer, opener
-        self.inbox = _Inbox()
-        self._partial: dict[str, list[memoryview]] = {}
+        self.t, self.peer, self.secure = transport, peer, link
+        self.inbox = _Inbox(max_bytes=max(2 * transport.max_frame, 1 << 20))
         self._out = topic_for(transport.deployment, peer, transport.me)
+        self._in = topic_for(transport.deployment, transport.me, peer)
         self._lock = asyncio.Lock()
+        self._ready = asyncio.Event()
+        self._frame_id = 0  # frames sent this run
+        self._last_in = 0  # the last complete frame id received in the current peer session
+        self._partial: _Partial | None = None
+        self._hello_at = -math.inf
+
+    async def send_hello(self) -> None:
+        self._hello_at = time.monotonic()
+        try:
+            await self.t.publish(self._out, self.secure.hello(self._out))
+        except ConnectionLost as e:
+            log.info("%s: hello to %s not sent (%s)", self.t.me, self.peer, e)
+
+    async def wait_ready(self) -> None:
+        """Until the peer's session is known: hello every second (a hello can be lost while the peer is
+        not yet subscribed), up to ``handshake_timeout``."""
+        deadline = time.monotonic() + self.t.handshake_timeout
+        while not self._ready.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionLost(f"{self.peer} has not answered the handshake within "
+                                     f"{self.t.handshake_timeout:.0f} s: is it running?")
+            if time.monotonic() - self._hello_at >= 1.0:
+                await self.send_hello()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), min(1.0, left))
 
     async def _send(self, label: str, frame: bytes) -> int:
-        lab = label.encode()
         if len(frame) > self.t.max_frame:
             raise ProtocolError(f"frame {label!r} is {len(frame)} bytes, over the {self.t.max_frame}-byte limit")
-        view = memoryview(frame)
-        n = max(1, -(-len(frame) // self.t.chunk))
-        msgs = []
-        for k in range(n):
-            head = struct.pack(">H", len(lab)) + lab + struct.pack(">II", k, n)
-            msgs.append(self._sealer.seal(self._out, head, view[k * self.t.chunk:(k + 1) * self.t.chunk]))
+        await self.wait_ready()
         async with self._lock:  # one frame's chunks stay contiguous on the topic
+            self._frame_id += 1
+            msgs = seal_chunks(self.secure, self._out, label, self._frame_id, frame, self.t.chunk)
             await asyncio.gather(*(self.t.publish(self._out, m) for m in msgs))
         return sum(len(m) for m in msgs)
 
@@ -221,32 +295,106 @@ class MqttEndpoint(Endpoint):
 
     def wire_size(self, label: str, frame: Frame) -> int:
         n = max(1, -(-len(frame) // self.t.chunk))
-        return len(frame) + n * (OVERHEAD + 10 + len(label.encode()))
+        return len(frame) + n * (OVERHEAD + CHUNK_HEAD + len(label.encode()))
 
     def _receive(self, topic: str, message: bytes) -> None:
-        body = self._opener.open(topic, message)
+        if message[:4] == HELLO:
+            self._on_hello(topic, message)
+            return
+        try:
+            body = self.secure.open(topic, message)
+        except UnknownSession:
+            self._maybe_rehello()  # the peer talks to a run of ours that is gone (or we missed its hello)
+            raise
         self.counters.bytes_received += len(message)
-        if len(body) < 10:
+        if len(body) < CHUNK_HEAD:
             raise ProtocolError("chunk is too short")
         (ll,) = struct.unpack(">H", body[:2])
+        if len(body) < CHUNK_HEAD + ll:
+            raise ProtocolError("chunk is too short")
         label = bytes(body[2:2 + ll]).decode("utf-8", "replace")
-        k, n = struct.unpack(">II", body[2 + ll:10 + ll])
-        data = body[10 + ll:]  # a view: the only copy is the join below (none for one-chunk frames)
-        parts = self._partial.setdefault(label, [])
-        if k != len(parts) or n == 0 or k >= n or n * self.t.chunk > self.t.max_frame + self.t.chunk:
-            self._partial.pop(label, None)
-            raise ProtocolError(f"chunk {k}/{n} of {label!r} is out of order or over the size limit")
-        parts.append(data)
-        if k + 1 < n:
+        fid, k, n, total = struct.unpack(">QIIQ", body[2 + ll:CHUNK_HEAD + ll])
+        data = body[CHUNK_HEAD + ll:]  # a view: the only copy is the join below (none for one-chunk frames)
+        frame = self._assemble(label, fid, k, n, total, data)
+        if frame is None:
             return
-        chunks = self._partial.pop(label)
         if label.startswith("ctl:"):
-            self.t.control.put_nowait((self.peer, label, b"".join(chunks)))
+            self.t.control.put_nowait((self.peer, label, frame))
         else:
-            self.inbox.deliver(label, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            self.inbox.deliver(label, frame)
+
+    def _assemble(self, label: str, fid: int, k: int, n: int, total: int, data: memoryview) -> Frame | None:
+        """Add one chunk; the whole frame once its last chunk is in (ProtocolError on any mismatch)."""
+        t = self.t
+        if n == 0 or k >= n or total > t.max_frame or n != max(1, -(-total // t.chunk)) or len(data) > t.chunk:
+            self._partial = None
+            raise ProtocolError(f"chunk {k}/{n} of {label!r} is out of order or over the size limit")
+        p = self._partial
+        if k == 0:
+            if fid <= self._last_in:
+                raise ProtocolError(f"frame {fid} of {label!r} is older than the last one received")
+            if p is not None:
+                t.reject(f"dropped incomplete frame {p.label!r} from {self.peer} ({len(p.parts)}/{p.n} chunks)")
+            p = self._partial = _Partial(label, fid, n, total, time.monotonic())
+        elif p is None or (p.label, p.fid, p.n, p.total) != (label, fid, n, total) or k != len(p.parts):
+            self._partial = None
+            raise ProtocolError(f"chunk {k}/{n} of {label!r} does not belong to the frame being assembled "
+                                "(spliced, dropped or reordered chunks)")
+        elif time.monotonic() - p.t0 > t.partial_age:
+            self._partial = None
+            raise ProtocolError(f"frame {label!r} took over {t.partial_age:.0f} s to arrive; dropped")
+        p.parts.append(data)
+        p.size += len(data)
+        if k + 1 < n:
+            if p.size != (k + 1) * t.chunk:
+                self._partial = None
+                raise ProtocolError(f"chunk {k}/{n} of {label!r} is shorter than a full chunk")
+            return None
+        self._partial = None
+        if p.size != total:
+            raise ProtocolError(f"frame {label!r} has {p.size} bytes, its chunks announced {total}")
+        self._last_in = fid
+        return p.parts[0] if n == 1 else b"".join(p.parts)
+
+    def _on_hello(self, topic: str, message: bytes) -> None:
+        had = self.secure.peer_e is not None
+        new, reply = self.secure.accept(topic, message)
+        if new:
+            self._partial, self._last_in = None, 0
+            if had:
+                log.info("%s: %s restarted (new session); its earlier frames are void", self.t.me, self.peer)
+                self.inbox.fail_all(ConnectionLost(f"{self.peer} restarted"))
+            skew = self.secure.skew
+            if abs(skew) > self.t.max_skew:
+                log.warning("%s: clock of %s is %.0f s %s this host's (nothing depends on it, but logs and key "
+                            "expiry dates will disagree)", self.t.me, self.peer, abs(skew),
+                            "ahead of" if skew > 0 else "behind")
+        elif reply and self.secure.peer_e == bytes(message[4:36]) and message[36:68] != bytes(32):
+            log.warning("%s: %s holds a session with another process that uses this party's identity (%s): "
+                        "run one process per identity; the other's frames and ours will fail", self.t.me,
+                        self.peer, self.t.me)
+        self._ready.set()
+        if reply:
+            self.t._spawn(self.send_hello())
+
+    def _maybe_rehello(self) -> None:
+        if time.monotonic() - self._hello_at > 1.0 and self.t._connected.is_set():
+            self._hello_at = time.monotonic()
+            self.t._spawn(self.send_hello())
 
     def close(self) -> None:
         self.inbox.closed = True
         for fut in self.inbox.waiting.values():
             if not fut.done():
                 fut.set_exception(ConnectionLost(f"link to {self.peer} closed"))
+
+
+@dataclass
+class _Partial:
+    label: str
+    fid: int
+    n: int
+    total: int
+    t0: float
+    parts: list[memoryview] = field(default_factory=list)
+    size: int = 0

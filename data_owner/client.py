@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from blindseg import intensity
+from blindseg.channel import Frame
 from blindseg.config import PartyConfig
-from blindseg.errors import ConnectionLost, ProtocolError
+from blindseg.errors import ConnectionLost, ProtocolError, StaleEpoch
 from blindseg.layout import Layout
 from blindseg.messages import Error, GetPlan, Job, Output, PlanInfo, Progress, expect
 from blindseg.node import Node
@@ -44,6 +45,7 @@ class Client:
         self._errors: dict[str, asyncio.Future[None]] = {}
         self._pump: asyncio.Task[None] | None = None
         self.plans: dict[str, Plan] = {}
+        self.epochs: dict[str, str] = {}  # model -> the deployment its plan came from
 
     async def __aenter__(self) -> Client:
         await self.node.start()
@@ -63,7 +65,8 @@ class Client:
             elif isinstance(msg, Error):
                 fut: asyncio.Future[Any] | None = self._errors.get(msg.job or "") or self._waiters.get(msg.model or "")
                 if fut is not None and not fut.done():
-                    fut.set_exception(ProtocolError(f"{sender}: {msg.error}"))
+                    err = StaleEpoch if msg.code == StaleEpoch.code else ProtocolError
+                    fut.set_exception(err(f"{sender}: {msg.error}"))
             elif isinstance(msg, PlanInfo) and msg.model in self._waiters and not self._waiters[msg.model].done():
                 self._waiters[msg.model].set_result(msg)
 
@@ -87,7 +90,7 @@ class Client:
                                                  ) from None
             finally:
                 self._waiters.pop(model, None)
-            self.plans[model] = Plan.from_dict(h.plan)
+            self.plans[model], self.epochs[model] = Plan.from_dict(h.plan), h.epoch
         return self.plans[model]
 
     async def segment(self, model: str, raw: np.ndarray, progress: Callable[[int, int], None] | None = None,
@@ -96,10 +99,16 @@ class Client:
 
         ``retries``: on a failed job, try again with fresh shares and a fresh bundle (always safe: a
         failed attempt revealed only openings masked by a bundle that is never used again)."""
-        attempt = 0
+        attempt, refreshed = 0, False
         while True:
             try:
                 return await self._segment_once(model, raw, progress)
+            except StaleEpoch as e:  # the model was redeployed since we fetched its plan: once, with the new one
+                if refreshed:
+                    raise
+                refreshed = True
+                self.plans.pop(model, None)
+                log.warning("%s; fetching the new plan", e)
             except (ProtocolError, ConnectionLost) as e:
                 if attempt >= retries:
                     raise
@@ -118,15 +127,17 @@ class Client:
         t0 = time.perf_counter()
         try:
             x0, x1 = share_image(plan, x)
-            for i, xs in enumerate((x0, x1)):
-                await self.node.tell(f"server{i}", Job(job, model, int(x.shape[0]), (xs,)))
-            sent_in = self.node.link("server0").counters.log[-1][1]
-            outs = asyncio.gather(*(self.node.link(f"server{i}").recv(f"{job}:output", self.timeout) for i in (0, 1)))
+            # both shares go out at once, and a server's refusal ends the job even while the other is not
+            # answering (e.g. a handshake with a stopped server)
+            outs = asyncio.gather(
+                *(self.node.tell(f"server{i}", Job(job, model, self.epochs[model], int(x.shape[0]), (xs,))) for i, xs in enumerate((x0, x1))),
+                *(self.node.link(f"server{i}").recv(f"{job}:output", self.timeout) for i in (0, 1)))
             done, _ = await asyncio.wait({err, outs}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[arg-type,type-var]
             if err in done:
                 outs.cancel()
                 err.result()
-            frames = outs.result()
+            frames: list[Frame] = outs.result()[2:]  # type: ignore[assignment]
+            sent_in = next(n for lab, n in reversed(self.node.link("server0").counters.log) if lab == "ctl:job")
             outs_ = [expect(f, Output) for f in frames]
             mask = reconstruct(plan, outs_[0].arrays[0], outs_[1].arrays[0])
             online = time.perf_counter() - t0

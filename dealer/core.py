@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from blindseg import ids
 from blindseg.errors import UsageError
 from blindseg.layers import DealContext
 from blindseg.layout import Layout, model_mask_shares
@@ -27,27 +28,39 @@ class Bundle:
     """One server's share of a job's preprocessing: its seed (server 1's corrections stream separately)."""
 
     bundle_id: str
-    model_id: str
+    model_id: str  # the deployment, ``model@epoch`` (:func:`blindseg.ids.key`)
     batch: int
     party: int
-    seed: bytes
+    seed: bytes = field(repr=False)
     layout: str = ""
 
     def announce(self) -> BundleAnnounce:
-        return BundleAnnounce(self.bundle_id, self.model_id, self.batch, self.party, self.seed, self.layout)
+        model, epoch = ids.split(self.model_id)
+        return BundleAnnounce(self.bundle_id, model, epoch, self.batch, self.party, self.seed, self.layout)
 
 
 class Dealer:
-    """Generates model masks and job bundles. Sees no image, weight or output."""
+    """Generates model masks and job bundles. Sees no image, weight or output. Models are keyed by
+    deployment (``model@epoch``): a redeploy is another key, with its own masks."""
 
     def __init__(self) -> None:
         self._models: dict[str, tuple[Plan, bytes, bytes, dict[int, np.ndarray]]] = {}
 
+    def __repr__(self) -> str:
+        return f"Dealer(deployments={sorted(self._models)})"
+
     def deploy(self, model_id: str, plan: Plan) -> tuple[bytes, bytes]:
-        """New model: returns the two mask seeds (one per server)."""
+        """New deployment: returns the two mask seeds (one per server); the same ones again if this
+        deployment is known already (a repeated plan never draws new masks)."""
+        ids.split(model_id)
+        if model_id in self._models:
+            return self._models[model_id][1], self._models[model_id][2]
         s0, s1 = new_seed(), new_seed()
         self.restore(model_id, plan, s0, s1)
         return s0, s1
+
+    def forget(self, model_id: str) -> None:
+        self._models.pop(model_id, None)
 
     def restore(self, model_id: str, plan: Plan, s0: bytes, s1: bytes) -> None:
         """Re-adopt a model deployed earlier (after a dealer restart)."""
@@ -65,7 +78,7 @@ class Dealer:
     def new_bundle(self, model_id: str, batch: int, bundle_id: str | None = None) -> tuple[Bundle, Bundle]:
         """Fresh seeds and id for one job's bundles; corrections come from :meth:`corrections`."""
         if model_id not in self._models:
-            raise UsageError(f"unknown model {model_id!r}")
+            raise UsageError(f"unknown deployment {model_id!r}")
         bid = bundle_id or self.new_bundle_id()
         digest = Layout.of(self._models[model_id][0], batch).digest
         return (Bundle(bid, model_id, batch, 0, new_seed(), digest), Bundle(bid, model_id, batch, 1, new_seed(), digest))

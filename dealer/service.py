@@ -1,10 +1,11 @@
 """The dealer as a long-running service (``python -m dealer --config dealer.toml``).
 
 Keeps, per deployed model, ``pool`` ready bundles at the servers ahead of demand:
-on ``ctl:plan`` it draws the model's mask seeds (persisted in its state dir so a
-restart can keep serving) and sends each server its seed, then streams
-``pool`` bundles; every ``ctl:used`` / ``ctl:need`` from server0 streams one
-more. Bundles are generated one at a time in a worker thread; the servers wait
+on ``ctl:plan`` it draws the deployment's mask seeds (once per ``model@epoch``,
+persisted 0600 in its state dir so a restart can keep serving) and sends each
+server its seed; on ``ctl:commit`` it switches the model to that epoch and
+streams ``pool`` bundles; every ``ctl:used`` / ``ctl:need`` from server0 streams
+one more. Bundles are generated one at a time in a worker thread; the servers wait
 for them (back-pressure), they never generate their own.
 """
 
@@ -13,17 +14,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from blindseg import ids
 from blindseg.channel import Endpoint
 from blindseg.config import PartyConfig
 from blindseg.errors import BlindsegError, UsageError
-from blindseg.messages import Masks, Message, Need, PlanMsg, PoolRequest
+from blindseg.messages import Commit, Committed, Masks, Message, Need, PlanMsg, PoolRequest
 from blindseg.node import Node
-from blindseg.plan import Plan
+from blindseg.plan import Plan, check_budget
+from blindseg.state import check_private, private_dir, write_private
 
 from .core import Dealer
 
@@ -50,17 +52,28 @@ async def stream_bundle(dealer: Dealer, model_id: str, batch: int, to0: Endpoint
 
 
 class DealerService:
+    """Deployments are staged on ``ctl:plan`` (masks drawn once per ``model@epoch``, persisted) and
+    switched on ``ctl:commit`` (the model's other epochs are forgotten, the pool fills). Pool requests
+    and queued bundles of a deployment that is not the current one are dropped."""
+
     def __init__(self, node: Node, state_dir: Path, pool: int = 2) -> None:
         self.node, self.pool = node, pool
         self.dealer = Dealer()
         self.state = state_dir / "models.json"
+        self.current: dict[str, str] = {}  # model -> its committed epoch
         self.dealer_seconds = 0.0  # compute time of the bundles made so far
         self._work: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
-        self._pending: dict[tuple[str, int], int] = {}  # bundles queued or being streamed, per (model, batch)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        self._pending: dict[tuple[str, int], int] = {}  # bundles queued or being streamed, per (deployment, batch)
+        private_dir(state_dir)
         if self.state.exists():
-            for model, m in json.loads(self.state.read_text()).items():
-                self.dealer.restore(model, Plan.from_dict(m["plan"]), bytes.fromhex(m["s0"]), bytes.fromhex(m["s1"]))
+            check_private(self.state)
+            data = json.loads(self.state.read_text())
+            self.current = dict(data.get("current", {}))
+            for k, m in data.get("deployments", {}).items():
+                self.dealer.restore(k, Plan.from_dict(m["plan"]), bytes.fromhex(m["s0"]), bytes.fromhex(m["s1"]))
+
+    def __repr__(self) -> str:
+        return f"DealerService({self.node.deployment}, current={self.current})"
 
     @staticmethod
     def from_config(cfg: PartyConfig, pool: int = 2) -> DealerService:
@@ -69,13 +82,10 @@ class DealerService:
         return DealerService(Node.from_config(cfg), cfg.state_dir, pool)
 
     def _persist(self) -> None:
-        data = {m: {"plan": plan.to_dict(), "s0": s0.hex(), "s1": s1.hex()}
-                for m, (plan, s0, s1) in self.dealer.models().items()}
-        tmp = self.state.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        tmp.replace(self.state)
+        data = {"current": self.current,
+                "deployments": {k: {"plan": plan.to_dict(), "s0": s0.hex(), "s1": s1.hex()}
+                                for k, (plan, s0, s1) in self.dealer.models().items()}}
+        write_private(self.state, json.dumps(data).encode())
 
     async def serve(self) -> None:
         await self.node.start()
@@ -88,45 +98,70 @@ class DealerService:
                     await self._handle(sender, msg)
                 except BlindsegError as e:
                     log.warning("dealer: %s from %s failed: %s", msg.T, sender, e)
+                except Exception:  # a bug, never a reason to stop serving
+                    log.exception("dealer: internal error handling %s from %s", msg.T, sender)
         finally:
             worker.cancel()
             await self.node.close()
 
     async def _handle(self, sender: str, msg: Message) -> None:
         if isinstance(msg, PlanMsg) and sender == "model_owner":
-            s0, s1 = self.dealer.deploy(msg.model, Plan.from_dict(msg.plan))
+            k = ids.key(msg.model, msg.epoch)
+            plan = Plan.from_dict(msg.plan)
+            check_budget(plan, self.max_bundle_bytes)
+            s0, s1 = self.dealer.deploy(k, plan)  # the same seeds again for a repeated plan
             await asyncio.to_thread(self._persist)
-            await self.node.tell("server0", Masks(msg.model, s0))
-            await self.node.tell("server1", Masks(msg.model, s1))
-            for _ in range(self.pool):
-                self.request(msg.model, 1)
+            await self.node.tell("server0", Masks(msg.model, msg.epoch, s0))
+            await self.node.tell("server1", Masks(msg.model, msg.epoch, s1))
+        elif isinstance(msg, Commit) and sender == "model_owner":
+            k = ids.key(msg.model, msg.epoch)
+            if k not in self.dealer.models():
+                raise UsageError(f"commit of {k}: no such staged deployment at the dealer")
+            if self.current.get(msg.model) != msg.epoch:
+                self.current[msg.model] = msg.epoch
+                for other in [o for o in self.dealer.models() if o.split("@")[0] == msg.model and o != k]:
+                    self.dealer.forget(other)
+                await asyncio.to_thread(self._persist)
+                log.info("dealer: model %s now serves epoch %s", msg.model, msg.epoch)
+                for _ in range(self.pool):
+                    self.request(k, 1)
+            await self.node.tell("model_owner", Committed(msg.model, msg.epoch, "dealer"))
         elif isinstance(msg, PoolRequest) and sender == "server0":
+            if self.current.get(msg.model) != msg.epoch:
+                raise UsageError(f"pool request for {msg.model}@{msg.epoch}, which is not the current deployment")
             # top the pool up to `pool` ready bundles (server0's count + those queued or in flight here);
             # a job that waited always gets one, whatever the count says
-            key = (msg.model, msg.batch)
+            key = (ids.key(msg.model, msg.epoch), msg.batch)
             want = self.pool - msg.ready - self._pending.get(key, 0)
             for _ in range(max(want, 1 if isinstance(msg, Need) and not self._pending.get(key) else 0)):
                 self.request(*key)
         else:
             raise UsageError(f"unexpected {msg.T!r} from {sender}")
 
-    def request(self, model: str, batch: int) -> None:
-        """Queue one more bundle for (model, batch)."""
-        self._pending[(model, batch)] = self._pending.get((model, batch), 0) + 1
-        self._work.put_nowait((model, batch))
+    max_bundle_bytes = 8 << 30  # a plan whose batch-1 bundle would be larger is refused
+
+    def request(self, deployment: str, batch: int) -> None:
+        """Queue one more bundle for (deployment, batch)."""
+        self._pending[(deployment, batch)] = self._pending.get((deployment, batch), 0) + 1
+        self._work.put_nowait((deployment, batch))
 
     async def _generate(self) -> None:
         while True:
-            model, batch = await self._work.get()
+            k, batch = await self._work.get()
             try:
-                bid, secs = await stream_bundle(self.dealer, model, batch, self.node.link("server0"),
+                model, epoch = ids.split(k)
+                if self.current.get(model) != epoch:
+                    continue  # superseded by a redeploy while queued
+                bid, secs = await stream_bundle(self.dealer, k, batch, self.node.link("server0"),
                                                 self.node.link("server1"))
                 self.dealer_seconds += secs
-                log.info("dealer: bundle %s for %s batch %d in %.2f s", bid[:8], model, batch, secs)
+                log.info("dealer: bundle %s for %s batch %d in %.2f s", bid[:8], k, batch, secs)
             except BlindsegError as e:
-                log.warning("dealer: bundle for %s failed: %s", model, e)
+                log.warning("dealer: bundle for %s failed: %s", k, e)
+            except Exception:  # a bug in one bundle never stops the pool
+                log.exception("dealer: internal error making a bundle for %s", k)
             finally:
-                self._pending[(model, batch)] -= 1
+                self._pending[(k, batch)] -= 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 
+from blindseg import ids
 from blindseg.errors import ProtocolError
 from blindseg.preprocessing import corrections_of
 from blindseg.sources import MaterialSource
@@ -26,7 +27,7 @@ async def receive_bundle(core: ServerCore, store: BundleStore, source: MaterialS
     if a.layout != layout.digest:
         raise ProtocolError(f"bundle {a.id[:8]} was made for another layout (dealer {a.layout[:12] or '-'}, "
                             f"this server {layout.digest[:12]}): dealer and server disagree on the plan or circuit")
-    writer = store.writer(a.id, a.model, a.batch, a.party, a.seed)
+    writer = store.writer(a.id, ids.key(a.model, a.epoch), a.batch, a.party, a.seed)
     nbytes = 0
     try:
         for i, specs in enumerate(layout.specs):

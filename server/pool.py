@@ -1,7 +1,8 @@
 """Which bundle a job uses: agreement between the two servers, the warm cache, refill requests.
 
 Agreement (both servers consume the same bundle, durably, before any opening): server0 proposes
-its oldest ready bundle (``<job>:bundle:<k>``); server1 consumes it if it has it ready and
+its oldest ready bundle (``<job>:bundle:<k>``, with the requesting tenant); server1 consumes it if it has it ready for the
+same deployment, got the job from the same tenant, and
 acknowledges (``<job>:ack:<k>``); only then does server0 consume its own copy. A bundle server1
 cannot use (lost in a crash mid-transfer) is burnt at server0 too and the next one is proposed,
 up to 3 times. Server0 waits (never generates) when it has none, asking the dealer once.
@@ -13,6 +14,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from blindseg import ids
 from blindseg.channel import Endpoint
 from blindseg.errors import BlindsegError, PreprocessingExhausted, ProtocolError
 from blindseg.messages import Ack, Need, Use, expect
@@ -48,9 +50,10 @@ class BundlePool:
         self.store.discard(bid)
         self._reserved.discard(bid)
 
-    async def agree(self, job: str, model: str, batch: int, core: ServerCore, peer: Endpoint
+    async def agree(self, job: str, model: str, batch: int, core: ServerCore, peer: Endpoint, tenant: str
                     ) -> tuple[str, Prepared, Prepared | None]:
-        """Both servers consume the same bundle (module docstring). Returns (id, material, warm)."""
+        """Both servers consume the same bundle of deployment ``model`` (``model@epoch``) for the same
+        requester (module docstring). Returns (id, material, warm)."""
         timeout = self.svc.settings.round_timeout
         for k in range(3):
             if self.svc.party == 0:
@@ -59,7 +62,7 @@ class BundlePool:
                 except BlindsegError as e:  # tell server1 at once instead of letting it time out
                     await peer.send(f"{job}:bundle:{k}", Use(abort=str(e)).encode())
                     raise
-                await peer.send(f"{job}:bundle:{k}", Use(bundle=bid).encode())
+                await peer.send(f"{job}:bundle:{k}", Use(bundle=bid, tenant=tenant).encode())
                 try:
                     ack = expect(await peer.recv(f"{job}:ack:{k}", timeout), Ack)
                 except BaseException:
@@ -75,6 +78,12 @@ class BundlePool:
             if use.abort:
                 raise ProtocolError(f"job {job} aborted by server0: {use.abort}")
             bid = use.bundle
+            if use.tenant != tenant:  # two requesters under one job id: refuse before anything is opened
+                await peer.send(f"{job}:ack:{k}", Ack(False, "the job came from another tenant here").encode())
+                raise ProtocolError(f"job {job} reached server0 from {use.tenant} but this server from {tenant}")
+            if self.store.model_of(bid) not in (None, model):
+                await peer.send(f"{job}:ack:{k}", Ack(False, "bundle of another deployment").encode())
+                continue
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout / 2  # answer before server0 gives up on the ack
             while self.store.state(bid) == "receiving" and loop.time() < deadline:
@@ -102,7 +111,8 @@ class BundlePool:
     def schedule_warm(self, model: str, batch: int) -> None:
         """Keep the next bundle for (model, batch) expanded in memory, so a job starts at once."""
         ready = self.store.ready(model, batch)
-        if not ready or ready[0] in self._warm or model not in self.svc.models:
+        core = self.svc.core_for(model)
+        if not ready or ready[0] in self._warm or core is None:
             return
         bid = ready[0]
         self._warm[bid] = None
@@ -110,7 +120,7 @@ class BundlePool:
 
         async def warm() -> None:
             try:
-                prep = await asyncio.to_thread(self.svc.models[model].warm_up, self.store, bid,
+                prep = await asyncio.to_thread(core.warm_up, self.store, bid,
                                                self.svc.settings.preload_bytes)
                 if prep is not None and bid in self._warm and self.store.state(bid) == "ready":
                     self._warm[bid] = prep
@@ -135,7 +145,7 @@ class BundlePool:
                 self._reserved.add(ready[0])  # concurrent jobs never pick the same bundle
                 return ready[0]
             if not asked:
-                await self.svc.node.tell("dealer", Need(model, batch, 0))
+                await self.svc.node.tell("dealer", Need(*ids.split(model), batch, 0))
                 asked = True
             if loop.time() > deadline:
                 raise PreprocessingExhausted(f"no preprocessing bundle for model {model!r} (batch {batch}) "

@@ -3,10 +3,14 @@
 Same code for both parties; the party index picks the role. State under ``state_dir``: deployed
 models (:mod:`server.models`) and the bundle store (:mod:`server.store`). Per job:
 
-1. the data owner's ``ctl:job`` brings this server's input share;
+0. deployments are staged (``ctl:deploy`` + the dealer's ``ctl:masks``, E opened with the peer) and
+   serve only once the model owner commits them (``ctl:commit``): a job, bundle or mask of any other
+   epoch is refused, and a commit purges the model's old bundles;
+1. a data owner's (tenant's) ``ctl:job`` brings this server's input share and names the epoch;
 2. both servers agree on a bundle and consume it durably (:mod:`server.pool`);
 3. they run the plan with the peer (labels ``<job>:<op>:<round>``), server0 reports progress per op;
-4. each sends its output share to the data owner (``<job>:output``) and drops the bundle's data;
+4. each sends its output share to the requesting tenant only (``<job>:output`` on its own topic) and
+   drops the bundle's data;
    server0 asks the dealer for a replacement.
 
 A failure ends the job with ``ctl:error`` to the requester and the service goes on. Errors blindseg
@@ -17,6 +21,7 @@ as an internal error (never dressed up as the peer's fault).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,11 +30,14 @@ from typing import Any
 
 import numpy as np
 
+from blindseg import ids
 from blindseg.config import PartyConfig
-from blindseg.errors import BlindsegError, ProtocolError, UsageError
+from blindseg.errors import BlindsegError, ProtocolError, StaleEpoch, UsageError
 from blindseg.layout import model_mask_shares
 from blindseg.messages import (
     BundleAnnounce,
+    Commit,
+    Committed,
     Deploy,
     Deployed,
     Error,
@@ -43,12 +51,13 @@ from blindseg.messages import (
     Progress,
 )
 from blindseg.node import Node
-from blindseg.plan import Plan
+from blindseg.plan import Plan, check_budget
 from blindseg.sources import RemoteSource
+from blindseg.state import private_dir, write_private
 
 from .bundles import receive_bundle
 from .core import RunStats, ServerCore, drive
-from .models import load_models, save_model
+from .models import commit_model, load_models, save_model
 from .pool import BundlePool
 from .store import BundleStore
 
@@ -60,36 +69,67 @@ class ServerSettings:
     round_timeout: float = 120.0  # a peer silent this long fails the job
     bundle_wait: float = 120.0  # how long a job waits for preprocessing
     preload_bytes: int = 1 << 30  # a bundle whose material fits is expanded before its job
+    max_job_bytes: int = 16 << 30  # a plan or job needing more preprocessing material is refused
 
 
 class ServerService:
-    def __init__(self, party: int, node: Node, state_dir: Path, settings: ServerSettings | None = None) -> None:
+    def __init__(self, party: int, node: Node, state_dir: Path, settings: ServerSettings | None = None,
+                 tenants: frozenset[str] = frozenset({"data_owner"})) -> None:
         if party not in (0, 1):
             raise UsageError(f"a server is party 0 or 1, got {party}")
         self.party, self.name, self.peer = party, f"server{party}", f"server{1 - party}"
         self.node, self.state_dir = node, state_dir
         self.settings = settings or ServerSettings()
+        self.tenants = tenants  # the data-owner identities this server has keys for
+        private_dir(state_dir)
         self.store = BundleStore(state_dir / "bundles")
-        self.models: dict[str, ServerCore] = load_models(state_dir, party)
-        self._deployed: dict[str, asyncio.Event] = {}
-        for m in self.models:
-            self._event(m).set()
+        self._deployed: dict[str, asyncio.Event] = {}  # model@epoch -> set while it is the current one
+        self.models: dict[str, ServerCore] = {}  # model -> its committed deployment
+        self.epochs: dict[str, str] = {}
+        for m, (epoch, core) in load_models(state_dir, party).items():
+            self.models[m], self.epochs[m] = core, epoch
+            self._event(ids.key(m, epoch)).set()
+        self._staged: dict[str, ServerCore] = {}  # model@epoch -> E opened, waiting for its commit
+        self._allowed: dict[str, list[str]] = {}  # model@epoch -> tenants allowed to run jobs ([] = all)
         self._pending: dict[str, dict[str, Any]] = {}
         self._jobs: set[str] = set()  # jobs in progress (finished ones are in the store)
         self._offline: dict[str, tuple[int, float]] = {}  # bundle -> (bytes received, seconds), this run
         self._tasks: set[asyncio.Task[None]] = set()
         self.pool = BundlePool(self)
         self.dealer_seconds = 0.0
+        self._load_acl()
+
+    def __repr__(self) -> str:
+        return f"ServerService({self.name}, models={self.epochs})"
 
     @staticmethod
     def from_config(cfg: PartyConfig) -> ServerService:
         if cfg.party not in ("server0", "server1"):
             raise UsageError(f"{cfg.path}: a server config needs party server0 or server1")
         return ServerService(int(cfg.party[-1]), Node.from_config(cfg), cfg.state_dir,
-                             ServerSettings(cfg.round_timeout, cfg.bundle_wait))
+                             ServerSettings(cfg.round_timeout, cfg.bundle_wait, max_job_bytes=cfg.max_job_bytes),
+                             frozenset(cfg.tenants))
 
-    def _event(self, model: str) -> asyncio.Event:
-        return self._deployed.setdefault(model, asyncio.Event())
+    def _event(self, key: str) -> asyncio.Event:
+        return self._deployed.setdefault(key, asyncio.Event())
+
+    def _acl_file(self) -> Path:
+        return self.state_dir / "models" / "tenants.json"
+
+    def _load_acl(self) -> None:
+        f = self._acl_file()
+        if f.exists():
+            self._allowed = {k: list(v) for k, v in json.loads(f.read_text()).items()}
+
+    def current_key(self, model: str) -> str:
+        if model not in self.models:
+            raise UsageError(f"model {model!r} is not deployed on {self.name}")
+        return ids.key(model, self.epochs[model])
+
+    def core_for(self, key: str) -> ServerCore | None:
+        """The core of deployment ``key`` if it is the model's current one."""
+        model, epoch = ids.split(key)
+        return self.models[model] if self.epochs.get(model) == epoch else None
 
     # ------------------------------------------------------------------ loop
     async def serve(self) -> None:
@@ -109,41 +149,58 @@ class ServerService:
         try:
             await self._route(sender, msg)
         except (BlindsegError, TimeoutError) as e:
-            await self._refuse(sender, msg, str(e) if isinstance(e, BlindsegError) else f"{msg.T} timed out")
+            await self._refuse(sender, msg, str(e) if isinstance(e, BlindsegError) else f"{msg.T} timed out",
+                               e.code if isinstance(e, StaleEpoch) else "")
         except Exception:
             log.exception("%s: internal error handling %s from %s", self.name, msg.T, sender)
             await self._refuse(sender, msg, f"internal error at {self.name} handling {msg.T}")
 
-    async def _refuse(self, sender: str, msg: Message, reason: str) -> None:
+    async def _refuse(self, sender: str, msg: Message, reason: str, code: str = "") -> None:
         log.warning("%s: %s from %s: %s", self.name, msg.T, sender, reason)
-        if sender in ("data_owner", "model_owner"):
+        if sender == "model_owner" or sender in self.tenants:
             try:
                 await self.node.tell(sender, Error(reason, self.name, getattr(msg, "job", None),
-                                                   getattr(msg, "model", None)))
+                                                   getattr(msg, "model", None), code))
             except BlindsegError:
                 pass
 
     async def _route(self, sender: str, msg: Message) -> None:
         if isinstance(msg, Deploy) and sender == "model_owner":
-            self._pending.setdefault(msg.model, {})["deploy"] = msg
-            await self._try_deploy(msg.model)
+            check_budget(Plan.from_dict(msg.plan), self.settings.max_job_bytes)
+            self._pending.setdefault(ids.key(msg.model, msg.epoch), {})["deploy"] = msg
+            await self._try_deploy(ids.key(msg.model, msg.epoch))
         elif isinstance(msg, Masks) and sender == "dealer":
-            self._pending.setdefault(msg.model, {})["seed"] = msg.seed
-            await self._try_deploy(msg.model)
+            self._pending.setdefault(ids.key(msg.model, msg.epoch), {})["seed"] = msg.seed
+            await self._try_deploy(ids.key(msg.model, msg.epoch))
+        elif isinstance(msg, Commit) and sender == "model_owner":
+            await self._commit(msg.model, msg.epoch)
         elif isinstance(msg, BundleAnnounce) and sender == "dealer":
-            await asyncio.wait_for(self._event(msg.model).wait(), self.settings.bundle_wait)
+            key = ids.key(msg.model, msg.epoch)
+            try:
+                await asyncio.wait_for(self._event(key).wait(), self.settings.bundle_wait)
+            except TimeoutError:
+                raise ProtocolError(f"bundle {msg.id[:8]} is for {key}, which this server does not serve") from None
+            core = self.core_for(key)
+            if core is None:
+                raise ProtocolError(f"bundle {msg.id[:8]} was made for {key}, not the current deployment")
             t0 = time.perf_counter()
             dealer = self.node.link("dealer")
-            bid, nbytes = await receive_bundle(self.models[msg.model], self.store, RemoteSource(msg, dealer),
+            bid, nbytes = await receive_bundle(core, self.store, RemoteSource(msg, dealer),
                                                timeout=self.settings.bundle_wait)
             self._offline[bid] = (nbytes + dealer.wire_size("ctl:bundle", msg.encode()), time.perf_counter() - t0)
-            self.pool.schedule_warm(msg.model, msg.batch)
-        elif isinstance(msg, GetPlan):
-            await self.node.tell(sender, PlanInfo(msg.model, self.model(msg.model).plan.to_dict()))
-        elif isinstance(msg, Job) and sender == "data_owner":
-            await self._job(msg)
+            self.pool.schedule_warm(key, msg.batch)
+        elif isinstance(msg, GetPlan) and (sender in self.tenants or sender == "model_owner"):
+            self._check_tenant(sender, self.current_key(msg.model))
+            await self.node.tell(sender, PlanInfo(msg.model, self.epochs[msg.model], self.models[msg.model].plan.to_dict()))
+        elif isinstance(msg, Job) and sender in self.tenants:
+            await self._job(sender, msg)
         else:
             raise ProtocolError(f"unexpected {msg.T} message from {sender}")
+
+    def _check_tenant(self, sender: str, key: str) -> None:
+        allowed = self._allowed.get(key, [])
+        if sender != "model_owner" and allowed and sender not in allowed:
+            raise UsageError(f"{sender} is not an allowed tenant of model {key.split('@')[0]!r}")
 
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` in the background; it is cancelled when the service stops."""
@@ -152,49 +209,73 @@ class ServerService:
         task.add_done_callback(self._tasks.discard)
 
     def model(self, model: str) -> ServerCore:
-        if model not in self.models:
-            raise UsageError(f"model {model!r} is not deployed on {self.name}")
+        self.current_key(model)
         return self.models[model]
 
-    async def _try_deploy(self, model: str) -> None:
-        p = self._pending.get(model, {})
+    async def _try_deploy(self, key: str) -> None:
+        """Stage a deployment once both its weight shares and mask seed are in: open E with the peer
+        (label ``deploy-<model>-<epoch>``), store it, tell the model owner. It serves only after commit."""
+        p = self._pending.get(key, {})
         if "deploy" not in p or "seed" not in p:
             return
-        del self._pending[model]
+        del self._pending[key]
         dep: Deploy = p["deploy"]
         plan = Plan.from_dict(dep.plan)
         core = ServerCore(self.party, plan)
         await drive(core.deploy(dep.weights(), model_mask_shares(plan, p["seed"])), self.node.link(self.peer),
-                    f"deploy-{model}", timeout=self.settings.round_timeout)
-        await asyncio.to_thread(save_model, self.state_dir, model, core)
-        self.models[model] = core
-        self._event(model).set()
-        log.info("%s: model %s deployed (%d ops)", self.name, model, len(plan.ops))
-        await self.node.tell("model_owner", Deployed(model, self.name))
+                    f"deploy-{dep.model}-{dep.epoch}", timeout=self.settings.round_timeout)
+        await asyncio.to_thread(save_model, self.state_dir, dep.model, dep.epoch, core)
+        self._staged[key] = core
+        self._allowed[key] = list(dep.tenants)
+        log.info("%s: model %s epoch %s staged (%d ops)", self.name, dep.model, dep.epoch, len(plan.ops))
+        await self.node.tell("model_owner", Deployed(dep.model, dep.epoch, self.name))
+
+    async def _commit(self, model: str, epoch: str) -> None:
+        key = ids.key(model, epoch)
+        if self.epochs.get(model) != epoch:
+            core = self._staged.pop(key, None)
+            if core is None:
+                raise UsageError(f"commit of {key}: no such staged deployment on {self.name}")
+            old = self.epochs.get(model)
+            await asyncio.to_thread(commit_model, self.state_dir, model, epoch)
+            self.models[model], self.epochs[model] = core, epoch
+            self._allowed = {k: v for k, v in self._allowed.items() if k.split("@")[0] != model or k == key}
+            await asyncio.to_thread(write_private, self._acl_file(), json.dumps(self._allowed).encode())
+            purged = self.store.purge(model, key)
+            if old is not None:
+                self._event(ids.key(model, old)).clear()
+            self._event(key).set()
+            log.info("%s: model %s now serves epoch %s (was %s; %d old bundles purged)", self.name, model, epoch,
+                     old or "-", purged)
+        await self.node.tell("model_owner", Committed(model, epoch, self.name))
 
     # ------------------------------------------------------------------- job
-    async def _job(self, msg: Job) -> None:
+    async def _job(self, sender: str, msg: Job) -> None:
         job = msg.job
-        if not job.isalnum() or len(job) > 64:
-            raise ProtocolError("job id must be 1-64 alphanumeric characters")
         if job in self._jobs or self.store.job_seen(job):
             raise ProtocolError(f"duplicate job id {job}")
         self._jobs.add(job)
         try:
-            await self._run_job(msg)
+            await self._run_job(sender, msg)
         finally:
             self._jobs.discard(job)
 
-    async def _run_job(self, msg: Job) -> None:
+    async def _run_job(self, tenant: str, msg: Job) -> None:
         job, model, batch = msg.job, msg.model, msg.batch
-        core = self.model(model)
+        key = self.current_key(model)
+        if msg.epoch != self.epochs[model]:
+            raise StaleEpoch(f"model {model!r} was redeployed: this server serves epoch {self.epochs[model]}, the "
+                             f"job was made for {msg.epoch}; ask for the plan again")
+        self._check_tenant(tenant, key)
+        core = self.models[model]
+        check_budget(core.plan, self.settings.max_job_bytes, batch)
         (x,) = msg.arrays
         if x.shape != (batch, *core.plan.input_shape):
             raise UsageError(f"job {job}: input share does not match the model's input {core.plan.input_shape}")
         peer = self.node.link(self.peer)
         t_start = time.perf_counter()
         log_start = len(peer.counters.log)
-        bid, prep, warm = await self.pool.agree(job, model, batch, core, peer)
+        bid, prep, warm = await self.pool.agree(job, key, batch, core, peer, tenant)
         try:
             if warm is None:
                 await asyncio.to_thread(prep.preload, self.settings.preload_bytes)
@@ -203,23 +284,24 @@ class ServerService:
 
             async def progress(op: int) -> None:
                 if self.party == 0:  # off the critical path: the round does not wait for it
-                    self.spawn(self.node.tell("data_owner", Progress(job, op, n)))
+                    self.spawn(self.node.tell(tenant, Progress(job, op, n)))
 
             t_run = time.perf_counter()
             out = await drive(core.run(prep, x), peer, job, stats, self.settings.round_timeout, on_op=progress)
-            log.info("%s: job %s: %.3f s to start (bundle %s, %s), %.3f s for %d rounds", self.name, job[:8],
-                     t_run - t_start, bid[:8], "warm" if warm is not None else "cold", time.perf_counter() - t_run,
-                     stats.rounds)
+            log.info("%s: job %s of %s: %.3f s to start (bundle %s, %s), %.3f s for %d rounds", self.name, job[:8],
+                     tenant, t_run - t_start, bid[:8], "warm" if warm is not None else "cold",
+                     time.perf_counter() - t_run, stats.rounds)
             off_bytes, off_seconds = self._offline.pop(bid, (0, 0.0))
-            await self.node.link("data_owner").send(f"{job}:output", Output(
+            await self.node.link(tenant).send(f"{job}:output", Output(  # only to the requester's own topic
                 job, stats.rounds, stats.bytes_sent, off_bytes, off_seconds,
                 [[i, s.seconds, s.bytes_sent, s.rounds] for i, s in sorted(stats.per_op.items())],
                 [list(e) for e in peer.counters.log[log_start:]], (np.ascontiguousarray(out),)).encode())
         finally:
             self.pool.release(bid)
-            self.pool.schedule_warm(model, batch)
+            self.pool.schedule_warm(key, batch)
             if self.party == 0:  # refill after the job, so the next bundle never competes with this job's rounds
-                await self.node.tell("dealer", PoolRequest(model, batch, self.pool.ready_count(model, batch)))
+                await self.node.tell("dealer", PoolRequest(model, self.epochs[model], batch,
+                                                           self.pool.ready_count(key, batch)))
 
 
 def main(party: str, argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ import msgpack
 import numpy as np
 
 from blindseg.errors import ProtocolError, UsageError
+from blindseg.state import check_private, private_dir
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bundles (
@@ -52,7 +53,7 @@ class BundleWriter:
         self._store = store
         self.bundle_id = bundle_id
         self._path = path
-        self._f: BinaryIO | None = open(path, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._f: BinaryIO | None = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
         self._offset = 0
         self.index: dict[int, list[IndexEntry]] = {}
 
@@ -118,8 +119,14 @@ class BundleStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        (self.root / "bundles").mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.root / "bundles.sqlite", isolation_level=None, check_same_thread=False)
+        private_dir(self.root)
+        private_dir(self.root / "bundles")
+        db = self.root / "bundles.sqlite"
+        if db.exists():
+            check_private(db)
+        else:
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._db = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
@@ -160,6 +167,19 @@ class BundleStore:
         """Ids of ready bundles (oldest first), optionally for one model and batch."""
         rows = self._db.execute("SELECT id, model, batch FROM bundles WHERE state = 'ready' ORDER BY created").fetchall()
         return [r[0] for r in rows if (model is None or r[1] == model) and (batch is None or r[2] == batch)]
+
+    def purge(self, model: str, keep: str) -> int:
+        """Drop the ready bundles of ``model``'s deployments other than ``keep`` (a redeploy); returns how many."""
+        rows = self._db.execute("SELECT id, model FROM bundles WHERE state = 'ready'").fetchall()
+        gone = [bid for bid, m in rows if m.split("@")[0] == model and m != keep]
+        for bid in gone:
+            self._db.execute("UPDATE bundles SET state = 'consumed', job = 'redeployed' WHERE id = ?", (bid,))
+            self.discard(bid)
+        return len(gone)
+
+    def model_of(self, bundle_id: str) -> str | None:
+        row = self._db.execute("SELECT model FROM bundles WHERE id = ?", (bundle_id,)).fetchone()
+        return None if row is None else str(row[0])
 
     def state(self, bundle_id: str) -> str | None:
         row = self._db.execute("SELECT state FROM bundles WHERE id = ?", (bundle_id,)).fetchone()

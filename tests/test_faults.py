@@ -12,10 +12,10 @@ import asyncio
 import os
 import shutil
 import signal
+import struct
 import time
 from pathlib import Path
 
-import aiomqtt
 import numpy as np
 import pytest
 import torch
@@ -23,16 +23,19 @@ import torch
 from blindseg.bench import test_image as synthetic_image
 from blindseg.broker import Mosquitto
 from blindseg.config import PartyConfig
-from blindseg.crypto import Sealer, generate_key
+from blindseg.crypto import SecureLink, generate_key
 from blindseg.demo import LocalDeployment
 from blindseg.errors import BlindsegError, ConnectionLost, PreprocessingExhausted, ProtocolError
 from blindseg.messages import Error, Job
 from blindseg.models import load_named_model
 from blindseg.node import Node
+from blindseg.transport import CHUNK
 from blindseg.wire import encode_frame
 from data_owner import share_image
 from data_owner.client import Client
 from model_owner.client import deploy
+
+from .rogue import Rogue, deliver
 
 pytestmark = [
     pytest.mark.slow,
@@ -112,9 +115,10 @@ async def test_faults_end_cleanly_and_the_service_keeps_serving(tmp_path, refere
             # 3. duplicate job id: refused with a named reason, the first job unaffected
             node = await Node.from_config(PartyConfig.load(dep.configs["data_owner"])).start()
             try:
-                plan_x0, plan_x1 = share_image(load_plan(dep), x)
+                plan, epoch = load_plan(dep)
+                plan_x0, plan_x1 = share_image(plan, x)
                 for _ in range(2):
-                    await node.tell("server0", Job("dup1", "m", 1, (plan_x0,)))
+                    await node.tell("server0", Job("dup1", "m", epoch, 1, (plan_x0,)))
                 sender, err = await asyncio.wait_for(_next_error(node), 10)
                 assert sender == "server0" and "duplicate job id dup1" in err.error
             finally:
@@ -172,7 +176,9 @@ def load_plan(dep: LocalDeployment):
 
     from blindseg.plan import Plan
 
-    return Plan.from_dict(json.loads((dep.root / "state" / "server0" / "models" / "m.plan.json").read_text()))
+    models = dep.root / "state" / "server0" / "models"
+    epoch = (models / "m.current").read_text()
+    return Plan.from_dict(json.loads((models / f"m@{epoch}.plan.json").read_text())), epoch
 
 
 async def _next_error(node: Node):
@@ -189,36 +195,38 @@ async def test_hostile_frames_are_dropped_and_never_stop_a_role(tmp_path, refere
             await asyncio.to_thread(dep.start)
             await deploy(PartyConfig.load(dep.configs["model_owner"]), "ref-unet", "m", size=SIZE, timeout=60)
             await dep.wait_bundles()
-            cfg1 = PartyConfig.load(dep.configs["server1"])
-            topic = "blindseg/demo/server0/server1"  # what server1 would send to server0
-            good = Sealer(cfg1.key, cfg1.peers["server0"], "demo", "server1", "server0")
-            label = b"ctl:zzz"
-            body = len(label).to_bytes(2, "big") + label + (0).to_bytes(4, "big") + (1).to_bytes(4, "big")
-            legit = good.seal(topic, body + encode_frame({"t": "zzz"}))
-            tampered = bytearray(good.seal(topic, body + b"x" * 40))
-            tampered[-20] ^= 1
-            wrong_key = Sealer(generate_key(), cfg1.peers["server0"], "demo", "server1", "server0").seal(topic, body)
-            frames = {
-                "tampered": bytes(tampered),
-                "replayed": legit,  # sent twice below: the second copy is a replay
-                "truncated": legit[:30],
-                "wrong key": wrong_key,
-                "not sealed": b"hello broker",
-                "malformed msgpack": good.seal(topic, body + b"BSG1\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1"),
-                "unknown type": good.seal(topic, body + encode_frame({"t": "launch-missiles"})),
-                "oversized chunk count": good.seal(topic, len(b"big").to_bytes(2, "big") + b"big"
-                                                   + (0).to_bytes(4, "big") + (2**31).to_bytes(4, "big")),
-            }
-            async with aiomqtt.Client("127.0.0.1", broker.port, protocol=aiomqtt.ProtocolVersion.V5) as rogue:
-                await rogue.publish(topic, legit, qos=1)
-                for payload in frames.values():
-                    await rogue.publish(topic, payload, qos=1)
-                await rogue.publish("blindseg/demo/server0/mallory", b"x", qos=1)
+            mo = PartyConfig.load(dep.configs["model_owner"])
+            topic = "blindseg/demo/server0/model_owner"  # what the model owner would send to server0
+            async with Rogue(broker.port, "demo", "model_owner", mo.key, "server0", mo.peers["server0"]) as r:
+                def one(label: str, frame: bytes) -> bytes:
+                    return bytes(r.chunks(label, frame, CHUNK)[0])
+
+                legit = one("ctl:zzz", encode_frame({"t": "zzz"}))
+                tampered = bytearray(one("ctl:zzz", b"x" * 40))
+                tampered[-20] ^= 1
+                stranger = SecureLink(generate_key(), mo.peers["server0"], generate_key(), "demo", "model_owner",
+                                      "server0")
+                forged_hello = stranger.hello(topic)
+                lab = b"big"
+                head = len(lab).to_bytes(2, "big") + lab + struct.pack(">QIIQ", 999, 0, 2**31, 2**40)
+                frames = {
+                    "tampered": bytes(tampered),
+                    "replayed": legit,  # sent twice below: the second copy is a replay
+                    "truncated": legit[:30],
+                    "forged hello": forged_hello,
+                    "not sealed": b"hello broker",
+                    "malformed msgpack": one("ctl:x", b"BSG1\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1"),
+                    "unknown type": one("ctl:y", encode_frame({"t": "launch-missiles"})),
+                    "oversized chunk count": bytes(r.link.seal(topic, head)),
+                }
+                await r.send(legit)
+                await r.send(*frames.values())
+            await deliver(broker.port, [("blindseg/demo/server0/mallory", b"x")])
             await asyncio.sleep(1.0)
             log0 = _log(dep, "server0")
             for reason in ("failed authentication", "replayed or reordered", "not a sealed blindseg frame",
                            "over the size limit", "unexpected topic", "not valid msgpack",
-                           "unknown message type"):
+                           "unknown message type", "handshake failed authentication"):
                 assert reason in log0, reason
             assert dep.procs["server0"].poll() is None and "Traceback" not in log0
             await _ok(dep, reference)  # still serving

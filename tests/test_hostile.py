@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blindseg.compiler import compile_model
-from blindseg.crypto import Opener, Sealer, generate_key
+from blindseg.crypto import SecureLink, generate_key, session_id, session_key
 from blindseg.errors import BlindsegError, ProtocolError, UsageError
 from blindseg.models import build_model
 from blindseg.plan import Plan
@@ -54,35 +54,103 @@ def test_fuzz_mutated_real_plans_are_refused_cleanly(i, key, value) -> None:
 
 
 KEY_A, KEY_B = generate_key(), generate_key()
+T_AB, T_BA = "blindseg/d/b/a", "blindseg/d/a/b"  # a -> b travels on b's inbox topic
+
+
+def _pair(a_key=KEY_A, b_key=KEY_B) -> tuple[SecureLink, SecureLink]:
+    """Two links after a complete handshake (a says hello first)."""
+    a = SecureLink(a_key, b_key.public_key(), generate_key(), "d", "a", "b")
+    b = SecureLink(b_key, a_key.public_key(), generate_key(), "d", "b", "a")
+    assert b.accept(T_AB, a.hello(T_AB)) == (True, True)  # new session; a does not know b's ephemeral yet
+    assert a.accept(T_BA, b.hello(T_BA)) == (True, False)
+    return a, b
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
-def test_fuzz_opener_rejects_everything_unsealed(data: bytes) -> None:
-    opener = Opener(KEY_B, KEY_A.public_key(), "d", "a", "b")
+def test_fuzz_links_reject_everything_unsealed(data: bytes) -> None:
+    a, b = _pair()
     with pytest.raises(ProtocolError):
-        opener.open("t", data)
+        b.open(T_AB, data)
+    with pytest.raises(ProtocolError):
+        b.accept(T_AB, data)
 
 
 def test_sealed_messages_tamper_replay_reorder_wrong_topic() -> None:
-    s = Sealer(KEY_A, KEY_B.public_key(), "d", "a", "b")
-    o = Opener(KEY_B, KEY_A.public_key(), "d", "a", "b")
-    m1, m2, m3 = (s.seal("t", f"msg{k}".encode()) for k in range(3))
-    assert o.open("t", m1) == b"msg0"
+    a, b = _pair()
+    m1, m2, m3 = (a.seal(T_AB, f"msg{k}".encode()) for k in range(3))
+    assert b.open(T_AB, m1) == b"msg0"
     with pytest.raises(ProtocolError, match="replayed"):
-        o.open("t", m1)
-    assert o.open("t", m3) == b"msg2"
+        b.open(T_AB, m1)
+    assert b.open(T_AB, m3) == b"msg2"
     with pytest.raises(ProtocolError, match="reordered"):
-        o.open("t", m2)  # older counter after a newer one
-    m4 = bytearray(s.seal("t", b"x"))
+        b.open(T_AB, m2)  # older counter after a newer one
+    m4 = bytearray(a.seal(T_AB, b"x"))
     m4[-1] ^= 0x80
     with pytest.raises(ProtocolError, match="authentication"):
-        o.open("t", bytes(m4))
+        b.open(T_AB, bytes(m4))
     with pytest.raises(ProtocolError, match="authentication"):
-        o.open("other/topic", s.seal("t", b"y"))  # moved to another topic
-    back = Opener(KEY_A, KEY_B.public_key(), "d", "b", "a")  # the reverse direction has its own key
-    with pytest.raises(ProtocolError, match="authentication"):
-        back.open("t", s.seal("t", b"z"))
+        b.open("other/topic", a.seal(T_AB, b"y"))  # moved to another topic
+    with pytest.raises(ProtocolError, match="unknown session"):
+        a.open(T_AB, a.seal(T_AB, b"z"))  # the reverse direction has its own session and key
+    assert a.open(T_BA, b.seal(T_BA, b"back")) == b"back"
+
+
+def test_handshake_is_authenticated_by_the_static_keys() -> None:
+    a, _ = _pair()
+    mallory = SecureLink(generate_key(), KEY_B.public_key(), generate_key(), "d", "a", "b")  # claims to be a
+    b = SecureLink(KEY_B, KEY_A.public_key(), generate_key(), "d", "b", "a")
+    with pytest.raises(ProtocolError, match="handshake failed authentication"):
+        b.accept(T_AB, mallory.hello(T_AB))
+    with pytest.raises(ProtocolError, match="handshake failed authentication"):
+        b.accept(T_AB, a.hello("blindseg/d/c/a"))  # a's hello to another party, redirected to b
+    h = bytearray(a.hello(T_AB))
+    h[10] ^= 1  # swap in another ephemeral
+    with pytest.raises(ProtocolError, match="handshake failed authentication"):
+        b.accept(T_AB, bytes(h))
+
+
+def test_a_frame_from_another_run_never_verifies() -> None:
+    """Replays across runs: each run of either party has new keys; a retired run cannot come back."""
+    a, b = _pair()
+    old_hello, old = a.hello(T_AB), a.seal(T_AB, b"plan")
+    delayed = a.seal(T_AB, b"held back by the broker")
+    assert b.open(T_AB, old) == b"plan"
+    # a restarts: a new ephemeral, the same static key
+    a2 = SecureLink(KEY_A, KEY_B.public_key(), generate_key(), "d", "a", "b")
+    assert b.accept(T_AB, a2.hello(T_AB)) == (True, True)
+    assert a2.accept(T_BA, b.hello(T_BA)) == (True, False)
+    for frame in (old, delayed):  # replayed after the restart, or delivered late from the earlier run
+        with pytest.raises(ProtocolError, match="unknown session"):
+            b.open(T_AB, frame)
+    with pytest.raises(ProtocolError, match="stale handshake"):
+        b.accept(T_AB, old_hello)  # the broker cannot roll b back to a's earlier run
+    assert b.open(T_AB, a2.seal(T_AB, b"new")) == b"new"
+    # b restarts too: a2's frames to the old b never open at the new b
+    b2 = SecureLink(KEY_B, KEY_A.public_key(), generate_key(), "d", "b", "a")
+    to_old_b = a2.seal(T_AB, b"x")
+    b2.accept(T_AB, a2.hello(T_AB))
+    with pytest.raises(ProtocolError, match="unknown session"):
+        b2.open(T_AB, to_old_b)
+
+
+def test_session_key_formula_opens_a_sealed_frame() -> None:
+    """Control for the forward-secrecy test in test_service: with the ephemeral DH the published formula
+    reproduces the link's key (so failing without it means ee is what is missing)."""
+    ea, eb = generate_key(), generate_key()
+    a = SecureLink(KEY_A, KEY_B.public_key(), ea, "d", "a", "b")
+    b = SecureLink(KEY_B, KEY_A.public_key(), eb, "d", "b", "a")
+    b.accept(T_AB, a.hello(T_AB))
+    a.accept(T_BA, b.hello(T_BA))
+    frame = a.seal(T_AB, b"secret")
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    pa, pb = a.e_pub, b.e_pub
+    k = session_key(ea.exchange(eb.public_key()), KEY_A.exchange(eb.public_key()), ea.exchange(KEY_B.public_key()),
+                    pa, pb, "d", "a", "b")
+    assert frame[4:20] == session_id(pa, pb)
+    assert AESGCM(k).decrypt(b"\0\0\0\0" + bytes(frame[20:28]), bytes(frame[28:]),
+                             bytes(frame[:28]) + T_AB.encode()) == b"secret"
 
 
 # ------------------------------------------------------------------ single use

@@ -177,6 +177,11 @@ def test_unet_with_upsample_and_leaky_relu_end_to_end() -> None:
     kinds = [op.kind for op in res.plan.ops]
     assert "upsample" in kinds and any(op.kind == "rescale" and op.params.act == "leaky" for op in res.plan.ops)
     with torch.no_grad():
-        want = torch.argmax(net(torch.tensor(x, dtype=torch.float32)), 1).numpy()
-    assert np.mean(res.mask == want) >= 0.999
+        logits = net(torch.tensor(x, dtype=torch.float32))
+    want = torch.argmax(logits, 1).numpy()
+    top2 = torch.topk(logits, 2, dim=1).values
+    decisive = (top2[:, 0] - top2[:, 1]).numpy() > 0.05  # near-ties may flip under ±1 LSB rounding
+    assert decisive.mean() > 0.95
+    assert np.array_equal(res.mask[decisive], want[decisive])
+    assert np.mean(res.mask == want) >= 0.995
     assert math.prod(res.mask.shape) == 4 * 32 * 32

@@ -84,7 +84,7 @@ def test_material_sources_give_the_same_correct_job(tmp_path: Path, source: str)
            Op("output", (3,), (3, 3, 3)))
     plan = Plan(ops, 8, "logits")
     dealer = Dealer()
-    s0, s1 = dealer.deploy("m", plan)
+    s0, s1 = dealer.deploy("m@e1", plan)
     from blindseg.layout import model_mask_shares
 
     w = rng.integers(-64, 64, size=(3, 2, 3, 3)).astype(np.uint32)
@@ -97,10 +97,10 @@ def test_material_sources_give_the_same_correct_job(tmp_path: Path, source: str)
 
     async def go() -> np.ndarray:
         if source == "local":
-            srcs = LocalSource.pair(dealer, "m", 1)
+            srcs = LocalSource.pair(dealer, "m@e1", 1)
         else:
             links = [MemoryLink(), MemoryLink()]
-            task = asyncio.ensure_future(stream_bundle(dealer, "m", 1, links[0].a, links[1].a))
+            task = asyncio.ensure_future(stream_bundle(dealer, "m@e1", 1, links[0].a, links[1].a))
             from blindseg.messages import BundleAnnounce, expect
 
             anns = [expect(await links[i].b.recv("ctl:bundle"), BundleAnnounce) for i in (0, 1)]
@@ -120,8 +120,8 @@ def test_material_sources_give_the_same_correct_job(tmp_path: Path, source: str)
         assert np.all((got - want >= 0) & (got - want <= 1))
         # a dealer generating for another circuit: the server refuses the bundle before storing anything
         other = Dealer()
-        other.deploy("m", Plan(ops, 8, "logits", arities=(2, 2, 2)))
-        bad = LocalSource.pair(other, "m", 1)[0]
+        other.deploy("m@e1", Plan(ops, 8, "logits", arities=(2, 2, 2)))
+        bad = LocalSource.pair(other, "m@e1", 1)[0]
         with pytest.raises(ProtocolError, match="another layout"):
             await receive_bundle(cores[0], stores[0], bad)
         return got

@@ -1,0 +1,131 @@
+"""Broker-side attacks on the running service (issue #10), each through the real components: the
+services as OS processes, the real sealing and transport, a private Mosquitto. The hostile broker is
+played by :mod:`tests.rogue` (it records every message and can deliver any of them, or crafted ones,
+on any topic). Each attack must fail visibly (a logged reason) and change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blindseg.bench import test_image as synthetic_image
+from blindseg.broker import Mosquitto
+from blindseg.config import PartyConfig
+from blindseg.demo import LocalDeployment
+from blindseg.messages import Job
+from blindseg.models import load_named_model
+from blindseg.transport import CHUNK
+from data_owner.client import Client
+from model_owner.client import deploy
+
+from .rogue import Recorder, Rogue, deliver
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+                       reason="the mosquitto binary is not installed on this machine"),
+]
+
+SIZE = 32
+TIMEOUTS = {"round_timeout": 4, "bundle_wait": 6, "job_timeout": 15}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model, _, _ = load_named_model("ref-unet", SIZE)
+    x = synthetic_image(1, SIZE, seed=5).astype(np.float32)
+    with torch.no_grad():
+        return x, torch.argmax(model(torch.from_numpy(x)), 1).numpy()
+
+
+def _log(dep: LocalDeployment, role: str) -> str:
+    return (dep.root / "logs" / f"{role}.log").read_text()
+
+
+async def _until(pred, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.1)
+
+
+async def _ok(dep: LocalDeployment, reference) -> None:
+    x, want = reference
+    async with Client(PartyConfig.load(dep.configs["data_owner"]), timeout=60) as c:
+        mask, _ = await c.segment("m", x)
+    assert (mask == want).mean() >= 0.99
+
+
+@pytest.fixture
+async def running(tmp_path):
+    with Mosquitto(tmp_path) as broker:
+        dep = LocalDeployment(tmp_path / "dep", broker.url, pool=1, settings=TIMEOUTS)
+        try:
+            await asyncio.to_thread(dep.start)
+            async with Recorder(broker.port) as rec:
+                await deploy(PartyConfig.load(dep.configs["model_owner"]), "ref-unet", "m", size=SIZE, timeout=60)
+                await dep.wait_bundles()
+                yield dep, broker, rec
+        finally:
+            dep.stop()
+
+
+async def test_spliced_and_shortened_frames_are_refused(running, reference) -> None:
+    dep, broker, _ = running
+    cfg = PartyConfig.load(dep.configs["data_owner"])
+    big = np.zeros((600, 1, SIZE, SIZE), np.uint32)  # 2.4 MiB: three 1 MiB chunks
+    frames = [Job(f"{k}" * 32, "nosuch", "e1", 600, (big + k,)).encode() for k in range(6)]
+    async with Rogue(broker.port, "demo", "data_owner", cfg.key, "server0", cfg.peers["server0"]) as r:
+        # sealed in this order, as the real client would send them; the broker drops some and delivers the
+        # rest in order (a broker cannot reorder one sealed stream: counters must increase)
+        a, b, c, d, e, control = (r.chunks("ctl:job", f, CHUNK) for f in frames)
+        assert len(a) == 3
+        await r.send(a[0], a[1], b[2])  # A0 | A1 | B2: two hospitals' job shares mixed
+        await r.send(c[0], d[1])  # C0 | D1: a shorter "frame" made of two
+        await r.send(e[0], e[1])  # never completed: superseded by the next frame
+        await r.send(*control)  # the same sealing, complete: accepted (and refused as a job for no model)
+    await _until(lambda: "model 'nosuch' is not deployed" in _log(dep, "server0"))
+    log0 = _log(dep, "server0")
+    assert log0.count("does not belong to the frame being assembled") >= 2
+    assert "dropped incomplete frame" in log0
+    assert log0.count("model 'nosuch' is not deployed") == 1  # only the control frame ever reached the service
+    assert "Traceback" not in log0
+    await _ok(dep, reference)
+
+
+async def test_replays_after_a_restart_and_across_runs_never_verify(running, reference) -> None:
+    dep, broker, rec = running
+    plan_topic = "blindseg/demo/dealer/model_owner"
+    recorded_plan = rec.on(plan_topic)
+    assert recorded_plan, "the deploy's plan to the dealer was recorded"
+    seeds = json.loads((dep.root / "state" / "dealer" / "models.json").read_text())
+
+    # (1) the dealer restarts; the broker replays the model owner's hello and plan
+    await asyncio.to_thread(dep.restart, "dealer")
+    await deliver(broker.port, [(plan_topic, p) for p in recorded_plan])
+    await _until(lambda: "unknown session" in _log(dep, "dealer"))
+    assert json.loads((dep.root / "state" / "dealer" / "models.json").read_text()) == seeds  # no new seeds drawn
+
+    # (2) two data-owner runs; the first run's job is replayed to the servers after the second started
+    await _ok(dep, reference)
+    job_topic = "blindseg/demo/server0/data_owner"
+    first_run = rec.on(job_topic)
+    await _ok(dep, reference)
+    jobs_before = _log(dep, "server0").count(": job ")
+    await deliver(broker.port, [(job_topic, p) for p in first_run])
+    await _until(lambda: "stale handshake" in _log(dep, "server0") and "unknown session" in _log(dep, "server0"))
+    await asyncio.sleep(1.0)
+    assert _log(dep, "server0").count(": job ") == jobs_before  # no job ran from the replay
+    # (3) the same run's frames replayed: counters
+    await deliver(broker.port, [(job_topic, p) for p in rec.on(job_topic)[len(first_run):] if p[:4] == b"BSE2"])
+    await _until(lambda: "replayed or reordered" in _log(dep, "server0"))
+    await _ok(dep, reference)
+    for role in ("dealer", "server0", "server1"):
+        assert "Traceback" not in _log(dep, role)
