@@ -34,6 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--broker-host", default="127.0.0.1", help="broker host name or IP (TLS certificate)")
     i.add_argument("--port", type=int, default=8883)
     i.add_argument("--plain", action="store_true", help="no TLS/passwords (loopback or embedded broker only)")
+    i.add_argument("--tenants", default="data_owner",
+                   help="comma-separated data-owner identities (hospitals), each with its own key, topic and ACL")
+    i.add_argument("--public-keys", type=Path, default=None,
+                   help="directory of <identity>.pub files from `blindseg keygen`: the kit then holds no private key")
+    k = sub.add_parser("keygen", help="make this party's key pair here (private key 0600; print the public key)")
+    k.add_argument("--party", required=True, help="the identity: dealer, server0, server1, model_owner or a tenant")
+    k.add_argument("--out", type=Path, default=Path("keys"))
+    r = sub.add_parser("rotate-key", help="replace one party's public key in every config of a kit")
+    r.add_argument("dir", type=Path)
+    r.add_argument("--party", required=True)
+    r.add_argument("--public-key", required=True, help="hex, or a .pub file from `blindseg keygen`")
     c = sub.add_parser("chart", help="per-layer cost chart (PNG) from a bench or segment report (JSON)")
     c.add_argument("report", type=Path)
     c.add_argument("--out", type=Path, default=Path("cost.png"))
@@ -48,10 +59,28 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import main_demo
 
             return main_demo(args.net, args.broker, args.out, args.json)
+        if args.cmd == "keygen":
+            from .kit import keygen
+
+            pub = keygen(args.party, args.out)
+            print(f"private key: {args.out / (args.party + '.key')} (0600; never copy it off this host)")
+            print(f"public key:  {args.out / (args.party + '.pub')}  {pub}")
+            return 0
+        if args.cmd == "rotate-key":
+            from .kit import rotate_key
+
+            for cfg in rotate_key(args.dir, args.party, args.public_key):
+                print(f"updated {cfg}: hand it to its party and restart that service")
+            return 0
         if args.cmd == "init":
             from .kit import init
 
-            paths = init(args.dir, args.deployment, args.broker_host, args.port, args.plain)
+            tenants = tuple(t.strip() for t in args.tenants.split(",") if t.strip())
+            paths = init(args.dir, args.deployment, args.broker_host, args.port, args.plain, tenants=tenants,
+                         public_keys=args.public_keys)
+            if args.public_keys is None:
+                print("DEMO KIT: every private key was generated here (see keys/README); for production use "
+                      "`blindseg keygen` on each host and --public-keys")
             print(f"deployment kit written to {args.dir}:")
             for party, cfg_path in paths.items():
                 print(f"  {party:12s} {cfg_path}")

@@ -31,13 +31,24 @@ from .kit import init
 class LocalDeployment:
     """A kit plus the three services as child processes (demo, tests, benchmarks)."""
 
-    def __init__(self, root: str | Path, broker_url: str, net: str = "none", pool: int = 2,
-                 settings: dict[str, float] | None = None) -> None:
+    def __init__(self, root: str | Path, broker_url: str | None, net: str = "none", pool: int = 2,
+                 settings: dict[str, float] | None = None, tenants: tuple[str, ...] = ("data_owner",),
+                 tls_port: int | None = None) -> None:
+        """``tls_port``: a kit with TLS, passwords and ACLs for a broker on 127.0.0.1:<port> (start it with
+        :meth:`broker_config`); otherwise a plain kit for the broker at ``broker_url``."""
         self.root = Path(root)
-        self.configs = init(self.root, "demo", plain=True, broker_url=broker_url, net=net, settings=settings)
+        if tls_port is not None:
+            self.configs = init(self.root, "demo", broker_host="127.0.0.1", port=tls_port, bind="127.0.0.1", net=net,
+                                settings=settings, tenants=tenants)
+        else:
+            self.configs = init(self.root, "demo", plain=True, broker_url=broker_url, net=net, settings=settings,
+                                tenants=tenants)
         self.pool = pool
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         (self.root / "logs").mkdir(exist_ok=True)
+
+    def broker_config(self) -> str:
+        return (self.root / "broker" / "mosquitto.conf").read_text()
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -2,14 +2,21 @@
 
 Writes, under DIR::
 
-    keys/<party>.key            X25519 private key (0600), one per party
+    keys/<party>.key            X25519 private key (0600), one per identity (demo kits; see below)
     secrets/<party>.password    broker password (0600)
     configs/<party>.toml        one config per role (peers' public keys inside)
     broker/mosquitto.conf       TLS listener, password file, per-party ACLs, blindseg's queue settings
     broker/ca.crt, server.crt, server.key, passwd, acl
 
-ACL: party P may read only ``blindseg/<deployment>/P/#`` (what is addressed to
-it) and write only ``blindseg/<deployment>/+/P`` (messages signed as itself).
+ACL: identity P may read only ``blindseg/<deployment>/P/#`` (what is addressed
+to it) and write only ``blindseg/<deployment>/+/P`` (messages signed as itself).
+Every data owner (tenant) is its own identity with its own key, password, topic
+and ACL, so one hospital can neither subscribe to nor decrypt another's results.
+
+Keys: ``blindseg keygen --party P`` on P's host and ``blindseg init DIR
+--public-keys PUBS`` build a kit from public keys only; ``init`` without
+``--public-keys`` makes every key in one place (demos and tests);
+:func:`rotate_key` replaces one party's public key in the kit's configs.
 With ``plain=True`` (the demo on loopback, or the embedded broker) no TLS and
 no passwords are configured.
 """
@@ -21,6 +28,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -28,19 +36,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from . import ids
 from .broker import mosquitto_config
-from .config import PARTIES
-from .crypto import generate_key, private_bytes, public_hex
+from .crypto import generate_key, load_public, private_bytes, public_hex
 from .errors import UsageError
 
-# who talks to whom (both directions)
+ROLES = ("dealer", "server0", "server1", "model_owner")
+# who talks to whom (both directions); every tenant (data owner) talks to both servers only
 LINKS = {
     "dealer": ("server0", "server1", "model_owner"),
-    "server0": ("server1", "dealer", "model_owner", "data_owner"),
-    "server1": ("server0", "dealer", "model_owner", "data_owner"),
+    "server0": ("server1", "dealer", "model_owner"),
+    "server1": ("server0", "dealer", "model_owner"),
     "model_owner": ("server0", "server1", "dealer"),
-    "data_owner": ("server0", "server1"),
 }
+
+
+def links(identity: str, tenants: tuple[str, ...]) -> tuple[str, ...]:
+    if identity in ("server0", "server1"):
+        return LINKS[identity] + tenants
+    return LINKS.get(identity, ("server0", "server1"))
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -82,41 +96,102 @@ def _certs(out: Path, host: str) -> None:
                                                          serialization.NoEncryption()))
 
 
+def keygen(party: str, out: str | Path) -> str:
+    """Make one party's key pair where the party runs: ``<out>/<party>.key`` (0600, never leaves this
+    host) and ``<out>/<party>.pub`` (hex, for whoever assembles the kit). Returns the public key."""
+    ids.check("party", party)
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    key_path = d / f"{party}.key"
+    if key_path.exists():
+        raise UsageError(f"{key_path} exists; move it away first (a key is never overwritten)")
+    key = generate_key()
+    _write_secret(key_path, private_bytes(key))
+    (d / f"{party}.pub").write_text(public_hex(key) + "\n")
+    return public_hex(key)
+
+
+def _public_keys(directory: Path, identities: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for p in identities:
+        f = directory / f"{p}.pub"
+        try:
+            hexkey = f.read_text().strip()
+        except OSError:
+            raise UsageError(f"no public key for {p}: expected {f} (run `blindseg keygen --party {p}` where "
+                             f"{p} runs and copy its .pub here)") from None
+        load_public(hexkey, str(f))
+        if (directory / f"{p}.key").exists():
+            raise UsageError(f"{directory} holds {p}.key, a private key: keep private keys where each party runs")
+        out[p] = hexkey
+    return out
+
+
 def init(directory: str | Path, deployment: str = "blindseg", broker_host: str = "127.0.0.1", port: int = 8883,
          plain: bool = False, broker_url: str | None = None, net: str = "none", bind: str = "0.0.0.0",
-         settings: dict[str, float] | None = None) -> dict[str, Path]:
-    """Write a deployment kit; returns each party's config path."""
+         settings: dict[str, float] | None = None, tenants: tuple[str, ...] = ("data_owner",),
+         public_keys: str | Path | None = None) -> dict[str, Path]:
+    """Write a deployment kit; returns each identity's config path.
+
+    With ``public_keys`` (a directory of ``<identity>.pub`` files from ``blindseg keygen``) the kit holds
+    no private key: each config names ``keys/<identity>.key``, which the party puts there itself.
+    Without it the kit generates every key in one place -- for demos and tests only, since whoever holds
+    the directory holds both servers' keys (it says so in ``keys/README``)."""
     root = Path(directory)
     if not deployment.replace("-", "").isalnum():
         raise UsageError(f"deployment name {deployment!r} must be letters, digits and dashes")
+    for t in tenants:
+        ids.check("tenant", t)
+        if t in ROLES:
+            raise UsageError(f"tenant name {t!r} is a role's name")
+    if not tenants or len(set(tenants)) != len(tenants):
+        raise UsageError("give one or more distinct tenant names")
     if (root / "configs").exists():
         raise UsageError(f"{root} already holds a deployment (configs/ exists); pick an empty directory")
-    for sub in ("keys", "secrets", "configs", "broker", "state"):
+    identities = ROLES + tuple(tenants)
+    pubs = _public_keys(Path(public_keys), identities) if public_keys is not None else None
+    for sub in ("keys", "secrets", "configs", "broker"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    keys = {p: generate_key() for p in PARTIES}
-    pubs = {p: public_hex(k) for p, k in keys.items()}
-    passwords = {p: base64.urlsafe_b64encode(os.urandom(18)).decode() for p in PARTIES}
+    (root / "state").mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root / "state", 0o700)
+    if pubs is None:
+        keys = {p: generate_key() for p in identities}
+        pubs = {p: public_hex(k) for p, k in keys.items()}
+        for p, k in keys.items():
+            _write_secret(root / "keys" / f"{p}.key", private_bytes(k))
+        (root / "keys" / "README").write_text(
+            "DEMO KIT: every party's private key was generated here, so whoever holds this directory can act\n"
+            "as both servers and defeat non-collusion. For a real deployment each party runs\n"
+            "`blindseg keygen --party <name>` on its own host and the kit is built with\n"
+            "`blindseg init DIR --public-keys <dir of .pub files>`.\n")
+    else:
+        (root / "keys" / "README").write_text(
+            "Each party puts its own private key here as <name>.key (from `blindseg keygen`); this kit was\n"
+            "built from public keys only.\n")
+    passwords = {p: base64.urlsafe_b64encode(os.urandom(18)).decode() for p in identities}
     url = broker_url or (f"mqtt://{broker_host}:{port}" if plain else f"mqtts://{broker_host}:{port}")
     out: dict[str, Path] = {}
-    for p in PARTIES:
-        _write_secret(root / "keys" / f"{p}.key", private_bytes(keys[p]))
+    for p in identities:
+        role = p if p in ROLES else "data_owner"
         expires = (dt.date.today() + dt.timedelta(days=365)).isoformat()
-        lines = [f'deployment = "{deployment}"', f'party = "{p}"', f'broker = "{url}"', f'key_file = "../keys/{p}.key"',
+        lines = [f'deployment = "{deployment}"', f'party = "{role}"', f'broker = "{url}"', f'key_file = "../keys/{p}.key"',
                  f"key_expires = {expires}", f'state_dir = "../state/{p}"', f'net = "{net}"']
+        if p != role and p != "data_owner":
+            lines.insert(2, f'tenant = "{p}"')
         if not plain:
             _write_secret(root / "secrets" / f"{p}.password", passwords[p].encode())
             lines += [f'username = "{p}"', f'password_file = "../secrets/{p}.password"', 'ca_file = "../broker/ca.crt"']
         lines += [f"{k} = {v}" for k, v in (settings or {}).items()]
-        lines += ["", "[peers]"] + [f'{q} = "{pubs[q]}"' for q in LINKS[p]]
+        lines += ["", "[peers]"] + [f'{q} = "{pubs[q]}"' for q in links(p, tuple(tenants))]
         path = root / "configs" / f"{p}.toml"
         path.write_text("\n".join(lines) + "\n")
         out[p] = path
     b = root / "broker"
     acl = []
-    for p in PARTIES:
+    for p in identities:
         acl += [f"user {p}", f"topic read blindseg/{deployment}/{p}/#", f"topic write blindseg/{deployment}/+/{p}", ""]
     (b / "acl").write_text("\n".join(acl))
-    _write_secret(b / "passwd", "".join(f"{p}:{mosquitto_password(passwords[p])}\n" for p in PARTIES).encode())
+    _write_secret(b / "passwd", "".join(f"{p}:{mosquitto_password(passwords[p])}\n" for p in identities).encode())
     if plain:
         (b / "mosquitto.conf").write_text(mosquitto_config(port, broker_host))
     else:
@@ -126,3 +201,23 @@ def init(directory: str | Path, deployment: str = "blindseg", broker_host: str =
                                   "key": str((b / "server.key").resolve())},
             password_file=str((b / "passwd").resolve()), acl_file=str((b / "acl").resolve())))
     return out
+
+
+def rotate_key(directory: str | Path, party: str, public_key: str) -> list[Path]:
+    """Replace ``party``'s public key in every config of the kit that lists it as a peer (after
+    ``blindseg keygen`` made a new key where it runs). Returns the configs to hand out again; nothing
+    else changes (other keys, passwords, broker)."""
+    hexkey = public_key.strip()
+    if Path(hexkey).is_file():
+        hexkey = Path(hexkey).read_text().strip()
+    load_public(hexkey, f"new public key of {party}")
+    changed = []
+    for cfg in sorted((Path(directory) / "configs").glob("*.toml")):
+        text = cfg.read_text()
+        new = re.sub(rf'^{re.escape(party)} = "[0-9a-f]*"$', f'{party} = "{hexkey}"', text, flags=re.M)
+        if new != text:
+            cfg.write_text(new)
+            changed.append(cfg)
+    if not changed:
+        raise UsageError(f"no config in {directory}/configs lists {party!r} as a peer")
+    return changed

@@ -63,7 +63,10 @@ class Client:
             if isinstance(msg, Progress) and msg.job in self._progress:
                 self._progress[msg.job](msg.op, msg.ops)
             elif isinstance(msg, Error):
-                fut: asyncio.Future[Any] | None = self._errors.get(msg.job or "") or self._waiters.get(msg.model or "")
+                # a job's error goes to that job only (a late one for a finished job is dropped); a request's
+                # error (no job) to whoever waits for that model's plan
+                fut: asyncio.Future[Any] | None = (self._errors.get(msg.job) if msg.job
+                                                   else self._waiters.get(msg.model or ""))
                 if fut is not None and not fut.done():
                     err = StaleEpoch if msg.code == StaleEpoch.code else ProtocolError
                     fut.set_exception(err(f"{sender}: {msg.error}"))

@@ -133,7 +133,10 @@ class DealerService:
             # a job that waited always gets one, whatever the count says
             key = (ids.key(msg.model, msg.epoch), msg.batch)
             want = self.pool - msg.ready - self._pending.get(key, 0)
-            for _ in range(max(want, 1 if isinstance(msg, Need) and not self._pending.get(key) else 0)):
+            n = max(want, 1 if isinstance(msg, Need) and not self._pending.get(key) else 0)
+            log.info("dealer: %s from server0 for %s batch %d (%d ready there): %d more", msg.T, key[0], msg.batch,
+                     msg.ready, n)
+            for _ in range(n):
                 self.request(*key)
         else:
             raise UsageError(f"unexpected {msg.T!r} from {sender}")

@@ -176,7 +176,10 @@ class ServerService:
             await self._commit(msg.model, msg.epoch)
         elif isinstance(msg, BundleAnnounce) and sender == "dealer":
             key = ids.key(msg.model, msg.epoch)
-            try:
+            if self.core_for(key) is None and key not in self._staged:
+                raise StaleEpoch(f"bundle {msg.id[:8]} was made for {key}, which this server neither serves nor "
+                                 "has staged")
+            try:  # staged: the commit is on its way (the dealer may commit first)
                 await asyncio.wait_for(self._event(key).wait(), self.settings.bundle_wait)
             except TimeoutError:
                 raise ProtocolError(f"bundle {msg.id[:8]} is for {key}, which this server does not serve") from None
@@ -233,7 +236,7 @@ class ServerService:
     async def _commit(self, model: str, epoch: str) -> None:
         key = ids.key(model, epoch)
         if self.epochs.get(model) != epoch:
-            core = self._staged.pop(key, None)
+            core = self._staged.get(key)  # stays staged until it serves: a bundle arriving meanwhile waits
             if core is None:
                 raise UsageError(f"commit of {key}: no such staged deployment on {self.name}")
             old = self.epochs.get(model)
@@ -244,6 +247,7 @@ class ServerService:
             purged = self.store.purge(model, key)
             if old is not None:
                 self._event(ids.key(model, old)).clear()
+            self._staged.pop(key, None)
             self._event(key).set()
             log.info("%s: model %s now serves epoch %s (was %s; %d old bundles purged)", self.name, model, epoch,
                      old or "-", purged)

@@ -129,3 +129,117 @@ async def test_replays_after_a_restart_and_across_runs_never_verify(running, ref
     await _ok(dep, reference)
     for role in ("dealer", "server0", "server1"):
         assert "Traceback" not in _log(dep, role)
+
+
+async def test_tenants_are_isolated_on_a_real_mosquitto(tmp_path, reference) -> None:
+    """Two hospitals on the kit's TLS + password + ACL broker: neither can subscribe to the other's
+    results, each has its own key (the other's frames never open), and a server refuses a job from a
+    tenant the model owner did not allow."""
+    import ssl
+
+    import aiomqtt
+
+    from blindseg.broker import free_port
+    from blindseg.crypto import SecureLink
+
+    port = free_port()
+    dep = LocalDeployment(tmp_path / "dep", None, pool=1, settings=TIMEOUTS, tenants=("hospital-a", "hospital-b"),
+                          tls_port=port)
+    with Mosquitto(tmp_path, port=port, config=dep.broker_config()):
+        try:
+            await asyncio.to_thread(dep.start)
+            await deploy(PartyConfig.load(dep.configs["model_owner"]), "ref-unet", "m", size=SIZE, timeout=60,
+                         tenants=["hospital-a"])
+            await dep.wait_bundles()
+            a, b = PartyConfig.load(dep.configs["hospital-a"]), PartyConfig.load(dep.configs["hospital-b"])
+            assert a.name == "hospital-a" and a.key.public_key() != b.key.public_key()
+            ctx = ssl.create_default_context(cafile=b.broker.ca_file)
+            got: list[str] = []
+            async with aiomqtt.Client("127.0.0.1", port, username=b.broker.username, password=b.broker.password,
+                                      tls_context=ctx, protocol=aiomqtt.ProtocolVersion.V5) as spy:
+                for t in ("blindseg/demo/hospital-a/#", "blindseg/demo/+/+", "#"):
+                    await spy.subscribe(t, qos=1)
+
+                async def listen() -> None:
+                    async for m in spy.messages:
+                        got.append(str(m.topic))
+
+                listener = asyncio.get_running_loop().create_task(listen())
+                x, want = reference
+                async with Client(a, timeout=60) as ca:
+                    mask, _ = await ca.segment("m", x)
+                assert (mask == want).mean() >= 0.99
+                async with Client(b, timeout=30) as cb:
+                    with pytest.raises(Exception, match="hospital-b is not an allowed tenant of model 'm'"):
+                        await cb.segment("m", x)
+                await asyncio.sleep(0.5)
+                listener.cancel()
+            # b's login saw only what is addressed to b (the refusal), never a's traffic
+            assert got and all(t.startswith("blindseg/demo/hospital-b/") for t in got)
+            # b cannot speak as a either: the ACL drops b's publish on a's topic before any server sees it (and
+            # b's key could not make a's hello: test_hostile::test_handshake_is_authenticated_by_the_static_keys)
+            forged = SecureLink(b.key, a.peers["server0"], b.key, "demo", "hospital-a", "server0")
+            before = _log(dep, "server0").count("dropped message from hospital-a")
+            await deliver_tls(port, b, "blindseg/demo/server0/hospital-a", forged.hello("blindseg/demo/server0/hospital-a"))
+            await asyncio.sleep(1.0)
+            assert _log(dep, "server0").count("dropped message from hospital-a") == before
+            assert "Traceback" not in _log(dep, "server0")
+        finally:
+            dep.stop()
+
+
+async def deliver_tls(port: int, cfg: PartyConfig, topic: str, payload: bytes) -> None:
+    """Publish as ``cfg``'s broker login; the ACL only lets a party write on topics that end in its name."""
+    import ssl
+
+    import aiomqtt
+
+    ctx = ssl.create_default_context(cafile=cfg.broker.ca_file)
+    async with aiomqtt.Client("127.0.0.1", port, username=cfg.broker.username, password=cfg.broker.password,
+                              tls_context=ctx, protocol=aiomqtt.ProtocolVersion.V5) as c:
+        await c.publish(topic, payload, qos=1)
+
+
+async def test_a_redeploy_never_serves_old_masks_and_old_epochs_are_refused(running, reference) -> None:
+    """Redeploying under the same name: the old pool is purged, the next job uses the new weights (its
+    mask matches the new model, not the old), a client holding the old plan is told and re-fetches, and
+    a bundle announcement for the old epoch is refused."""
+    from blindseg.compiler import compile_model
+    from blindseg.messages import BundleAnnounce
+    from blindseg.node import Node
+    from model_owner.client import deploy_compiled
+
+    dep, broker, rec = running
+    x, old_want = reference
+    models = dep.root / "state" / "server0" / "models"
+    old_epoch = (models / "m.current").read_text()
+    async with Client(PartyConfig.load(dep.configs["data_owner"]), timeout=60) as client:
+        await client.plan("m")  # cached: epoch 1
+        new_model, samples, _ = load_named_model("ref-unet", SIZE)  # the upgrade: the head's classes swapped
+        head = [m for m in new_model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        with torch.no_grad():
+            head.weight.neg_()
+            head.bias.neg_()
+        comp = compile_model(new_model, (1, SIZE, SIZE), "mask", "auto", samples=samples)
+        node = await Node.from_config(PartyConfig.load(dep.configs["model_owner"])).start()
+        try:
+            res = await deploy_compiled(node, comp, "m", timeout=60)
+        finally:
+            await node.close()
+        assert res["epoch"] != old_epoch and (models / "m.current").read_text() == res["epoch"]
+        assert not list(models.glob(f"m@{old_epoch}*"))  # the old deployment is gone from disk
+        with torch.no_grad():
+            new_want = torch.argmax(new_model(torch.from_numpy(x)), 1).numpy()
+        assert (new_want != old_want).mean() > 0.05  # the two models really differ on this image
+        mask, _ = await client.segment("m", x)  # stale plan: refused by the servers, re-fetched, then run
+        assert client.epochs["m"] == res["epoch"]
+        assert (mask == new_want).mean() >= 0.99
+    assert "was redeployed" in _log(dep, "server0")
+    # an announcement for the old epoch (what a stale dealer or a replaying broker would bring) is refused
+    cfg = PartyConfig.load(dep.configs["dealer"])
+    await asyncio.to_thread(dep.procs["dealer"].terminate)
+    dep.procs["dealer"].wait(10)
+    async with Rogue(broker.port, "demo", "dealer", cfg.key, "server0", cfg.peers["server0"]) as r:
+        stale = BundleAnnounce("f" * 32, "m", old_epoch, 1, 0, b"s" * 32, "x")
+        await r.send(*r.chunks("ctl:bundle", stale.encode(), CHUNK))
+    await _until(lambda: f"was made for m@{old_epoch}, which this server neither serves" in _log(dep, "server0"))
