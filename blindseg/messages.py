@@ -37,8 +37,8 @@ class Message:
             v = getattr(self, name)
             if name != "arrays" and not _fits(v, typ):
                 raise UsageError(f"{type(self).__name__}.{name} must be {typ}, got {type(v).__name__}")
-            if name in ids.ID_FIELDS and v:  # empty only where the field is optional
-                ids.check(name, v)
+            if name in ids.ID_FIELDS and v is not None and (v or name not in _optional(type(self))):
+                ids.check(name, v)  # empty only where the field is optional (default "")
         lo, hi = self.ARRAYS
         if not lo <= len(self.payload) <= hi:
             raise UsageError(f"{type(self).__name__} carries {lo}..{hi} arrays, got {len(self.payload)}")
@@ -64,6 +64,14 @@ def _fields(cls: type[Message]) -> dict[str, str]:
         hints = {f.name: str(f.type) for f in dataclasses.fields(cls)}
         cls._hints = hints  # type: ignore[attr-defined]
     return hints  # type: ignore[no-any-return]
+
+
+def _optional(cls: type[Message]) -> frozenset[str]:
+    opt = cls.__dict__.get("_optional")
+    if opt is None:
+        opt = frozenset(f.name for f in dataclasses.fields(cls) if f.default == "")
+        cls._optional = opt  # type: ignore[attr-defined]
+    return opt  # type: ignore[no-any-return]
 
 
 _PLAIN: dict[str, type] = {"str": str, "bool": bool, "bytes": bytes}

@@ -264,7 +264,8 @@ def encode_weights(comp: Compiled) -> dict[int, tuple[np.ndarray, np.ndarray | N
 
 
 def reference(plan: Plan, wq: dict[int, tuple[np.ndarray, np.ndarray | None]], xq: np.ndarray) -> list[np.ndarray]:
-    """Plaintext fixed-point run on int64 (exact convs, round-to-nearest truncation)."""
+    """Plaintext fixed-point run on int64 (exact convs, floor truncation: each secure truncation is
+    this or one LSB more)."""
     vals: list[np.ndarray] = []
     for i, op in enumerate(plan.ops):
         ins = [vals[j] for j in op.inputs] or [xq]

@@ -11,8 +11,12 @@ Costs are per server and per element unless stated; ``L`` = circuit levels
 - :func:`linear` (any bilinear op f, Beaver with fixed model masks):
   open D = X - A (1 round, 4 B per input element); Z_i = F_i + f(D, B_i + i*E)
   with F_i = C_i + f(A_i, E) + bias_i precomputed offline. One ring conv online.
-- :func:`trunc`: open c = x + 2^(s-1) + 2^30 + r (1 round, 4 B);
-  x >> s = (c_L >> s) + 2^(31-s) c_H - 2^(30-s) + u + (1 - 2c_H) v, error in {0, +1} LSB.
+- :func:`trunc`: open c = x + 2^30 + r (1 round, 4 B);
+  x >> s = (c_L >> s) + 2^(31-s) c_H - 2^(30-s) + u + (1 - 2c_H) v. Exact up to the carry out of
+  the low s bits of x + r_L: the result is floor(x / 2^s) + B with B ~ Bernoulli(frac(x / 2^s)) over
+  the dealer's r, i.e. unbiased stochastic rounding: mean error 0, |error| < 1 LSB, mean |error|
+  2p(1-p) for fraction p (1/3 LSB over uniformly spread fractions, 1/2 at most). Valid for x in
+  [-2^30, 2^30) (calibration keeps every value below 2^29).
 - :func:`select` (fused truncation + ReLU; max when s = 0): the same opening of
   c, then the borrow circuit (``circuit.py``) gives sign bit b (L rounds,
   ``opened_bits`` bits), then e = b ^ rho is opened (1 round, 1 bit) and
@@ -77,14 +81,15 @@ def _msb_term(share: np.ndarray, s: int) -> np.ndarray:
 
 
 def _masked(party: int, z: np.ndarray, r: np.ndarray, s: int) -> np.ndarray:
+    """Shares of c = z + 2^30 + r (no rounding offset: the carry out of r's low bits already rounds)."""
     c = z + r
     if party == 0:
-        c += HALF + np.uint32((1 << s) >> 1)
+        c += HALF
     return c
 
 
 def trunc(party: int, z: np.ndarray, mat: Material, s: int) -> Proto:
-    """Dealer-assisted exact truncation by s (round to nearest, +1 LSB at most). 1 round."""
+    """Dealer-assisted truncation by s: floor(x / 2^s) + Bernoulli(frac(x / 2^s)), unbiased. 1 round."""
     shape = z.shape
     (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], s)])
     t, k = _public_part(c, s)
@@ -160,4 +165,4 @@ def argmax(party: int, classes: int, bits: int, z: np.ndarray, mats: list[Materi
             v += np.uint32(classes - 1 - k)
         cands.append(v)
     m = yield from tournament_max(party, cands, mats, circ)
-    return (m & np.uint32((1 << bits) - 1)).astype(np.uint8)
+    return (m & np.uint32((1 << bits) - 1)).astype(np.uint8 if bits <= 8 else np.uint16)

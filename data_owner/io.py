@@ -148,11 +148,12 @@ def write_mask(path: str | Path, mask: np.ndarray, meta: dict[str, Any] | None =
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".part")
     name = p.name.lower()
+    dtype = np.uint8 if mask.size == 0 or int(mask.max()) < 256 else np.uint16  # never wraps a label
     if name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
 
         affine = (meta or {}).get("affine", np.eye(4))
-        vol = np.moveaxis(mask.astype(np.uint8), 0, 2)
+        vol = np.moveaxis(mask.astype(dtype), 0, 2)
         nib.save(nib.Nifti1Image(vol, affine), tmp.with_name(p.name + ".part" + (".nii.gz" if name.endswith(".gz") else ".nii")))
         tmp = tmp.with_name(p.name + ".part" + (".nii.gz" if name.endswith(".gz") else ".nii"))
     elif name.endswith(".png"):
@@ -162,7 +163,7 @@ def write_mask(path: str | Path, mask: np.ndarray, meta: dict[str, Any] | None =
         tmp = tmp.with_suffix(".png")
     else:
         with open(tmp, "wb") as f:
-            np.save(f, mask.astype(np.uint8))
+            np.save(f, mask.astype(dtype))
     tmp.replace(p)
     return p
 

@@ -139,3 +139,30 @@ def test_functional_pooling_and_relu() -> None:
         fl = net(torch.tensor(x, dtype=torch.float32)).numpy()
     assert res.logits.shape == fl.shape
     assert np.max(np.abs(res.logits - fl)) < 0.01
+
+
+def test_more_than_256_classes_end_to_end() -> None:
+    """300 classes: labels need 9 bits, leave the servers as uint16 and match torch.argmax; more than
+    the supported number of classes is refused with a message that says so."""
+    import torch
+
+    from blindseg.plan import Op, Plan
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 300, 1)).eval()
+    with torch.no_grad():
+        net[2].bias[256:] += 0.3  # labels above 255 win often (a uint8 would wrap them)
+    x = np.random.default_rng(3).normal(size=(1, 1, 8, 8))
+    res = secure_segment(net, x, calibration=np.random.default_rng(4).normal(size=(4, 1, 8, 8)))
+    with torch.no_grad():
+        logits = net(torch.tensor(x, dtype=torch.float32))
+    want = torch.argmax(logits, 1).numpy()
+    top2 = torch.topk(logits, 2, dim=1).values
+    decisive = (top2[:, 0] - top2[:, 1]).numpy() > 0.05
+    assert (want[decisive] > 255).mean() > 0.2
+    assert np.array_equal(res.mask[decisive], want[decisive]) and decisive.mean() > 0.5
+    assert (res.mask == want).mean() >= 0.9  # the rest are near-ties among 300 random logits
+    assert res.mask.max() <= 299
+    with pytest.raises(UsageError, match="70000 classes"):
+        Plan((Op("input", (), (70000, 2, 2)), Op("argmax", (0,), (1, 2, 2), {"classes": 70000, "bits": 17})),
+             8, "mask")

@@ -233,3 +233,69 @@ def test_data_owner_refuses_nan_before_anything_leaves() -> None:
         share_image(plan, x)
     with pytest.raises(UsageError, match="expects"):
         share_image(plan, np.zeros((1, 2, 32, 32)))
+
+
+# ------------------------------------------------------- ids, plans, state files
+
+
+@pytest.mark.parametrize("bad", ["../../x", "a/b", "", "x" * 65, "-lead", "m@e", "+", "#", "a.b", "ü"])
+def test_ids_are_checked_at_the_message_boundary(bad: str) -> None:
+    """An id from a peer ends up in paths, topics and SQL: one pattern, refused at decode."""
+    from blindseg.messages import Deploy, GetPlan, Job, decode
+    from blindseg.wire import encode_frame
+
+    for header in ({"t": "getplan", "model": bad},
+                   {"t": "job", "job": bad, "model": "m", "epoch": "e", "batch": 1},
+                   {"t": "job", "job": "j", "model": "m", "epoch": bad, "batch": 1},
+                   {"t": "deploy", "model": bad, "epoch": "e", "tenants": [], "plan": {}, "ops": [], "bias": []}):
+        arrays = [np.zeros((1, 1, 2, 2), np.uint32)] if header["t"] == "job" else []
+        with pytest.raises(ProtocolError, match="id .* is not valid"):
+            decode(encode_frame(header, arrays))
+    with pytest.raises(UsageError, match="is not valid"):
+        GetPlan(bad)
+    assert Job and Deploy  # the typed constructors refuse the same (UsageError: the caller's bug)
+
+
+def test_plan_parameters_are_bounded_on_load() -> None:
+    """A plan from a peer cannot ask for unbounded material: layer parameters, shapes and the job's
+    material are all capped."""
+    from blindseg.plan import check_budget
+
+    d = {**PLAN, "ops": [dict(o) for o in PLAN["ops"]]}
+    i = next(k for k, o in enumerate(d["ops"]) if o["kind"] == "maxpool")
+    d["ops"][i] = {**d["ops"][i], "params": {"kernel": 10**6, "stride": 10**6}}
+    with pytest.raises(UsageError, match="pool kernel"):
+        Plan.from_dict(d)
+    d = {**PLAN, "ops": [dict(o) for o in PLAN["ops"]]}
+    d["ops"][0] = {**d["ops"][0], "shape": [1, 60000, 60000]}
+    with pytest.raises(UsageError, match="invalid shape"):
+        Plan.from_dict(d)
+    plan = Plan.from_dict(PLAN)
+    need = check_budget(plan, 1 << 40)
+    with pytest.raises(UsageError, match="over the configured limit"):
+        check_budget(plan, need - 1)
+    with pytest.raises(UsageError, match="over the configured limit"):
+        check_budget(plan, need * 100, batch=1000)
+
+
+def test_state_is_private_and_loose_permissions_are_refused(tmp_path) -> None:
+    import os
+    import stat
+
+    from server.store import BundleStore
+
+    store = BundleStore(tmp_path / "s" / "bundles")
+    w = store.writer("b1", "m@e1", 1, 1, b"s" * 32)
+    w.put(0, [np.zeros(4, np.uint32)])
+    w.commit()
+    store.close()
+    for p in [tmp_path / "s" / "bundles", *(tmp_path / "s" / "bundles").rglob("*")]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode & 0o077 == 0, f"{p} is {mode:04o}"
+    os.chmod(tmp_path / "s" / "bundles", 0o755)
+    with pytest.raises(UsageError, match="mode 0755.*chmod 700"):
+        BundleStore(tmp_path / "s" / "bundles")
+    os.chmod(tmp_path / "s" / "bundles", 0o700)
+    os.chmod(tmp_path / "s" / "bundles" / "bundles.sqlite", 0o644)
+    with pytest.raises(UsageError, match="mode 0644.*chmod 600"):
+        BundleStore(tmp_path / "s" / "bundles")

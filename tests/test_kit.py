@@ -95,3 +95,84 @@ async def test_tls_passwords_and_acls_hold_on_a_real_mosquitto(tmp_path):
                 async with aiomqtt.Client(do.host, do.port, username="server0", password="guess",
                                           tls_context=ctx, protocol=aiomqtt.ProtocolVersion.V5):
                     pass
+
+
+def test_kit_from_public_keys_holds_no_private_key(tmp_path):
+    from blindseg.kit import keygen
+
+    pubs = tmp_path / "pubs"
+    hosts = {}
+    for p in ("dealer", "server0", "server1", "model_owner", "hospital-a"):
+        keygen(p, tmp_path / "hosts" / p)  # on each party's own host
+        hosts[p] = tmp_path / "hosts" / p
+        pubs.mkdir(exist_ok=True)
+        (pubs / f"{p}.pub").write_text((hosts[p] / f"{p}.pub").read_text())
+        assert (hosts[p] / f"{p}.key").stat().st_mode & 0o077 == 0
+    with pytest.raises(UsageError, match="keep private keys where each party runs"):
+        (pubs / "server1.key").write_bytes(b"x" * 32)
+        init(tmp_path / "bad", tenants=("hospital-a",), public_keys=pubs)
+    (pubs / "server1.key").unlink()
+    with pytest.raises(UsageError, match="no public key for hospital-b"):
+        init(tmp_path / "bad2", tenants=("hospital-a", "hospital-b"), public_keys=pubs)
+    paths = init(tmp_path / "kit", tenants=("hospital-a",), public_keys=pubs)
+    assert not list((tmp_path / "kit" / "keys").glob("*.key"))
+    with pytest.raises(UsageError, match="key file .* does not exist"):
+        PartyConfig.load(paths["server0"])
+    for p, h in hosts.items():  # each party puts its own key in place
+        (tmp_path / "kit" / "keys" / f"{p}.key").write_bytes((h / f"{p}.key").read_bytes())
+    cfg = PartyConfig.load(paths["hospital-a"])
+    assert cfg.name == "hospital-a" and cfg.party == "data_owner"
+    assert cfg.key.public_key().public_bytes_raw().hex() == (pubs / "hospital-a.pub").read_text().strip()
+    assert "hospital-a" in PartyConfig.load(paths["server0"]).tenants
+    assert "hospital-a" not in PartyConfig.load(paths["dealer"]).peers
+    with pytest.raises(UsageError, match="exists"):
+        keygen("server0", hosts["server0"])  # a key is never overwritten
+    bad = paths["server0"].with_name("typo.toml")
+    bad.write_text("round_timout = 5\n" + paths["server0"].read_text())
+    with pytest.raises(UsageError, match="unknown field.*round_timout"):
+        PartyConfig.load(bad)
+
+
+@needs_mosquitto
+async def test_rotating_one_partys_key_without_rebuilding_the_kit(tmp_path):
+    """server1 gets a new key: `keygen` on its host, `rotate-key` in the kit, the changed configs handed
+    out, the affected services restarted. Jobs work with the new key; the old key is refused."""
+    import numpy as np
+    import torch
+
+    from blindseg.bench import test_image
+    from blindseg.cli import main as cli
+    from blindseg.demo import LocalDeployment
+    from blindseg.kit import keygen
+    from blindseg.models import load_named_model
+    from data_owner.client import Client
+    from model_owner.client import deploy
+
+    model, _, _ = load_named_model("ref-unet", 32)
+    x = test_image(1, 32, seed=5).astype(np.float32)
+    with torch.no_grad():
+        want = torch.argmax(model(torch.from_numpy(x)), 1).numpy()
+    with Mosquitto(tmp_path) as broker:
+        dep = LocalDeployment(tmp_path / "dep", broker.url, pool=1)
+        try:
+            await asyncio.to_thread(dep.start)
+            await deploy(PartyConfig.load(dep.configs["model_owner"]), "ref-unet", "m", size=32, timeout=60)
+            old = PartyConfig.load(dep.configs["server1"])
+            keygen("server1", tmp_path / "server1-host")
+            assert cli(["rotate-key", str(dep.root), "--party", "server1",
+                        "--public-key", str(tmp_path / "server1-host" / "server1.pub")]) == 0
+            (dep.root / "keys" / "server1.key").write_bytes((tmp_path / "server1-host" / "server1.key").read_bytes())
+            for role in ("server1", "server0", "dealer"):  # the new key, and the peers that must know it
+                await asyncio.to_thread(dep.restart, role)
+            await deploy(PartyConfig.load(dep.configs["model_owner"]), "ref-unet", "m", size=32, timeout=60)
+            async with Client(PartyConfig.load(dep.configs["data_owner"]), timeout=60) as c:
+                mask, _ = await c.segment("m", x)
+            assert (mask == want).mean() >= 0.99
+            # whoever still has the old key cannot talk as server1
+            t = MqttTransport("demo", "server1", old.key, {"server0": old.peers["server0"]}, old.broker)
+            async with t:
+                await t.endpoints["server0"].send_hello()
+                await asyncio.sleep(1.0)
+            assert "handshake failed authentication" in (dep.root / "logs" / "server0.log").read_text()
+        finally:
+            dep.stop()

@@ -2,7 +2,7 @@
 
 Values are lifted to x * 2^bits + (K - 1 - k) (so ties go to the lowest class, as torch.argmax),
 then a tournament of max over the K channels (ceil(log2 K) comparison depths); only the low
-``bits`` of the maximum leave a server (one byte per voxel), and the data owner maps them back.
+``bits`` of the maximum leave a server (one byte per voxel, two above 256 classes), and the data owner maps them back.
 """
 
 from __future__ import annotations
@@ -25,14 +25,18 @@ if TYPE_CHECKING:
     from ..protocols import Proto
 
 
+MAX_CLASSES = 1 << 16  # labels leave a server as uint8 (up to 256 classes) or uint16
+
+
 @dataclass(frozen=True)
 class ArgmaxParams(Params):
     classes: int
     bits: int
 
     def __post_init__(self) -> None:
-        check(2 <= self.classes <= 256 and self.bits == (self.classes - 1).bit_length(),
-              f"argmax over {self.classes} classes needs {(self.classes - 1).bit_length()} bits, got {self.bits}")
+        check(2 <= self.classes <= MAX_CLASSES, f"argmax over {self.classes} classes (2..{MAX_CLASSES} supported)")
+        check(self.bits == (self.classes - 1).bit_length(),
+              f"argmax over {self.classes} classes needs {(self.classes - 1).bit_length()} label bits, got {self.bits}")
 
 
 class Argmax(Layer):

@@ -120,4 +120,5 @@ class Rescale(Layer):
 
 
 def _round_shift(z: np.ndarray, s: int) -> np.ndarray:
-    return (z + ((1 << s) >> 1)) >> s
+    """The reference truncation: floor (the secure one is this or one more, unbiased on average)."""
+    return z >> s
