@@ -138,6 +138,7 @@ class Client:
             done, _ = await asyncio.wait({err, outs}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[arg-type,type-var]
             if err in done:
                 outs.cancel()
+                outs.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
                 err.result()
             frames: list[Frame] = outs.result()[2:]  # type: ignore[assignment]
             sent_in = next(n for lab, n in reversed(self.node.link("server0").counters.log) if lab == "ctl:job")

@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--model", default="mni-unet", help="mni-unet (bundled, trained), ref-unet or trustmis-unet")
     d.add_argument("--name", default=None, help="model id in the deployment (default: --model)")
     d.add_argument("--size", type=int, default=64, help="input side for the reference models")
+    d.add_argument("--tenants", default="", help="comma-separated data-owner identities allowed to use the model "
+                   "(default: every tenant the servers have a key for)")
     args = ap.parse_args(argv)
     if args.cmd == "deploy":
         import json
@@ -30,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         from .client import deploy
 
         async def go() -> None:
+            tenants = [t.strip() for t in args.tenants.split(",") if t.strip()] or None
             info = await deploy(PartyConfig.load(args.config, "model_owner"), args.model, args.name or args.model,
-                                size=args.size)
+                                size=args.size, tenants=tenants)
             print(json.dumps(info), flush=True)
 
         return run_service(go())

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from blindseg.bench import test_image as synthetic_image
 from blindseg.broker import Mosquitto
 from blindseg.config import PartyConfig
 from blindseg.demo import LocalDeployment
@@ -25,28 +22,20 @@ from blindseg.transport import CHUNK
 from data_owner.client import Client
 from model_owner.client import deploy
 
+from .deployed import NEEDS_MOSQUITTO, SIZE, TIMEOUTS, reference_mask, role_log, segment_ok
 from .rogue import Recorder, Rogue, deliver
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
-                       reason="the mosquitto binary is not installed on this machine"),
-]
-
-SIZE = 32
-TIMEOUTS = {"round_timeout": 4, "bundle_wait": 6, "job_timeout": 15}
+pytestmark = NEEDS_MOSQUITTO
 
 
 @pytest.fixture(scope="module")
 def reference():
-    model, _, _ = load_named_model("ref-unet", SIZE)
-    x = synthetic_image(1, SIZE, seed=5).astype(np.float32)
-    with torch.no_grad():
-        return x, torch.argmax(model(torch.from_numpy(x)), 1).numpy()
+    return reference_mask()
 
 
-def _log(dep: LocalDeployment, role: str) -> str:
-    return (dep.root / "logs" / f"{role}.log").read_text()
+_log, _ok = role_log, segment_ok
+
+
 
 
 async def _until(pred, timeout: float = 10.0) -> None:
@@ -54,13 +43,6 @@ async def _until(pred, timeout: float = 10.0) -> None:
     while not pred():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.1)
-
-
-async def _ok(dep: LocalDeployment, reference) -> None:
-    x, want = reference
-    async with Client(PartyConfig.load(dep.configs["data_owner"]), timeout=60) as c:
-        mask, _ = await c.segment("m", x)
-    assert (mask == want).mean() >= 0.99
 
 
 @pytest.fixture

@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import struct
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from blindseg.bench import test_image as synthetic_image
 from blindseg.broker import Mosquitto
 from blindseg.config import PartyConfig
 from blindseg.crypto import SecureLink, generate_key
 from blindseg.demo import LocalDeployment
 from blindseg.errors import BlindsegError, ConnectionLost, PreprocessingExhausted, ProtocolError
 from blindseg.messages import Error, Job
-from blindseg.models import load_named_model
 from blindseg.node import Node
 from blindseg.transport import CHUNK
 from blindseg.wire import encode_frame
@@ -35,32 +29,21 @@ from data_owner import share_image
 from data_owner.client import Client
 from model_owner.client import deploy
 
+from .deployed import NEEDS_MOSQUITTO, SIZE, TIMEOUTS, reference_mask, role_log, segment_ok
 from .rogue import Rogue, deliver
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
-                       reason="the mosquitto binary is not installed on this machine"),
-]
-
-SIZE = 32
-TIMEOUTS = {"round_timeout": 4, "bundle_wait": 6, "job_timeout": 15}
-BOUND = 20.0  # every failing job must end within this many seconds
+pytestmark = NEEDS_MOSQUITTO
 
 
 @pytest.fixture(scope="module")
 def reference():
-    model, _, _ = load_named_model("ref-unet", SIZE)
-    x = synthetic_image(1, SIZE, seed=5).astype(np.float32)
-    with torch.no_grad():
-        return x, torch.argmax(model(torch.from_numpy(x)), 1).numpy()
+    return reference_mask()
 
 
-async def _ok(dep: LocalDeployment, reference, **kw) -> None:
-    x, want = reference
-    async with Client(PartyConfig.load(dep.configs["data_owner"]), timeout=60) as c:
-        mask, _ = await c.segment("m", x, **kw)
-    assert (mask == want).mean() >= 0.99
+_log, _ok = role_log, segment_ok
+
+
+BOUND = 20.0  # every failing job must end within this many seconds
 
 
 async def _fails(dep: LocalDeployment, reference, match: str) -> float:
@@ -74,8 +57,6 @@ async def _fails(dep: LocalDeployment, reference, match: str) -> float:
     return took
 
 
-def _log(dep: LocalDeployment, role: str) -> str:
-    return (dep.root / "logs" / f"{role}.log").read_text()
 
 
 async def test_faults_end_cleanly_and_the_service_keeps_serving(tmp_path, reference):

@@ -299,3 +299,80 @@ def test_state_is_private_and_loose_permissions_are_refused(tmp_path) -> None:
     os.chmod(tmp_path / "s" / "bundles" / "bundles.sqlite", 0o644)
     with pytest.raises(UsageError, match="mode 0644.*chmod 600"):
         BundleStore(tmp_path / "s" / "bundles")
+
+
+def test_early_and_partial_frames_are_bounded() -> None:
+    """A broker cannot grow a party's memory: early frames are capped in count, bytes and age, and a
+    receiver holds one partial frame per peer (a new frame drops an unfinished one)."""
+    import time
+
+    from blindseg.channel import _Inbox
+    from blindseg.transport import BrokerAddress, MqttTransport
+
+    box = _Inbox(max_frames=3, max_bytes=100, max_age=60)
+    for k in range(5):
+        box.deliver(f"l{k}", b"x" * 10)
+    assert sorted(box.early) == ["l2", "l3", "l4"] and box.expired == 2
+    box.deliver("big", b"y" * 95)  # over the byte budget: the oldest go first
+    assert "big" in box.early and box._bytes <= 100
+    box.early["big"] = (box.early["big"][0], time.monotonic() - 61)  # an old one
+    box.deliver("new", b"z")
+    assert "big" not in box.early
+    with pytest.raises(ProtocolError, match="larger than the early-arrival budget"):
+        box.deliver("huge", b"w" * 101)
+
+    t = MqttTransport("d", "b", KEY_B, {"a": KEY_A.public_key()}, BrokerAddress("127.0.0.1", 1), chunk=16)
+    ep = t.endpoints["a"]
+    assert ep._assemble("x", 1, 0, 3, 40, memoryview(b"0" * 16)) is None
+    assert ep._assemble("y", 2, 0, 2, 20, memoryview(b"1" * 16)) is None  # supersedes frame 1
+    assert ep._partial is not None and ep._partial.fid == 2 and any("dropped incomplete" in r for r in t.rejected)
+    with pytest.raises(ProtocolError, match="does not belong"):
+        ep._assemble("x", 1, 1, 3, 40, memoryview(b"0" * 16))  # frame 1's next chunk: spliced
+    with pytest.raises(ProtocolError, match="over the size limit"):
+        ep._assemble("z", 3, 0, 2, 17, memoryview(b"2" * 17))  # a chunk larger than the chunk size
+    assert ep._assemble("w", 4, 0, 2, 20, memoryview(b"3" * 16)) is None
+    with pytest.raises(ProtocolError, match="announced 20"):
+        ep._assemble("w", 4, 1, 2, 20, memoryview(b"3" * 3))  # shortened last chunk
+    assert ep._assemble("v", 5, 0, 1, 5, memoryview(b"hello")) == b"hello"
+    with pytest.raises(ProtocolError, match="older than the last one"):
+        ep._assemble("v", 5, 0, 1, 5, memoryview(b"hello"))
+
+
+def test_clock_skew_is_named_once_at_connect(caplog, monkeypatch) -> None:
+    import logging
+    import time
+
+    from blindseg import crypto
+    from blindseg.transport import BrokerAddress, MqttTransport
+
+    t = MqttTransport("d", "b", KEY_B, {"server1": KEY_A.public_key()}, BrokerAddress("127.0.0.1", 1))
+    peer = SecureLink(KEY_A, KEY_B.public_key(), generate_key(), "d", "server1", "b")
+    real = time.time
+    monkeypatch.setattr(crypto.time, "time", lambda: real() + 412)
+    hello = peer.hello("blindseg/d/b/server1")
+    monkeypatch.setattr(crypto.time, "time", real)
+    t._spawn = lambda coro: coro.close()  # no broker here: the reply hello is not sent
+    with caplog.at_level(logging.WARNING, "blindseg.transport"):
+        t.endpoints["server1"]._receive("blindseg/d/b/server1", hello)
+    assert "clock of server1 is 412 s ahead of this host's" in caplog.text
+    assert t.endpoints["server1"]._ready.is_set()  # nothing depends on the clock: the link works
+
+
+def test_secrets_never_appear_in_reprs(tmp_path) -> None:
+    from blindseg.config import PartyConfig
+    from blindseg.crypto import private_bytes
+    from blindseg.kit import init
+    from blindseg.messages import BundleAnnounce, Masks
+    from dealer.core import Bundle
+
+    seed = bytes(range(32))
+    paths = init(tmp_path / "kit", broker_host="127.0.0.1")
+    cfg = PartyConfig.load(paths["server0"])
+    a, _ = _pair()
+    objects = [Masks("m", "e", seed), BundleAnnounce("b", "m", "e", 1, 0, seed), Bundle("b", "m@e", 1, 0, seed),
+               cfg, cfg.broker, a]
+    secrets = [seed.hex(), repr(seed), str(list(seed)[:8])[1:-1], cfg.broker.password, private_bytes(cfg.key).hex()]
+    for obj in objects:
+        text = repr(obj) + str(obj)
+        for s in secrets:
+            assert s not in text, f"{type(obj).__name__} shows a secret"
