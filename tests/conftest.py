@@ -1,16 +1,17 @@
-"""Shared test helpers: run two servers' sans-IO protocols in lockstep, in memory."""
+"""Shared test helpers: run two servers' sans-IO protocols in lockstep, in memory.
+
+hypothesis is imported up front: on a run of only the service tests its pytest plugin would import it at
+the end, where CPython 3.11.7's parser can fail with "AST constructor recursion depth mismatch".
+"""
 
 from __future__ import annotations
 
 from collections.abc import Generator
 from typing import Any
 
-import hypothesis  # noqa: F401 - see below
+import hypothesis  # noqa: F401 - see the module docstring
 import numpy as np
 import pytest
-
-# hypothesis is imported up front: on a run of only the service tests its pytest plugin would import it at
-# the end, where CPython 3.11.7's parser can fail with "AST constructor recursion depth mismatch".
 
 from blindseg.circuit import build_circuit
 from blindseg.preprocessing import MatSpec
