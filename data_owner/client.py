@@ -23,7 +23,7 @@ from blindseg.channel import Frame
 from blindseg.config import PartyConfig
 from blindseg.errors import ConnectionLost, ProtocolError, StaleEpoch
 from blindseg.layout import Layout
-from blindseg.messages import Error, GetPlan, Job, Output, PlanInfo, Progress, expect
+from blindseg.messages import Error, GetPlan, Job, Message, Output, PlanInfo, Progress, expect
 from blindseg.node import Node
 from blindseg.plan import Plan
 from blindseg.report import layer_rows
@@ -60,18 +60,24 @@ class Client:
     async def _dispatch(self) -> None:
         while True:
             sender, msg = await self.node.next_control()
-            if isinstance(msg, Progress) and msg.job in self._progress:
-                self._progress[msg.job](msg.op, msg.ops)
-            elif isinstance(msg, Error):
-                # a job's error goes to that job only (a late one for a finished job is dropped); a request's
-                # error (no job) to whoever waits for that model's plan
-                fut: asyncio.Future[Any] | None = (self._errors.get(msg.job) if msg.job
-                                                   else self._waiters.get(msg.model or ""))
-                if fut is not None and not fut.done():
-                    err = StaleEpoch if msg.code == StaleEpoch.code else ProtocolError
-                    fut.set_exception(err(f"{sender}: {msg.error}"))
-            elif isinstance(msg, PlanInfo) and msg.model in self._waiters and not self._waiters[msg.model].done():
-                self._waiters[msg.model].set_result(msg)
+            try:
+                self._on_control(sender, msg)
+            except Exception:  # a bug (e.g. in a progress callback) must not stop every later job's replies
+                log.exception("data owner: error handling %s from %s", msg.T, sender)
+
+    def _on_control(self, sender: str, msg: Message) -> None:
+        if isinstance(msg, Progress) and msg.job in self._progress:
+            self._progress[msg.job](msg.op, msg.ops)
+        elif isinstance(msg, Error):
+            # a job's error goes to that job only (a late one for a finished job is dropped); a request's
+            # error (no job) to whoever waits for that model's plan
+            fut: asyncio.Future[Any] | None = (self._errors.get(msg.job) if msg.job
+                                               else self._waiters.get(msg.model or ""))
+            if fut is not None and not fut.done():
+                err = StaleEpoch if msg.code == StaleEpoch.code else ProtocolError
+                fut.set_exception(err(f"{sender}: {msg.error}"))
+        elif isinstance(msg, PlanInfo) and msg.model in self._waiters and not self._waiters[msg.model].done():
+            self._waiters[msg.model].set_result(msg)
 
     async def plan(self, model: str, timeout: float = 30.0) -> Plan:
         """The model's public plan, asked of server0 (re-asked every 2 s: a request can be lost while a
