@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,10 +18,11 @@ import numpy as np
 from .errors import UnsupportedLayerError, UsageError
 from .layers import ArgmaxParams, LinearParams, PoolParams, RescaleParams, UpsampleParams
 from .linalg import conv2d_out_hw, conv_transpose2d_out_hw
-from .plan import DEFAULT_ARITIES, Compiled, Op, Plan, calibrate
+from .plan import DEFAULT_ARITIES, Compiled, Op, Plan, apply_head, calibrate, float_forward
 
-SUPPORTED = ("Conv2d, ConvTranspose2d, BatchNorm2d, ReLU, LeakyReLU, MaxPool2d, AvgPool2d, "
-             "Upsample(nearest, integer scale), cat, add, argmax")
+SUPPORTED = ("Conv2d (padding numeric, 'same' or 'valid'), ConvTranspose2d, BatchNorm2d, ReLU, LeakyReLU, PReLU "
+             "(one slope), Dropout/Identity (removed), MaxPool2d, AvgPool2d, Upsample / F.interpolate (nearest, "
+             "integer scale), torch.cat (channels), add, Sigmoid / Softmax as the final op, argmax")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class _Val:
     idx: int
     pending: bool = False  # linear output at scale f + fw, not yet rescaled
     argmaxed: bool = False
+    head: str | None = None  # the value is the model's output before this monotone head (sigmoid / softmax)
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -54,6 +56,16 @@ class _Lowering:
         self.weights: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self.vals: dict[str, _Val] = {}
         self.input_shape = input_shape
+        self.head: str | None = None
+
+    def param(self, node: Any) -> Any:
+        """A parameter the graph reads with get_attr (e.g. F.prelu's weight)."""
+        if getattr(node, "op", None) != "get_attr":
+            raise UnsupportedLayerError(f"expected a model parameter, got {node!r}")
+        obj = self.gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        return obj
 
     def add(self, kind: str, inputs: tuple[int, ...], shape: tuple[int, ...], name: str, params: Any = None) -> int:
         self.ops.append(Op(kind, inputs, tuple(shape), params, name))
@@ -79,9 +91,21 @@ class _Lowering:
         return self.vals[node.name]
 
 
+def _name(node: Any) -> str:
+    """How the user wrote the op: the module path, or ``F.interpolate`` / ``torch.cat`` / ``Tensor.view``."""
+    if node.op == "call_module":
+        return str(node.target)
+    t = node.target
+    if isinstance(t, str):
+        return f"Tensor.{t}"
+    mod = getattr(t, "__module__", None) or ""
+    short = {"torch.nn.functional": "F", "torch": "torch", "_operator": "operator", "operator": "operator"}.get(
+        mod, mod.split(".")[0] or "?")
+    return f"{short}.{getattr(t, '__name__', type(t).__name__)}"
+
+
 def _desc(node: Any) -> str:
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", type(node.target).__name__)
-    return f"{node.op} {target}"
+    return f"at '{node.target}'" if node.op == "call_module" else f"{_name(node)} at '{node.name}'"
 
 
 def _spatial_2d(L: _Lowering, idx: int, what: str) -> tuple[int, int, int]:
@@ -96,21 +120,32 @@ def _conv(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     import torch.nn as nn
 
     transposed = isinstance(mod, nn.ConvTranspose2d)
-    if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-        raise UnsupportedLayerError(f"{node.target} ({_desc(node)}): only groups=1, numeric zero padding")
+    what = f"{type(mod).__name__} {_desc(node)}"
+    if mod.groups != 1 or mod.padding_mode != "zeros":
+        raise UnsupportedLayerError(f"{what}: only groups=1 and zero padding are supported "
+                                    f"(got groups={mod.groups}, padding_mode={mod.padding_mode!r})")
     src = L.settle(x)  # type: ignore[arg-type]
-    cin, hi, wi = _spatial_2d(L, src, str(node.target))
+    cin, hi, wi = _spatial_2d(L, src, what)
     k = _pair(mod.kernel_size)
-    geom = {g: _square(getattr(mod, g), g, node.target)
+    padding = mod.padding
+    if padding == "same":  # stride 1 (torch insists); symmetric only for odd kernels
+        dil = _pair(mod.dilation)
+        if any((dil[a] * (k[a] - 1)) % 2 for a in (0, 1)):
+            raise UnsupportedLayerError(f"{what}: padding='same' with an even kernel pads asymmetrically; "
+                                        "pad explicitly instead")
+        padding = tuple(dil[a] * (k[a] - 1) // 2 for a in (0, 1))
+    elif padding == "valid":
+        padding = 0
+    geom = {g: _square(padding if g == "padding" else getattr(mod, g), g, what)
             for g in ("stride", "padding", *(("output_padding",) if transposed else ()), "dilation")}
     if cin != mod.in_channels:
-        raise UsageError(f"{node.target} expects {mod.in_channels} input channels, the input has {cin}")
+        raise UsageError(f"{what} expects {mod.in_channels} input channels, the input has {cin}")
     if transposed:
         ho, wo = conv_transpose2d_out_hw(hi, wi, k, geom["stride"], geom["padding"], geom["output_padding"],
                                          geom["dilation"])
     else:
         ho, wo = conv2d_out_hw(hi, wi, k, geom["stride"], geom["padding"], geom["dilation"])
-    idx = L.add("convt" if transposed else "conv", (src,), (mod.out_channels, ho, wo), node.target,
+    idx = L.add("convt" if transposed else "conv", (src,), (mod.out_channels, ho, wo), _name(node),
                 LinearParams(kernel=k, **geom))
     wt = mod.weight.detach().double().numpy().copy()
     bias = mod.bias.detach().double().numpy().copy() if mod.bias is not None else None
@@ -119,18 +154,31 @@ def _conv(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
 
 
 def _batchnorm(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
-    prev = node.args[0]
-    if x is None or not x.pending or len(prev.users) != 1 or L.ops[x.idx].kind != "conv":
-        raise UnsupportedLayerError(f"{node.target} ({_desc(node)}): BatchNorm2d must directly follow a Conv2d")
+    """Folded into the conv / transposed conv before it when that is its only user; otherwise a
+    per-channel affine, lowered as a 1x1 conv with a diagonal weight (the BN parameters stay secret)."""
     if mod.running_mean is None or mod.running_var is None:
-        raise UnsupportedLayerError(f"{node.target}: BatchNorm2d without running statistics")
+        raise UnsupportedLayerError(f"{type(mod).__name__} {_desc(node)}: BatchNorm without running statistics")
+    x = _need(x, node)
     gamma = mod.weight.detach().double().numpy() if mod.affine else np.ones(mod.num_features)
     beta = mod.bias.detach().double().numpy() if mod.affine else np.zeros(mod.num_features)
     scale = gamma / np.sqrt(mod.running_var.double().numpy() + mod.eps)
-    wt, bias = L.weights[x.idx]
-    b0 = bias if bias is not None else np.zeros(wt.shape[0])
-    L.weights[x.idx] = (wt * scale[:, None, None, None], (b0 - mod.running_mean.double().numpy()) * scale + beta)
-    return x
+    shift = beta - mod.running_mean.double().numpy() * scale
+    prev = node.args[0]
+    if x.pending and len(prev.users) == 1 and L.ops[x.idx].kind in ("conv", "convt"):
+        wt, bias = L.weights[x.idx]
+        b0 = bias if bias is not None else np.zeros(scale.size)
+        axis = 1 if L.ops[x.idx].kind == "convt" else 0  # ConvTranspose weights are (C_in, C_out, kh, kw)
+        shape = [1] * wt.ndim
+        shape[axis] = -1
+        L.weights[x.idx] = (wt * scale.reshape(shape), b0 * scale + shift)
+        return x
+    src = L.settle(x)
+    c, *sp = L.shape(src)
+    if len(sp) != 2:
+        raise UnsupportedLayerError(f"{_desc(node)}: a BatchNorm that follows no conv is supported in 2D only")
+    idx = L.add("conv", (src,), L.shape(src), _name(node), LinearParams(kernel=(1, 1)))
+    L.weights[idx] = (np.diag(scale)[:, :, None, None].copy(), shift)
+    return _Val(idx, pending=True)
 
 
 def _need(x: _Val | None, node: Any) -> _Val:
@@ -149,6 +197,55 @@ def _leaky(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     if not isinstance(slope, int | float) or not 0.0 < float(slope) < 1.0:
         raise UnsupportedLayerError(f"{_desc(node)}: LeakyReLU slope {slope!r} must be a number in (0, 1)")
     return _Val(L.settle(_need(x, node), "leaky", float(slope)))
+
+
+def _prelu(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
+    """PReLU with one slope (or all channels equal): its slope is public, as LeakyReLU's."""
+    w = (mod.weight if mod is not None else L.param(node.args[1])).detach().double().numpy().ravel()
+    if w.size and not np.all(w == w[0]):
+        raise UnsupportedLayerError(f"PReLU {_desc(node)}: one slope per channel is not supported (the slopes "
+                                    f"differ across its {w.size} channels); use num_parameters=1")
+    slope = float(w[0])
+    if slope == 0.0:
+        return _Val(L.settle(_need(x, node), "relu"))
+    if not 0.0 < slope < 1.0:
+        raise UnsupportedLayerError(f"PReLU {_desc(node)}: slope {slope:.4g} outside (0, 1) is not supported")
+    return _Val(L.settle(_need(x, node), "leaky", slope))
+
+
+def _head(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
+    """Sigmoid / Softmax as the model's last op: both are monotone, so the mask is the argmax of the
+    logits (a one-channel sigmoid: logit > 0, as a second, zero logit); for logits output the data owner
+    applies the head to the reconstructed logits in plaintext (``meta["head"]``)."""
+    v = _need(x, node)
+    kind = "softmax" if "softmax" in _name(node).lower() else "sigmoid"
+    if kind == "softmax":
+        dim = mod.dim if mod is not None else (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+        if dim not in (1, -len(L.shape(v.idx))):
+            raise UnsupportedLayerError(f"Softmax {_desc(node)}: only over channels (dim=1)")
+    if L.head is not None or v.argmaxed:
+        raise UnsupportedLayerError(f"{_desc(node)}: a {kind} is supported only as the model's final op")
+    L.head = kind
+    return _Val(v.idx, pending=v.pending, head=kind)
+
+
+def _refuse_3d(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
+    raise UnsupportedLayerError(f"3D models are not supported yet: {type(mod).__name__} at '{_name(node)}'; "
+                                "blindseg compiles 2D U-Nets (N x C x H x W)")
+
+
+def _refuse_norm(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
+    raise UnsupportedLayerError(
+        f"{type(mod).__name__} {_desc(node)}: instance and group normalisation need a secure per-channel mean, "
+        "variance and reciprocal square root, which blindseg does not implement yet; use BatchNorm (norm='batch' "
+        "in MONAI) or fold the normalisation into the preceding conv")
+
+
+def _refuse_mul(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
+    raise UnsupportedLayerError(
+        f"{_desc(node)}: multiplying two activations (e.g. AttentionUnet's gates, sigmoid(psi) * x) needs a secure "
+        "sigmoid and a secure product of secrets, which blindseg does not implement; use a U-Net without "
+        "attention gates")
 
 
 def _identity(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
@@ -179,7 +276,7 @@ def _maxpool(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
         raise UnsupportedLayerError(f"{_desc(node)}: MaxPool2d dilation/ceil_mode/return_indices unsupported")
     k, st = _pool_params(node, mod)
     src = L.settle(_need(x, node))
-    return _Val(L.add("maxpool", (src,), _pooled(L, src, k, st), str(node.target), PoolParams(k, st)))
+    return _Val(L.add("maxpool", (src,), _pooled(L, src, k, st), _name(node), PoolParams(k, st)))
 
 
 def _avgpool(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
@@ -188,11 +285,11 @@ def _avgpool(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     k, st = _pool_params(node, mod)
     src = L.settle(_need(x, node))
     shp = _pooled(L, src, k, st)
-    s_idx = L.add("avgsum", (src,), shp, str(node.target), PoolParams(k, st))
+    s_idx = L.add("avgsum", (src,), shp, _name(node), PoolParams(k, st))
     n = k ** (len(shp) - 1)
     rp = (RescaleParams(shift=n.bit_length() - 1, divisor=n) if n & (n - 1) == 0
           else RescaleParams(rule="window", divisor=n))  # calibrate sets mul = round(2^f / n), shift f
-    return _Val(L.add("rescale", (s_idx,), shp, str(node.target) + ".rescale", rp))
+    return _Val(L.add("rescale", (s_idx,), shp, _name(node) + ".rescale", rp))
 
 
 def _upsample(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
@@ -213,7 +310,7 @@ def _upsample(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     s = int(next(iter(factors)))
     src = L.settle(_need(x, node))
     c, *sp = L.shape(src)
-    return _Val(L.add("upsample", (src,), (c, *(d * s for d in sp)), str(node.target), UpsampleParams(s)))
+    return _Val(L.add("upsample", (src,), (c, *(d * s for d in sp)), _name(node), UpsampleParams(s)))
 
 
 def _cat(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
@@ -244,7 +341,7 @@ def _argmax(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if dim not in (1, -len(L.shape(v.idx))):
         raise UnsupportedLayerError(f"{_desc(node)}: argmax only over channels (dim=1)")
-    return _Val(v.idx, pending=v.pending, argmaxed=True)
+    return _Val(v.idx, pending=v.pending, argmaxed=True, head=v.head)
 
 
 Lower = Callable[[_Lowering, Any, Any, "_Val | None"], _Val]
@@ -253,9 +350,17 @@ Lower = Callable[[_Lowering, Any, Any, "_Val | None"], _Val]
 def _module_rows() -> dict[type, Lower]:
     import torch.nn as nn
 
-    return {nn.Conv2d: _conv, nn.ConvTranspose2d: _conv, nn.BatchNorm2d: _batchnorm, nn.ReLU: _relu,
-            nn.LeakyReLU: _leaky, nn.Identity: _identity, nn.Dropout: _identity, nn.Dropout2d: _identity,
-            nn.MaxPool2d: _maxpool, nn.AvgPool2d: _avgpool, nn.Upsample: _upsample}
+    rows: dict[type, Lower] = {
+        nn.Conv2d: _conv, nn.ConvTranspose2d: _conv, nn.BatchNorm2d: _batchnorm, nn.ReLU: _relu,
+        nn.LeakyReLU: _leaky, nn.PReLU: _prelu, nn.Identity: _identity, nn.Dropout: _identity,
+        nn.Dropout1d: _identity, nn.Dropout2d: _identity, nn.Dropout3d: _identity, nn.AlphaDropout: _identity,
+        nn.MaxPool2d: _maxpool, nn.AvgPool2d: _avgpool, nn.Upsample: _upsample, nn.Sigmoid: _head,
+        nn.Softmax: _head}
+    for m in (nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d, nn.BatchNorm3d, nn.InstanceNorm3d):
+        rows[m] = _refuse_3d
+    for n in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm):
+        rows[n] = _refuse_norm
+    return rows
 
 
 def _function_rows() -> dict[Any, Lower]:
@@ -265,7 +370,9 @@ def _function_rows() -> dict[Any, Lower]:
     return {torch.relu: _relu, F.relu: _relu, "relu": _relu, F.leaky_relu: _leaky, F.dropout: _identity,
             "contiguous": _identity, F.max_pool2d: _maxpool, F.avg_pool2d: _avgpool, F.interpolate: _upsample,
             torch.cat: _cat, operator.add: _add, torch.add: _add, "add": _add, operator.iadd: _add,
-            torch.argmax: _argmax, "argmax": _argmax}
+            torch.argmax: _argmax, "argmax": _argmax, torch.sigmoid: _head, F.sigmoid: _head, "sigmoid": _head,
+            torch.softmax: _head, F.softmax: _head, "softmax": _head, F.prelu: _prelu, operator.mul: _refuse_mul,
+            torch.mul: _refuse_mul, "mul": _refuse_mul}
 
 
 def compile_model(
@@ -276,8 +383,10 @@ def compile_model(
     samples: np.ndarray | None = None,
     meta: dict[str, Any] | None = None,
     arities: tuple[int, ...] = DEFAULT_ARITIES,
+    verify: bool = True,
 ) -> Compiled:
-    """Trace ``model`` (eval mode) and lower it to a calibrated plan for inputs (C, *spatial)."""
+    """Trace ``model`` (eval mode), lower it to a calibrated plan for inputs (C, *spatial) and verify
+    that the plan computes the model's function (:func:`verify_compile`)."""
     import torch.fx as fx
 
     if output not in ("mask", "logits"):
@@ -288,9 +397,46 @@ def compile_model(
     except Exception as exc:  # torch raises many kinds here
         raise UnsupportedLayerError(f"model cannot be traced by torch.fx: {exc}") from None
     L = _Lowering(gm, tuple(int(s) for s in input_shape))
+    try:
+        final = _lower(L, gm, output)
+    except UsageError as exc:  # a shape or channel mismatch may be fx having traced another path
+        if samples is not None and verify and not _traced_matches(model, gm, np.asarray(samples)):
+            raise UnsupportedLayerError(
+                f"{_TRACED_ANOTHER} (lowering then failed: {exc})") from None
+        raise
+    plan = Plan(tuple(L.ops), 1, output, {**dict(meta or {}), "head": final.head}, tuple(arities))
+    comp = calibrate(Compiled(plan, L.weights), samples, frac_bits)
+    if verify:
+        verify_compile(model, gm, L, comp, np.asarray(samples))
+    return comp
+
+
+_TRACED_ANOTHER = ("torch.fx traced a different function than the model computes: forward() has Python control flow "
+                   "on its input (isinstance, if on shapes or values) that tracing resolved another way; make the "
+                   "path explicit (no branches on the input) and compile again")
+
+
+def _traced_matches(model: Any, gm: Any, samples: np.ndarray) -> bool:
+    import copy
+
+    import torch
+
+    x = torch.as_tensor(np.asarray(samples, np.float64)[:2])
+    with torch.no_grad():
+        try:
+            return _close(copy.deepcopy(gm).double()(x).numpy(), copy.deepcopy(model).double().eval()(x).numpy())[0]
+        except Exception:  # the traced graph does not even run on the input
+            return False
+
+
+def _lower(L: _Lowering, gm: Any, output: str) -> _Val:
+    import torch.fx as fx
+
     mods, fns = _module_rows(), _function_rows()
     final: _Val | None = None
     for node in gm.graph.nodes:
+        if node.op == "get_attr":  # parameters read by functional calls (L.param)
+            continue
         if node.op == "placeholder":
             if L.ops:
                 raise UnsupportedLayerError("models with more than one input are not supported")
@@ -306,8 +452,8 @@ def compile_model(
         row = mods.get(type(mod)) if mod is not None else (
             fns.get(node.target) if node.op in ("call_function", "call_method") else None)
         if row is None:
-            what = type(mod).__name__ if mod is not None else _desc(node)
-            raise UnsupportedLayerError(f"unsupported op {what} at '{node.name}' ({_desc(node)}); supported: {SUPPORTED}")
+            what = f"{type(mod).__name__} at '{node.target}'" if mod is not None else _desc(node)
+            raise UnsupportedLayerError(f"unsupported op {what}; supported: {SUPPORTED}")
         x = L.arg(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         L.vals[node.name] = row(L, node, mod, x)
     if final is None:
@@ -316,11 +462,86 @@ def compile_model(
         raise UsageError("model ends in argmax: it cannot produce logits")
     if output == "mask":
         k = L.shape(final.idx)[0]
+        if k == 1 and final.head == "sigmoid":
+            _zero_logit(L, final)
+            k = 2
         if k < 2:
-            raise UnsupportedLayerError("mask output needs at least 2 output channels")
+            raise UnsupportedLayerError("mask output needs at least 2 output channels (a one-channel model needs a "
+                                        "sigmoid head, so that the threshold is known)")
         L.add("argmax", (final.idx,), (1, *L.shape(final.idx)[1:]), "argmax", ArgmaxParams(k, (k - 1).bit_length()))
     else:
         src = L.settle(final)
         L.add("output", (src,), L.shape(src), "logits")
-    plan = Plan(tuple(L.ops), 1, output, dict(meta or {}), tuple(arities))
-    return calibrate(Compiled(plan, L.weights), samples, frac_bits)
+    return final
+
+
+def _zero_logit(L: _Lowering, v: _Val) -> None:
+    """A one-channel sigmoid head: prepend a constant zero logit, so argmax gives [logit > 0] =
+    [sigmoid > 0.5] (ties, logit = 0, go to class 0 as sigmoid(0) = 0.5 is not above 0.5)."""
+    op = L.ops[v.idx]
+    if not v.pending or op.kind not in ("conv", "convt"):
+        raise UnsupportedLayerError("a one-channel sigmoid head is supported right after a conv (its logit)")
+    wt, b = L.weights[v.idx]
+    axis = 1 if op.kind == "convt" else 0
+    L.weights[v.idx] = (np.concatenate([np.zeros_like(wt.take([0], axis=axis)), wt], axis=axis),
+                        np.concatenate([[0.0], b if b is not None else [0.0]]))
+    L.ops[v.idx] = replace(op, shape=(2, *op.shape[1:]))
+
+
+VERIFY_RTOL = 1e-6  # float64 plan vs float64 torch: only rounding (BatchNorm folding) may differ
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> tuple[bool, float]:
+    err = float(np.max(np.abs(a - b))) if a.size else 0.0
+    return a.shape == b.shape and err <= VERIFY_RTOL * (1.0 + float(np.max(np.abs(b)) if b.size else 0.0)), err
+
+
+def verify_compile(model: Any, gm: Any, L: _Lowering, comp: Compiled, samples: np.ndarray) -> None:
+    """The plan must compute the module's function: on (up to 8) calibration samples and a perturbed copy,
+    (1) the traced graph must reproduce the module itself (torch.fx follows one path through Python
+    control flow: an ``isinstance`` or ``if`` on values can make it trace another function), and
+    (2) the plan's float64 forward must reproduce every traced value, or the compile is refused
+    naming the first op where they diverge."""
+    import copy
+
+    import torch
+    import torch.fx as fx
+
+    m64, g64 = copy.deepcopy(model).double().eval(), copy.deepcopy(gm).double().eval()
+    xs = np.asarray(samples, np.float64)[:8]
+    rng = np.random.default_rng(0)
+    perturbed = xs * 1.1 + 0.05 * (float(xs.std()) or 1.0) * rng.standard_normal(xs.shape)
+    class _Record(fx.Interpreter):
+        acts: dict[str, Any]
+
+        def run_node(self, n: Any) -> Any:
+            r = super().run_node(n)
+            self.acts[n.name] = r
+            return r
+
+    for what, x in (("the calibration samples", xs), ("perturbed samples", perturbed)):
+        t = torch.as_tensor(x)
+        rec = _Record(g64)
+        acts: dict[str, Any] = {}
+        rec.acts = acts
+        with torch.no_grad():
+            want = m64(t)
+            traced = rec.run(t)
+        if not isinstance(want, torch.Tensor) or not _close(traced.numpy(), want.numpy())[0]:
+            raise UnsupportedLayerError(
+                f"{_TRACED_ANOTHER} (on {what}: max difference {_close(traced.numpy(), want.numpy())[1]:.3g})")
+        vals = float_forward(comp, x)
+        for node in gm.graph.nodes:
+            v = L.vals.get(node.name)
+            if v is None or v.pending or v.argmaxed or node.op == "placeholder" or not isinstance(acts.get(node.name),
+                                                                                                 torch.Tensor):
+                continue
+            ref = acts[node.name].numpy()
+            got = vals[v.idx]
+            if v.head is not None:
+                got = apply_head(v.head, got)
+            ok, err = _close(got, ref)
+            if not ok:
+                raise UnsupportedLayerError(
+                    f"the compiled plan diverges from the model at {_desc(node)} on {what} (max difference "
+                    f"{err:.3g}): refusing to compile a different function")

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,8 @@ def secure_segment(model: Any, image: Any, frac_bits: int | str = "auto", output
                    calibration: Any = None, arities: tuple[int, ...] = DEFAULT_ARITIES) -> SegmentResult:
     """Segment ``image`` ((N, C, *spatial) float) with ``model`` on secret shares, in-process.
 
-    ``calibration``: the model owner's sample inputs for ``frac_bits="auto"``
-    (defaults to the image itself, which is fine for a single-process run).
+    ``calibration``: the model owner's sample inputs for ``frac_bits="auto"``; without them the image
+    itself is used, with a warning. An image outside the calibrated range is refused (never run).
     """
     return asyncio.run(secure_segment_async(model, image, frac_bits, output, calibration, arities))
 
@@ -66,6 +67,10 @@ async def secure_segment_async(model: Any, image: Any, frac_bits: int | str = "a
     arr = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
     if arr.ndim < 3:
         raise UsageError(f"image must be N x C x H x W (2D) or N x C x D x H x W (3D), got shape {arr.shape}")
+    if calibration is None:
+        warnings.warn("secure_segment without calibration samples calibrates on the image itself: fine for "
+                      "this one image, but the fixed-point scale then fits only it; pass calibration= (the model "
+                      "owner's samples) for a plan that serves other images", UserWarning, stacklevel=3)
     comp = compile_model(model, tuple(arr.shape[1:]), output, frac_bits,
                          samples=np.asarray(calibration) if calibration is not None else _finite(arr), arities=arities)
     return await run_compiled(comp, arr)

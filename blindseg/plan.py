@@ -24,6 +24,10 @@ from .circuit import Circuit, build_circuit
 from .errors import ScaleOverflowError, UsageError
 from .layers import Calibration, Layer, Params, layer_of
 
+# inputs may exceed the calibrated range by this fraction of its largest magnitude: calibration leaves at least
+# 2x headroom under 2^30 on every value, and conv/ReLU/max-pool values grow about linearly with the input,
+# so 1.5x keeps a third of the headroom for biases
+INPUT_MARGIN = 0.5
 MARGIN_LOG2 = 29  # bound for any observed pre-truncation value: 2x headroom below the 2^30 ring limit
 MAX_FW = 15  # keeps msb corrections in 16-bit shares (DESIGN 4)
 CIRCUIT_WIDTH = 30  # comparison width: values live in [-2^30, 2^30)
@@ -164,6 +168,19 @@ class Compiled:
     weights: dict[int, tuple[np.ndarray, np.ndarray | None]]
 
 
+def apply_head(head: str | None, logits: np.ndarray) -> np.ndarray:
+    """The model's monotone output head (sigmoid, or softmax over channels = axis 1), applied in plaintext
+    to reconstructed logits: the servers compute the logits, the data owner what the model returns."""
+    if head is None:
+        return logits
+    if head == "sigmoid":
+        return np.asarray(1.0 / (1.0 + np.exp(-logits)))
+    if head == "softmax":
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return np.asarray(e / e.sum(axis=1, keepdims=True))
+    raise UsageError(f"the plan names an unknown output head {head!r}")
+
+
 # --------------------------------------------------------------- calibration
 
 
@@ -237,7 +254,13 @@ def calibrate(comp: Compiled, samples: np.ndarray | None, frac_bits: int | str) 
             )
     cal = Calibration(f, fw, maxabs)
     new_ops = tuple(replace(op, params=op.layer.calibrate(op, i, cal, plan.ops)) for i, op in enumerate(plan.ops))
-    new_plan = replace(plan, ops=new_ops, frac_bits=f, meta={**plan.meta, "calibration_max_abs": max(maxabs)})
+    axes = (0, *range(2, samples.ndim))
+    lo, hi = samples.min(axis=axes), samples.max(axis=axes)
+    input_range = {"lo": [float(v) for v in lo], "hi": [float(v) for v in hi],
+                   "margin": float(plan.meta.get("input_margin", INPUT_MARGIN)),
+                   "clip": bool(plan.meta.get("clip_input", False))}
+    new_plan = replace(plan, ops=new_ops, frac_bits=f, meta={**plan.meta, "calibration_max_abs": max(maxabs),
+                                                             "input_range": input_range})
     validate(new_plan)
     return Compiled(new_plan, comp.weights)
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from blindseg.errors import UsageError
-from blindseg.plan import Plan
+from blindseg.plan import Plan, apply_head
 from blindseg.prg import Prg, new_seed
 from blindseg.ring import decode, encode
 
@@ -39,15 +39,51 @@ def validate_image(plan: Plan, image: Any) -> np.ndarray:
     return arr
 
 
+def check_input_range(plan: Plan, x: np.ndarray) -> tuple[np.ndarray, int]:
+    """Refuse (or clip, if the model owner's plan says so) an input outside the range the model was
+    calibrated for, before anything is shared: every fixed-point bound of the plan was chosen on that
+    range, so a value far outside it can overflow the ring and give a wrong mask with no error.
+
+    Overflow is a matter of magnitude, so per channel the accepted range is +-(1 + ``margin``) times the
+    largest calibrated magnitude. Returns the (possibly clipped) input and how many voxels were clipped."""
+    r = plan.meta.get("input_range")
+    if r is None:
+        raise UsageError("this plan records no calibrated input range (compiled by an older blindseg): "
+                         "ask the model owner to deploy it again")
+    lo, hi = np.asarray(r["lo"], np.float64), np.asarray(r["hi"], np.float64)
+    if lo.shape != (x.shape[1],):
+        raise UsageError(f"the plan's input range has {lo.size} channels, the input {x.shape[1]}")
+    bound = ((1.0 + float(r["margin"])) * np.maximum(np.abs(lo), np.abs(hi))).reshape(1, -1, *[1] * (x.ndim - 2))
+    alo, ahi = -bound, bound
+    out = (x < alo) | (x > ahi)
+    n = int(out.sum())
+    if not n:
+        return x, 0
+    if r.get("clip"):
+        return np.clip(x, alo, ahi), n
+    c = int(np.argmax(out.reshape(x.shape[0], x.shape[1], -1).any(axis=(0, 2))))
+    xc = x[:, c]
+    pre = plan.meta.get("preprocess")
+    raise UsageError(
+        f"input channel {c} spans [{xc.min():.4g}, {xc.max():.4g}] after the model's preprocessing "
+        f"({pre or 'none'}), but the model was calibrated for [{lo[c]:.4g}, {hi[c]:.4g}] and accepts "
+        f"[{alo.reshape(-1)[c]:.4g}, {ahi.reshape(-1)[c]:.4g}]: {n} of {x.size} voxels are outside, where the "
+        "secure computation could overflow. Give the scan in the units the model expects, or ask the model "
+        "owner to calibrate on scans like this one (or to allow clipping)")
+
+
 def share_image(plan: Plan, image: np.ndarray, seed: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Encode at the plan's scale and split: x0 uniform, x1 = x - x0."""
-    x = encode(validate_image(plan, image), plan.frac_bits, "image")
+    """Check the input against the plan (shape, finiteness, calibrated range), encode at the plan's
+    scale and split: x0 uniform, x1 = x - x0."""
+    x, clipped = check_input_range(plan, validate_image(plan, image))
+    x = encode(x, plan.frac_bits, "image")
     x0 = Prg(seed or new_seed()).uint32(x.shape)
     return x0, x - x0
 
 
 def reconstruct(plan: Plan, out0: np.ndarray, out1: np.ndarray) -> np.ndarray:
-    """Label mask (N x *spatial, int64) or logits (float) from the two servers' output shares."""
+    """Label mask (N x *spatial, int64) or logits (float; through the model's sigmoid/softmax head if it has
+    one) from the two servers' output shares."""
     if plan.output == "mask":
         bits = int(plan.ops[-1].params.bits)
         low = (out0.astype(np.uint32) + out1.astype(np.uint32)) & np.uint32((1 << bits) - 1)
@@ -55,4 +91,5 @@ def reconstruct(plan: Plan, out0: np.ndarray, out1: np.ndarray) -> np.ndarray:
         if labels.min() < 0:
             raise UsageError("reconstructed labels are out of range: the output shares are inconsistent")
         return labels
-    return decode(out0 + out1, plan.frac_bits)
+    return apply_head(plan.meta.get("head"), decode(out0 + out1, plan.frac_bits))
+

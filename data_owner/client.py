@@ -28,7 +28,7 @@ from blindseg.node import Node
 from blindseg.plan import Plan
 from blindseg.report import layer_rows
 
-from . import reconstruct, share_image
+from . import check_input_range, reconstruct, share_image, validate_image
 
 log = logging.getLogger("blindseg.data_owner")
 
@@ -128,6 +128,10 @@ class Client:
                             ) -> tuple[np.ndarray, dict[str, Any]]:
         plan = await self.plan(model)
         x = intensity.apply(plan.meta.get("preprocess"), raw)
+        x, clipped = check_input_range(plan, validate_image(plan, x))  # refused here, before anything is shared
+        if clipped:
+            log.warning("%d voxels outside the model's calibrated range were clipped (the model owner allows it)",
+                        clipped)
         job = uuid.uuid4().hex
         err: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._errors[job] = err
@@ -161,7 +165,8 @@ class Client:
             cost = {"online_seconds": online, "layers": layer_rows(plan, per_op, offline), "rounds": outs_[0].rounds,
                     "server_bytes": [o.bytes for o in outs_], "offline_bytes": [o.offline_bytes for o in outs_],
                     "offline_seconds": max(o.offline_seconds for o in outs_), "round_log": logs,
-                    "io_frames": [sent_in, len(frames[0])], "output_bytes": [len(f) for f in frames]}
+                    "io_frames": [sent_in, len(frames[0])], "output_bytes": [len(f) for f in frames],
+                    "clipped_voxels": clipped}
             return mask, cost
         finally:
             self._errors.pop(job, None)

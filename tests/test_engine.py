@@ -93,9 +93,27 @@ def test_batchnorm_avgpool_add_identity_fold() -> None:
 
 
 def test_unsupported_layer_is_named() -> None:
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid())
-    with pytest.raises(UnsupportedLayerError, match="Sigmoid"):
+    """Named as the user wrote it (module path and type, or torch.tanh), never a memory address."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 1))
+    with pytest.raises(UnsupportedLayerError, match="unsupported op Tanh at '1'") as e:
         secure_segment(net, np.zeros((1, 1, 8, 8)))
+    assert " 0x" not in str(e.value)
+
+    class Fn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.interpolate(self.c(x), scale_factor=2, mode="bicubic")
+
+    with pytest.raises(UnsupportedLayerError, match="F.interpolate at 'interpolate'") as e:
+        secure_segment(Fn(), np.zeros((1, 1, 8, 8)))
+    assert " 0x" not in str(e.value)
+    for layer, what in ((nn.Conv3d(1, 2, 3), "3D models are not supported yet: Conv3d"),
+                        (nn.InstanceNorm2d(1), "InstanceNorm2d .* need a secure per-channel mean")):
+        with pytest.raises(UnsupportedLayerError, match=what):
+            secure_segment(nn.Sequential(layer, nn.Conv2d(2 if "3D" in what else 1, 2, 1)), np.zeros((1, 1, 8, 8)))
 
 
 def test_bad_inputs_get_clear_errors() -> None:
@@ -152,8 +170,8 @@ def test_more_than_256_classes_end_to_end() -> None:
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 300, 1)).eval()
     with torch.no_grad():
         net[2].bias[256:] += 0.3  # labels above 255 win often (a uint8 would wrap them)
-    x = np.random.default_rng(3).normal(size=(1, 1, 8, 8))
-    res = secure_segment(net, x, calibration=np.random.default_rng(4).normal(size=(4, 1, 8, 8)))
+    x = np.random.default_rng(3).uniform(-1, 1, size=(1, 1, 8, 8))
+    res = secure_segment(net, x, calibration=np.random.default_rng(4).uniform(-1, 1, size=(4, 1, 8, 8)))
     with torch.no_grad():
         logits = net(torch.tensor(x, dtype=torch.float32))
     want = torch.argmax(logits, 1).numpy()

@@ -1,0 +1,164 @@
+"""Real models in (issue #11): MONAI networks, the layers they use, compile verification that refuses
+a different function, and inputs outside the calibrated range refused before anything is shared.
+
+Agreement is judged against the float model: every pixel whose top-two float logits differ by more
+than a small margin must match exactly (near-ties may flip under the ±1 LSB truncations), and overall
+agreement must be high."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from blindseg import secure_segment
+from blindseg.compiler import compile_model
+from blindseg.errors import UnsupportedLayerError, UsageError
+from blindseg.models import test_image as synthetic
+
+monai = pytest.importorskip("monai", reason="monai is not installed (pip install monai)")
+
+
+def _trained(net: nn.Module, size: int = 32, steps: int = 150, classes: int = 2) -> nn.Module:
+    """A short training on synthetic scans (intensity bands), so predictions are decisive as a real model's."""
+    torch.manual_seed(0)
+    x = torch.tensor(synthetic(16, size, seed=11), dtype=torch.float32)
+    y = torch.bucketize(x[:, 0], torch.tensor([0.5, 1.2][: classes - 1]))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    net.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        out = net(x)
+        loss = (nn.functional.binary_cross_entropy_with_logits(out[:, 0], (y > 0).float()) if out.shape[1] == 1
+                else nn.functional.cross_entropy(out, y))
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def _check(net: nn.Module, size: int = 32, threshold: bool = False) -> dict:
+    x = synthetic(2, size, seed=5)
+    cal = synthetic(16, size, seed=6)
+    res = secure_segment(net, x, calibration=cal)
+    with torch.no_grad():
+        out = net(torch.tensor(x, dtype=torch.float32))
+    if threshold:  # the model ends in a one-channel sigmoid: the mask is its output > 0.5
+        want = (out[:, 0] > 0.5).numpy().astype(np.int64)
+        decisive = ((out[:, 0] - 0.5).abs() > 0.0125).numpy()  # |logit| > 0.05
+    else:
+        want = torch.argmax(out, 1).numpy()
+        top2 = torch.topk(out, 2, dim=1).values
+        decisive = (top2[:, 0] - top2[:, 1]).numpy() > 0.05
+    assert decisive.mean() > 0.9
+    assert np.array_equal(res.mask[decisive], want[decisive])
+    agree = float(np.mean(res.mask == want))
+    assert agree >= 0.999, agree
+    return {"agreement": agree, "rounds": res.stats["rounds"], "online_seconds": res.stats["online_seconds"]}
+
+
+def test_monai_unet_batch_relu_residual_units() -> None:
+    from monai.networks.nets import UNet
+
+    net = _trained(UNet(2, 1, 3, (8, 16, 32), (2, 2), num_res_units=2, norm="batch", act="relu"), classes=3)
+    kinds = [m for m in net.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert kinds  # BatchNorm after ConvTranspose2d is folded into it
+    _check(net)
+
+
+def test_monai_unet_with_prelu() -> None:
+    from monai.networks.nets import UNet
+
+    _check(_trained(UNet(2, 1, 2, (8, 16), (2,), num_res_units=1, norm="batch", act="prelu")))
+
+
+def test_monai_defaults_and_attention_are_refused_with_the_reason() -> None:
+    from monai.networks.nets import AttentionUnet, BasicUNet, UNet
+
+    x = synthetic(4, 32, seed=1)
+    for net, why in ((UNet(2, 1, 2, (8, 16), (2,), num_res_units=1), "InstanceNorm2d .* secure per-channel mean"),
+                     (BasicUNet(2, 1, 2, features=(8, 8, 16, 32, 64, 8)), "InstanceNorm2d"),
+                     (BasicUNet(2, 1, 2, features=(8, 8, 16, 32, 64, 8), norm="batch", act="relu"),
+                      "traced a different function"),
+                     (AttentionUnet(2, 1, 2, (8, 16), (2,)), "multiplying two activations")):
+        with pytest.raises(UnsupportedLayerError, match=why):
+            compile_model(net.eval(), (1, 32, 32), "mask", "auto", samples=x)
+
+
+class _Binary(nn.Module):
+    """A small binary U-Net with a sigmoid head, padding='same', standalone BatchNorm and BN after ConvT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm_in = nn.BatchNorm2d(1)
+        self.enc = nn.Sequential(nn.Conv2d(1, 8, 3, padding="same"), nn.BatchNorm2d(8), nn.PReLU())
+        self.down = nn.MaxPool2d(2)
+        self.mid = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.up = nn.Sequential(nn.ConvTranspose2d(16, 8, 2, stride=2), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(16, 1, 1)
+        self.out = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.enc(self.norm_in(x))
+        return self.out(self.head(torch.cat([e, self.up(self.mid(self.down(e)))], 1)))
+
+
+def test_sigmoid_head_same_padding_prelu_and_batchnorm_anywhere() -> None:
+    net = _trained(_Binary())
+    with torch.no_grad():  # non-trivial running statistics everywhere
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    _check(net, threshold=True)
+    comp = compile_model(net, (1, 32, 32), "logits", "auto", samples=synthetic(8, 32, seed=6))
+    assert comp.plan.meta["head"] == "sigmoid"  # logits output: the data owner applies the head
+    res = secure_segment(net, synthetic(1, 32, seed=5), output="logits", calibration=synthetic(8, 32, seed=6))
+    with torch.no_grad():
+        want = net(torch.tensor(synthetic(1, 32, seed=5), dtype=torch.float32)).numpy()
+    assert np.max(np.abs(res.logits - want)) < 0.02  # probabilities, as the model returns them
+
+
+def test_a_model_whose_trace_takes_another_branch_is_refused() -> None:
+    """torch.fx resolves isinstance on its proxy the other way: the skip connection silently vanished
+    from the traced graph (74.9% agreement before). Now the compile is refused."""
+
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x))
+            y = torch.relu(self.b(h))
+            if isinstance(h, torch.Tensor):
+                y = y + h  # the skip: taken in eager mode, not under tracing
+            return self.head(y)
+
+    with pytest.raises(UnsupportedLayerError, match="traced a different function"):
+        compile_model(Skip().eval(), (1, 16, 16), "mask", "auto", samples=synthetic(4, 16, seed=2))
+
+
+def test_inputs_outside_the_calibrated_range_are_refused_before_sharing() -> None:
+    """Raw, un-normalised or adversarially scaled intensities would overflow the ring and give a wrong
+    mask with no error: the data owner refuses them, naming the measured and accepted ranges."""
+    from blindseg.engine import run_compiled
+    from blindseg.models import build_model
+
+    model = build_model("ref-unet", classes=2, seed=0)
+    cal = synthetic(8, 32, seed=3)
+    comp = compile_model(model, (1, 32, 32), "mask", "auto", samples=cal)
+    x = synthetic(1, 32, seed=4)
+    import asyncio
+
+    for scale in (10.0, -3.0, 1000.0):
+        with pytest.raises(UsageError, match=r"calibrated for \[.*\] and accepts \[.*voxels are outside"):
+            asyncio.run(run_compiled(comp, x * scale))
+    ok = asyncio.run(run_compiled(comp, x * 1.2))  # within the stated margin
+    assert ok.mask.shape == (1, 32, 32)
+    comp.plan.meta["input_range"]["clip"] = True  # the model owner allows clipping: counted and reported
+    from data_owner import check_input_range
+
+    clipped, n = check_input_range(comp.plan, x * 10)
+    assert n > 0 and clipped.max() <= max(comp.plan.meta["input_range"]["hi"]) * 1.5 + 1e-9
