@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -395,7 +396,34 @@ def compile_model(
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # torch raises many kinds here
-        raise UnsupportedLayerError(f"model cannot be traced by torch.fx: {exc}") from None
+        raise UnsupportedLayerError(f"model cannot be traced by torch.fx: {exc} (export it with torch.export and "
+                                    "deploy the .pt2 instead)") from None
+    return _compile(model, gm, input_shape, output, frac_bits, samples, meta, arities, verify)
+
+
+def compile_exported(program: Any, input_shape: tuple[int, ...] | None = None, output: str = "mask",
+                     frac_bits: int | str = "auto", samples: np.ndarray | None = None,
+                     meta: dict[str, Any] | None = None, arities: tuple[int, ...] = DEFAULT_ARITIES) -> Compiled:
+    """Compile a ``torch.export`` program (an ExportedProgram or a ``.pt2`` path), verified against the
+    program itself. ``input_shape`` defaults to the exported input's (C, *spatial)."""
+    from .exported import load_program, module_graph
+
+    ep = load_program(program) if isinstance(program, (str, Path)) else program
+    ref, gm = module_graph(ep)
+    shapes = [n.meta["val"].shape for n in ep.graph.nodes if n.op == "placeholder" and n.meta.get("val") is not None
+              and n.name not in ep.graph_signature.parameters and n.name not in ep.graph_signature.buffers]
+    if input_shape is None:
+        if not shapes:
+            raise UsageError("the exported program does not record its input shape: give input_shape")
+        input_shape = tuple(int(d) for d in shapes[-1][1:])
+    return _compile(ref, gm, input_shape, output, frac_bits, samples, meta, arities, True)
+
+
+def _compile(model: Any, gm: Any, input_shape: tuple[int, ...], output: str, frac_bits: int | str,
+             samples: np.ndarray | None, meta: dict[str, Any] | None, arities: tuple[int, ...],
+             verify: bool) -> Compiled:
+    if output not in ("mask", "logits"):
+        raise UsageError(f"output must be 'mask' or 'logits', got {output!r}")
     L = _Lowering(gm, tuple(int(s) for s in input_shape))
     try:
         final = _lower(L, gm, output)

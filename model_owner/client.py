@@ -37,6 +37,16 @@ async def deploy(cfg: PartyConfig, model_name: str, model_id: str, timeout: floa
         await node.close()
 
 
+async def deploy_own(cfg: PartyConfig, comp: Compiled, model_id: str, tenants: list[str] | None = None,
+                     timeout: float = 300.0) -> dict[str, Any]:
+    """Deploy a compiled model (e.g. from :func:`model_owner.own.compile_own`) through ``cfg``'s deployment."""
+    node = await Node.from_config(cfg).start()
+    try:
+        return await deploy_compiled(node, comp, model_id, timeout, tenants)
+    finally:
+        await node.close()
+
+
 async def deploy_compiled(node: Node, comp: Compiled, model_id: str, timeout: float = 300.0,
                           tenants: list[str] | None = None) -> dict[str, Any]:
     """Deploy as a new epoch, all or nothing: stage it (plan to the dealer, weight shares to each

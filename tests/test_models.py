@@ -162,3 +162,45 @@ def test_inputs_outside_the_calibrated_range_are_refused_before_sharing() -> Non
 
     clipped, n = check_input_range(comp.plan, x * 10)
     assert n > 0 and clipped.max() <= max(comp.plan.meta["input_range"]["hi"]) * 1.5 + 1e-9
+
+
+async def test_deploy_your_own_model_from_pt2_and_from_a_factory(tmp_path) -> None:
+    """`python -m model_owner deploy --model my.pt2 --calibration cal.npy` (and `module:factory --weights`)
+    through a running deployment (embedded broker); the hospital's mask matches the owner's model."""
+    import asyncio
+
+    from blindseg.broker import EmbeddedBroker
+    from blindseg.config import PartyConfig
+    from blindseg.demo import LocalDeployment
+    from data_owner.client import Client
+
+    from .factories import small_unet
+
+    net = _trained(small_unet())
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    ep = torch.export.export(net, (torch.zeros(1, 1, 32, 32),))
+    torch.export.save(ep, str(tmp_path / "unet.pt2"))
+    np.save(tmp_path / "cal.npy", synthetic(16, 32, seed=6))
+    x = synthetic(1, 32, seed=5)
+    with torch.no_grad():
+        want = torch.argmax(net(torch.tensor(x, dtype=torch.float32)), 1).numpy()
+    broker = await EmbeddedBroker().start()
+    dep = LocalDeployment(tmp_path / "dep", broker.url, pool=1)
+    try:
+        await asyncio.to_thread(dep.start)
+        for name, model in (("frompt2", str(tmp_path / "unet.pt2")), ("fromfactory", "tests.factories:small_unet")):
+            args = ["deploy", "--model", model, "--calibration", str(tmp_path / "cal.npy"), "--name", name,
+                    "--classes", "background,foreground"]
+            if ":" in model:
+                args += ["--weights", str(tmp_path / "weights.pt")]
+            info = await dep.client("model_owner", *args, timeout=300)
+            assert info["model"] == name and info["epoch"]
+            async with Client(PartyConfig.load(dep.configs["data_owner"]), timeout=120) as c:
+                mask, _ = await c.segment(name, x)
+                assert c.plans[name].meta["class_names"] == ["background", "foreground"]
+            assert (mask == want).mean() >= 0.999
+        with pytest.raises(Exception, match="calibration is required"):
+            await dep.client("model_owner", "deploy", "--model", str(tmp_path / "unet.pt2"), "--name", "x")
+    finally:
+        dep.stop()
+        await broker.stop()
