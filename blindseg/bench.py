@@ -192,3 +192,125 @@ def format_report(r: dict[str, Any]) -> str:
         f"pixel agreement with float {100 * r['pixel_agreement']:.3f}%   peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB",
     ]
     return "\n".join(lines)
+
+
+def _zoo(size: int) -> list[tuple[str, Any, tuple[int, ...]]]:
+    """The real U-Nets people use (MONAI) and layer mixes from issue #11, with their input shapes."""
+    import torch.nn as nn
+    from monai.networks.nets import BasicUNet, UNet
+
+    class UpLeakyGroup(nn.Module):
+        def __init__(self, norm: str) -> None:
+            super().__init__()
+
+            def block(i: int, o: int) -> nn.Module:
+                return nn.Sequential(nn.Conv2d(i, o, 3, padding=1),
+                                     nn.GroupNorm(4, o) if norm == "group" else nn.BatchNorm2d(o), nn.LeakyReLU(0.1))
+
+            self.e1, self.e2, self.pool = block(1, 16), block(16, 32), nn.MaxPool2d(2)
+            self.up = nn.Upsample(scale_factor=2, mode="nearest")
+            self.d1, self.head = block(48, 16), nn.Conv2d(16, 3, 1)
+
+        def forward(self, x: Any) -> Any:
+            import torch
+
+            a = self.e1(x)
+            return self.head(self.d1(torch.cat([a, self.up(self.e2(self.pool(a)))], 1)))
+
+    class SigmoidBinary(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = UNet(2, 1, 1, (16, 32, 64), (2, 2), num_res_units=1, norm="batch", act="relu")
+
+        def forward(self, x: Any) -> Any:
+            import torch
+
+            return torch.sigmoid(self.net(x))
+
+    s2 = (1, size, size)
+    return [
+        ("MONAI UNet defaults (instance norm, PReLU), 2 residual units",
+         UNet(2, 1, 3, (16, 32, 64, 128), (2, 2, 2), num_res_units=2), s2),
+        ("MONAI UNet BATCH/RELU, 2 residual units",
+         UNet(2, 1, 3, (16, 32, 64, 128), (2, 2, 2), num_res_units=2, norm="batch", act="relu"), s2),
+        ("MONAI UNet BATCH/PRELU, 2 residual units",
+         UNet(2, 1, 3, (16, 32, 64, 128), (2, 2, 2), num_res_units=2, norm="batch", act="prelu"), s2),
+        ("MONAI BasicUNet defaults", BasicUNet(2, 1, 3, features=(16, 16, 32, 64, 128, 16)), s2),
+        ("U-Net: Upsample + LeakyReLU + GroupNorm", UpLeakyGroup("group"), s2),
+        ("U-Net: Upsample + LeakyReLU + BatchNorm", UpLeakyGroup("batch"), s2),
+        ("Sigmoid-head binary U-Net (MONAI UNet + sigmoid)", SigmoidBinary(), s2),
+        ("MONAI UNet 3D (1x1x64x64x64)", UNet(3, 1, 2, (8, 16, 32), (2, 2), num_res_units=1, norm="batch"),
+         (1, 64, 64, 64)),
+    ]
+
+
+def _train(net: Any, x: np.ndarray, steps: int) -> Any:
+    """A short, seeded training on synthetic scans (intensity bands), so predictions are decisive."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    xt = torch.tensor(x, dtype=torch.float32)
+    y = torch.bucketize(xt[:, 0], torch.tensor([0.5, 1.2]))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    net.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        out = net(xt)
+        if out.shape[1] == 1:
+            loss = F.binary_cross_entropy(out[:, 0].clamp(1e-6, 1 - 1e-6), (y > 0).float())
+        else:
+            loss = F.cross_entropy(out, y.clamp(max=out.shape[1] - 1))
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def run_model_table(size: int = 64, steps: int = 60) -> list[dict[str, Any]]:
+    """Issue #11's figures: for each model, does it compile (or why not), pixel agreement with the float
+    model (mask output), max logit error (logits output), online seconds / MB / rounds, offline MB."""
+    import torch
+
+    from .errors import BlindsegError
+
+    rows = []
+    for name, net, shape in _zoo(size):
+        row: dict[str, Any] = {"model": name, "input": list(shape)}
+        cal = test_image(16, size, seed=6)
+        x = test_image(1, size, seed=5)
+        try:
+            if len(shape) != 3:  # a 3D model: the compiler refuses it before any training
+                compile_model(net.eval(), shape, "mask", "auto", samples=np.zeros((1, *shape)))
+            net = _train(net, test_image(16, size, seed=11), steps)
+            comp = compile_model(net, shape, "mask", "auto", samples=cal)
+        except BlindsegError as e:
+            row.update(compiles=False, reason=str(e)[:200])
+            rows.append(row)
+            continue
+        res = asyncio.run(run_compiled(comp, x))
+        comp_l = compile_model(net, shape, "logits", "auto", samples=cal)
+        res_l = asyncio.run(run_compiled(comp_l, x))
+        with torch.no_grad():
+            out = net(torch.tensor(x, dtype=torch.float32)).numpy().astype(np.float64)
+        want = (out[:, 0] > 0.5).astype(np.int64) if out.shape[1] == 1 else np.argmax(out, 1)
+        st = res.stats
+        row.update(compiles=True, pixel_agreement=float(np.mean(res.mask == want)),
+                   max_logit_error=float(np.max(np.abs(res_l.logits - out))),
+                   online_seconds=st["online_seconds"], online_mb_per_server=st["online_bytes_per_server"] / 1e6,
+                   rounds=st["rounds"], offline_mb_per_server=st["offline_bytes_per_server"] / 1e6,
+                   frac_bits=comp.plan.frac_bits, ops=len(comp.plan.ops))
+        rows.append(row)
+    return rows
+
+
+def format_model_table(rows: list[dict[str, Any]]) -> str:
+    head = "| model | compiles | agreement | max logit error | online s | MB/server | rounds | offline MB |"
+    out = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["compiles"]:
+            out.append(f"| {r['model']} | refused: {r['reason']} | | | | | | |")
+        else:
+            out.append(f"| {r['model']} | yes | {100 * r['pixel_agreement']:.3f}% | {r['max_logit_error']:.4f} | "
+                       f"{r['online_seconds']:.2f} | {r['online_mb_per_server']:.1f} | {r['rounds']} | "
+                       f"{r['offline_mb_per_server']:.1f} |")
+    return "\n".join(out)

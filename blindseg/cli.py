@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="memory: five roles in one process; mqtt: services as processes through a private Mosquitto")
     b.add_argument("--net", default="none", help="netsim profile for --transport mqtt: none | lan | wan | 'ms,Mbit/s'")
     b.add_argument("--jobs", type=int, default=1, help="with --transport mqtt: this many concurrent jobs (load test)")
+    b.add_argument("--zoo", action="store_true",
+                   help="issue #11's table: MONAI U-Nets and layer mixes (compiles?, agreement, logit error, cost)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     d = sub.add_parser("demo", help="the five roles as processes on loopback: deploy, segment a real slice")
     d.add_argument("--net", default="none", help="none | lan | wan | '<latency ms>,<Mbit/s>'")
@@ -85,6 +87,16 @@ def main(argv: list[str] | None = None) -> int:
             for party, cfg_path in paths.items():
                 print(f"  {party:12s} {cfg_path}")
             print(f"  broker       {args.dir / 'broker' / 'mosquitto.conf'}")
+            return 0
+        if args.cmd == "bench" and args.zoo:
+            try:
+                import monai  # noqa: F401
+            except ImportError:
+                raise BlindsegError("bench --zoo needs monai (pip install monai)") from None
+            from .bench import format_model_table, run_model_table
+
+            rows = run_model_table(args.size if args.size != 128 else 64)
+            print(json.dumps(rows) if args.json else format_model_table(rows))
             return 0
         if args.cmd == "bench":
             if args.size < 16 or args.size % 16:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -209,8 +209,8 @@ def _prelu(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     slope = float(w[0])
     if slope == 0.0:
         return _Val(L.settle(_need(x, node), "relu"))
-    if not 0.0 < slope < 1.0:
-        raise UnsupportedLayerError(f"PReLU {_desc(node)}: slope {slope:.4g} outside (0, 1) is not supported")
+    if not -1.0 <= slope <= 1.0:
+        raise UnsupportedLayerError(f"PReLU {_desc(node)}: slope {slope:.4g} outside [-1, 1] is not supported")
     return _Val(L.settle(_need(x, node), "leaky", slope))
 
 
@@ -490,30 +490,17 @@ def _lower(L: _Lowering, gm: Any, output: str) -> _Val:
         raise UsageError("model ends in argmax: it cannot produce logits")
     if output == "mask":
         k = L.shape(final.idx)[0]
-        if k == 1 and final.head == "sigmoid":
-            _zero_logit(L, final)
-            k = 2
-        if k < 2:
+        zero_first = k == 1 and final.head == "sigmoid"  # mask = sigmoid > 0.5 = [logit > 0]: a zero logit first
+        if k < 2 and not zero_first:
             raise UnsupportedLayerError("mask output needs at least 2 output channels (a one-channel model needs a "
                                         "sigmoid head, so that the threshold is known)")
-        L.add("argmax", (final.idx,), (1, *L.shape(final.idx)[1:]), "argmax", ArgmaxParams(k, (k - 1).bit_length()))
+        k += int(zero_first)
+        L.add("argmax", (final.idx,), (1, *L.shape(final.idx)[1:]), "argmax",
+              ArgmaxParams(k, (k - 1).bit_length(), zero_first))
     else:
         src = L.settle(final)
         L.add("output", (src,), L.shape(src), "logits")
     return final
-
-
-def _zero_logit(L: _Lowering, v: _Val) -> None:
-    """A one-channel sigmoid head: prepend a constant zero logit, so argmax gives [logit > 0] =
-    [sigmoid > 0.5] (ties, logit = 0, go to class 0 as sigmoid(0) = 0.5 is not above 0.5)."""
-    op = L.ops[v.idx]
-    if not v.pending or op.kind not in ("conv", "convt"):
-        raise UnsupportedLayerError("a one-channel sigmoid head is supported right after a conv (its logit)")
-    wt, b = L.weights[v.idx]
-    axis = 1 if op.kind == "convt" else 0
-    L.weights[v.idx] = (np.concatenate([np.zeros_like(wt.take([0], axis=axis)), wt], axis=axis),
-                        np.concatenate([[0.0], b if b is not None else [0.0]]))
-    L.ops[v.idx] = replace(op, shape=(2, *op.shape[1:]))
 
 
 VERIFY_RTOL = 1e-6  # float64 plan vs float64 torch: only rounding (BatchNorm folding) may differ

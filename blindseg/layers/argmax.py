@@ -32,6 +32,7 @@ MAX_CLASSES = 1 << 16  # labels leave a server as uint8 (up to 256 classes) or u
 class ArgmaxParams(Params):
     classes: int
     bits: int
+    zero_first: bool = False  # a one-channel sigmoid head: class 0 is a constant zero logit (mask = logit > 0)
 
     def __post_init__(self) -> None:
         check(2 <= self.classes <= MAX_CLASSES, f"argmax over {self.classes} classes (2..{MAX_CLASSES} supported)")
@@ -47,22 +48,32 @@ class Argmax(Layer):
 
     def out_shape(self, op: Op, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
         src = in_shapes[0]
-        return (1, *src[1:]) if src[0] == op.params.classes else None
+        return (1, *src[1:]) if src[0] == op.params.classes - int(op.params.zero_first) else None
 
     def specs(self, op: Op, in_shapes: list[tuple[int, ...]], batch: int, circ: Circuit) -> list[MatSpec]:
         n = batch * math.prod(op.shape)
         return [select_spec(p * n, 0, circ) for p in tournament(op.params.classes)]
 
     def online(self, rt: Runtime, i: int, op: Op, ins: list[np.ndarray], mat: OpMaterial) -> Proto:
-        return P.argmax(rt.party, op.params.classes, op.params.bits, ins[0], mat.mats, rt.circuit)
+        return P.argmax(rt.party, op.params.classes, op.params.bits, _with_zero(op, ins[0]), mat.mats, rt.circuit)
 
     def reference(self, op: Op, ins: list[np.ndarray], weights: Any = None) -> np.ndarray:
-        return np.argmax(ins[0], axis=1)
+        return np.argmax(_with_zero(op, ins[0]), axis=1)
 
     def forward(self, op: Op, ins: list[torch.Tensor], weights: Any = None) -> torch.Tensor:
         import torch
 
-        return torch.argmax(ins[0], 1)
+        x = ins[0]
+        if op.params.zero_first:
+            x = torch.cat([torch.zeros_like(x[:, :1]), x], 1)
+        return torch.argmax(x, 1)
 
     def input_headroom(self, op: Op) -> int:
         return int(op.params.bits)
+
+
+def _with_zero(op: Op, x: np.ndarray) -> np.ndarray:
+    """Prepend the constant zero logit (both servers' shares of 0 are 0: no material, no rounds)."""
+    if not op.params.zero_first:
+        return x
+    return np.concatenate([np.zeros_like(x[:, :1]), x], axis=1)

@@ -49,7 +49,8 @@ class RescaleParams(Params):
         check(self.rule in RULES, f"rescale rule {self.rule!r} must be one of {RULES}")
         check(0 <= self.shift <= 24 and 1 <= self.mul < 1 << 16 and self.divisor >= 1,
               f"rescale shift {self.shift} / mul {self.mul} / divisor {self.divisor} out of range")
-        check(self.act != "leaky" or 0.0 < self.slope < 1.0, f"LeakyReLU slope {self.slope} must be in (0, 1)")
+        check(self.act != "leaky" or (-1.0 <= self.slope <= 1.0 and self.slope != 0.0),
+              f"LeakyReLU / PReLU slope {self.slope} must be in [-1, 1] and not 0")
         check(0 <= self.slope_bits <= MAX_SLOPE_BITS, f"slope_bits {self.slope_bits} outside 0..{MAX_SLOPE_BITS}")
 
     @property
@@ -110,8 +111,8 @@ class Rescale(Layer):
             p = replace(p, shift=int(cal.fw[op.inputs[0]]))
         elif p.rule == "window":
             p = replace(p, shift=cal.f, mul=round(2**cal.f / p.divisor))
-        if p.act == "leaky":  # q * |t - ReLU(t)| < 2^29 with t at scale f
-            m = max(cal.maxabs[op.inputs[0]] / p.divisor * p.slope, 1e-9)
+        if p.act == "leaky":  # |q * (t - ReLU(t))| < 2^29 with t at scale f (q < 0 for a negative slope)
+            m = max(cal.maxabs[op.inputs[0]] / p.divisor * abs(p.slope), 1e-9)
             g = min(MAX_SLOPE_BITS, MARGIN_LOG2 - 1 - cal.f - math.ceil(math.log2(m)))
             if g < 4:
                 raise ScaleOverflowError(f"{op.name}: LeakyReLU slope has only {g} bits left in the 32-bit ring")
