@@ -30,7 +30,7 @@ def load_samples(path: str | Path, preprocess: dict[str, Any] | None = None) -> 
     if name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
 
-        vol = np.asarray(nib.load(str(p)).get_fdata(), dtype=np.float64)
+        vol = np.asarray(nib.load(str(p)).get_fdata(), dtype=np.float64)  # type: ignore[attr-defined]
         if vol.ndim != 3:
             raise UsageError(f"{p}: a calibration NIfTI must be one 3D volume, got shape {vol.shape}")
         arr = np.moveaxis(vol, 2, 0)[:, None]  # axial slices, N x 1 x H x W
