@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 
 from .errors import UnsupportedLayerError, UsageError
-from .layers import ArgmaxParams, LinearParams, PoolParams, RescaleParams, UpsampleParams
+from .layers import ArgmaxParams, InterpParams, LinearParams, PoolParams, RescaleParams, UpsampleParams, layer_of
 from .linalg import conv2d_out_hw, conv_transpose2d_out_hw
 from .plan import DEFAULT_ARITIES, Compiled, Op, Plan, apply_head, calibrate, float_forward
 
 SUPPORTED = ("Conv2d (padding numeric, 'same' or 'valid'), ConvTranspose2d, BatchNorm2d, ReLU, LeakyReLU, PReLU "
              "(one slope), Dropout/Identity (removed), MaxPool2d, AvgPool2d, Upsample / F.interpolate (nearest, "
-             "integer scale), torch.cat (channels), add, Sigmoid / Softmax as the final op, argmax")
+             "integer scale; bilinear by 2/4/8, align_corners=False), torch.cat (channels), add, Sigmoid / Softmax as the final op, argmax")
 
 
 @dataclass
@@ -302,16 +302,27 @@ def _upsample(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
         size = node.kwargs.get("size", node.args[1] if len(node.args) > 1 else None)
         sf = node.kwargs.get("scale_factor", node.args[2] if len(node.args) > 2 else None)
         align = node.kwargs.get("align_corners")
-    if mode != "nearest" or size is not None or align:
-        raise UnsupportedLayerError(f"{_desc(node)}: only nearest upsampling by an integer scale_factor is supported "
-                                    f"(got mode={mode!r}, size={size!r})")
+    linear = mode in ("linear", "bilinear", "trilinear")
+    if not (mode == "nearest" or linear) or size is not None or (align and linear):
+        raise UnsupportedLayerError(
+            f"{_desc(node)}: supported are nearest upsampling by an integer scale_factor and (bi/tri)linear by 2, 4 "
+            f"or 8 with align_corners=False (got mode={mode!r}, size={size!r}, align_corners={align!r}; "
+            "align_corners=True weights are not dyadic, so they are not exact in fixed point)")
     factors = set(sf) if isinstance(sf, (tuple, list)) else {sf}
     if len(factors) != 1 or not all(float(f).is_integer() and f >= 1 for f in factors):
         raise UnsupportedLayerError(f"{_desc(node)}: scale_factor {sf!r} must be one integer for every axis")
     s = int(next(iter(factors)))
     src = L.settle(_need(x, node))
     c, *sp = L.shape(src)
-    return _Val(L.add("upsample", (src,), (c, *(d * s for d in sp)), _name(node), UpsampleParams(s)))
+    shape = (c, *(d * s for d in sp))
+    if not linear:
+        return _Val(L.add("upsample", (src,), shape, _name(node), UpsampleParams(s)))
+    if s not in (2, 4, 8):
+        raise UnsupportedLayerError(f"{_desc(node)}: linear upsampling by {s}: only 2, 4 or 8 are supported")
+    p = InterpParams(s)
+    idx = L.add("interp", (src,), shape, _name(node), p)
+    bits = layer_of("interp").scale_bits(L.ops[idx])
+    return _Val(L.add("rescale", (idx,), shape, _name(node) + ".rescale", RescaleParams(shift=bits)))
 
 
 def _cat(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:

@@ -123,6 +123,10 @@ def module_graph(ep: Any) -> tuple[Any, Any]:
         elif t in (aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default):
             scale = _upsample_scale(n)
             env[n] = module(nn.Upsample(scale_factor=scale, mode="nearest"), n.name, a[0])
+        elif t in (aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default):
+            align = bool(a[2]) if len(a) > 2 and isinstance(a[2], bool) else False
+            env[n] = module(nn.Upsample(scale_factor=_upsample_scale(n), mode="bilinear", align_corners=align),
+                            n.name, a[0])
         elif t in fns:
             fn, keep = fns[t]
             mapped = tuple(env[x] if x in env else [env[y] for y in x] if isinstance(x, (list, tuple)) else x

@@ -223,8 +223,11 @@ def calibrate(comp: Compiled, samples: np.ndarray | None, frac_bits: int | str) 
             out[i] = min(MAX_FW, MARGIN_LOG2 - extra - f - math.ceil(math.log2(m)))
         return out
 
+    scaled = [(maxabs[i], op.layer.scale_bits(op)) for i, op in enumerate(plan.ops) if op.layer.scale_bits(op)]
+
     def act_ok(f: int) -> bool:
-        return act_max * 2.0 ** (f + 1) < 2.0**MARGIN_LOG2
+        return act_max * 2.0 ** (f + 1) < 2.0**MARGIN_LOG2 and all(m * 2.0 ** (f + 1 + g) < 2.0**MARGIN_LOG2
+                                                                  for m, g in scaled)
 
     if frac_bits == "auto":
         best = None

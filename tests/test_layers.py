@@ -33,8 +33,10 @@ def _cases() -> list[tuple[str, tuple[int, ...], dict, int]]:
         out += [("rescale", shp, {"shift": 4, "mul": 3, "act": "none"}, 1)]
     for shp in [(1, 2, 6, 6), (2, 1, 7, 9), (1, 2, 4, 4, 6)]:
         out += [("maxpool", shp, {"kernel": 2, "stride": 2}, 0), ("avgsum", shp, {"kernel": 2, "stride": 2}, 0),
-                ("upsample", shp, {"scale": 2}, 0), ("add", shp, {}, 0), ("concat", shp, {}, 0)]
+                ("upsample", shp, {"scale": 2}, 0), ("add", shp, {}, 0), ("concat", shp, {}, 0),
+                ("interp", shp, {"scale": 2}, 0), ("interp", shp, {"scale": 4}, 0)]
     out += [("argmax", (2, k, 3, 5), {"classes": k, "bits": (k - 1).bit_length()}, 0) for k in (2, 3, 5)]
+    out.append(("argmax", (2, 1, 3, 5), {"classes": 2, "bits": 1, "zero_first": True}, 0))  # sigmoid head
     out.append(("output", (1, 2, 3, 3), {}, 0))
     return out
 
@@ -51,6 +53,8 @@ def test_layer_matches_its_reference(rng: np.random.Generator, kind: str, shape:
     bound = LIM >> (int(params.get("mul", 1)).bit_length() if kind == "rescale" else 0)
     if kind == "argmax":
         bound = 1 << 24
+    if kind == "interp":  # its output carries scale_bits more fraction bits (calibration leaves room for them)
+        bound = LIM >> REGISTRY[kind].scale_bits(Op(kind, (0,), shape[1:], params))
     if params.get("act") == "leaky":  # calibration keeps q * |negative part| below 2^29
         bound = 1 << 20
     xs = [rng.integers(-bound, bound, size=shape) for _ in range(n_in)]

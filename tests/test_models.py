@@ -204,3 +204,28 @@ async def test_deploy_your_own_model_from_pt2_and_from_a_factory(tmp_path) -> No
     finally:
         dep.stop()
         await broker.stop()
+
+
+def test_bilinear_upsampling_is_exact_and_matches_torch() -> None:
+    class Bilinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.down = nn.MaxPool2d(4)
+            self.mid = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.head = nn.Conv2d(16, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            e = self.enc(x)
+            m = nn.functional.interpolate(self.mid(self.down(e)), scale_factor=4, mode="bilinear",
+                                          align_corners=False)
+            return self.head(torch.cat([e, m], 1))
+
+    net = _trained(Bilinear(), classes=3)
+    comp = compile_model(net, (1, 32, 32), "mask", "auto", samples=synthetic(8, 32, seed=6))
+    assert "interp" in [op.kind for op in comp.plan.ops]
+    _check(net)
+    with pytest.raises(UnsupportedLayerError, match="align_corners=True weights are not dyadic"):
+        compile_model(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Upsample(scale_factor=2, mode="bilinear",
+                                                                               align_corners=True)),
+                      (1, 8, 8), "mask", "auto", samples=synthetic(2, 8, seed=1))

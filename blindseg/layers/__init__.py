@@ -10,6 +10,7 @@ maxpool     :mod:`.pool`          tournament of comparisons
 avgsum      :mod:`.local`         window sum (the next rescale divides)
 concat, add :mod:`.local`         channel concat / elementwise add
 upsample    :mod:`.local`         nearest-neighbour, integer factor
+interp      :mod:`.local`         (bi/tri)linear upsampling by 2/4/8 (public dyadic weights; next rescale)
 argmax      :mod:`.argmax`        label per voxel (mask output)
 output      :mod:`.local`         logits to the data owner
 =========== ===================== =========================================================
@@ -27,13 +28,13 @@ from ..errors import UsageError
 from .argmax import Argmax, ArgmaxParams
 from .base import Calibration, DealContext, Layer, LocalLayer, NoParams, OpMaterial, Params, Runtime, windows
 from .linear import Linear, LinearParams, ModelShare
-from .local import Add, AvgSum, Concat, Input, Output, Upsample, UpsampleParams
+from .local import Add, AvgSum, Concat, Input, Interp, InterpParams, Output, Upsample, UpsampleParams
 from .pool import MaxPool, PoolParams
 from .rescale import Rescale, RescaleParams
 
 REGISTRY: Mapping[str, Layer] = MappingProxyType({layer.kind: layer for layer in (
     Input(), Linear("conv", transposed=False), Linear("convt", transposed=True), Rescale(), MaxPool(), AvgSum(),
-    Concat(), Add(), Upsample(), Argmax(), Output(),
+    Concat(), Add(), Upsample(), Interp(), Argmax(), Output(),
 )})
 
 
@@ -47,4 +48,4 @@ def layer_of(kind: str) -> Layer:
 
 __all__ = ["REGISTRY", "Argmax", "ArgmaxParams", "Calibration", "DealContext", "Layer", "Linear", "LinearParams",
            "LocalLayer", "ModelShare", "NoParams", "OpMaterial", "Params", "PoolParams", "Rescale", "RescaleParams",
-           "Runtime", "Upsample", "UpsampleParams", "layer_of", "windows"]
+           "Runtime", "Upsample", "UpsampleParams", "InterpParams", "layer_of", "windows"]

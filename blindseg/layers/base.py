@@ -171,6 +171,10 @@ class Layer(ABC):
     def forward(self, op: Op, ins: list[torch.Tensor], weights: Any) -> torch.Tensor:
         """The float64 result (what calibration observes; for weighted ops, before rescaling)."""
 
+    def scale_bits(self, op: Op) -> int:
+        """Fraction bits this op's output carries above f (public weights; the next rescale removes them)."""
+        return 0
+
     def input_headroom(self, op: Op) -> int:
         """Extra bits this op needs above its input's range (argmax lifts values by the class bits)."""
         return 0
