@@ -236,6 +236,8 @@ def _zoo(size: int) -> list[tuple[str, Any, tuple[int, ...]]]:
         ("MONAI UNet BATCH/PRELU, 2 residual units",
          UNet(2, 1, 3, (16, 32, 64, 128), (2, 2, 2), num_res_units=2, norm="batch", act="prelu"), s2),
         ("MONAI BasicUNet defaults", BasicUNet(2, 1, 3, features=(16, 16, 32, 64, 128, 16)), s2),
+        ("MONAI BasicUNet BATCH/RELU (compiled via torch.export)",
+         BasicUNet(2, 1, 3, features=(16, 16, 32, 64, 128, 16), norm="batch", act="relu"), s2),
         ("U-Net: Upsample + LeakyReLU + GroupNorm", UpLeakyGroup("group"), s2),
         ("U-Net: Upsample + LeakyReLU + BatchNorm", UpLeakyGroup("batch"), s2),
         ("Sigmoid-head binary U-Net (MONAI UNet + sigmoid)", SigmoidBinary(), s2),

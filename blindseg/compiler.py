@@ -99,6 +99,8 @@ def _name(node: Any) -> str:
     t = node.target
     if isinstance(t, str):
         return f"Tensor.{t}"
+    if type(t).__name__ == "OpOverload":  # an ATen op from torch.export
+        return str(t)
     mod = getattr(t, "__module__", None) or ""
     short = {"torch.nn.functional": "F", "torch": "torch", "_operator": "operator", "operator": "operator"}.get(
         mod, mod.split(".")[0] or "?")
@@ -240,6 +242,16 @@ def _refuse_norm(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
         f"{type(mod).__name__} {_desc(node)}: instance and group normalisation need a secure per-channel mean, "
         "variance and reciprocal square root, which blindseg does not implement yet; use BatchNorm (norm='batch' "
         "in MONAI) or fold the normalisation into the preceding conv")
+
+
+def _pad(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
+    """F.pad / aten.pad by zero amounts (MONAI's BasicUNet pads only when sizes differ) is the identity;
+    other padding is refused (a conv's own zero padding is supported)."""
+    pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    if not isinstance(pads, (list, tuple)) or any(not isinstance(p, int) or p for p in pads):
+        raise UnsupportedLayerError(f"{_desc(node)}: padding by {pads!r} is not supported (pad inside the conv, "
+                                    "padding=..., instead)")
+    return _need(x, node)
 
 
 def _refuse_mul(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
@@ -384,7 +396,7 @@ def _function_rows() -> dict[Any, Lower]:
             torch.cat: _cat, operator.add: _add, torch.add: _add, "add": _add, operator.iadd: _add,
             torch.argmax: _argmax, "argmax": _argmax, torch.sigmoid: _head, F.sigmoid: _head, "sigmoid": _head,
             torch.softmax: _head, F.softmax: _head, "softmax": _head, F.prelu: _prelu, operator.mul: _refuse_mul,
-            torch.mul: _refuse_mul, "mul": _refuse_mul}
+            torch.mul: _refuse_mul, "mul": _refuse_mul, F.pad: _pad}
 
 
 def compile_model(
@@ -405,11 +417,36 @@ def compile_model(
         raise UsageError(f"output must be 'mask' or 'logits', got {output!r}")
     model = model.eval()
     try:
-        gm = fx.symbolic_trace(model)
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception as exc:  # torch raises many kinds here
+            raise TraceMismatch(f"model cannot be traced by torch.fx: {exc}") from None
+        return _compile(model, gm, input_shape, output, frac_bits, samples, meta, arities, verify)
+    except TraceMismatch as exc:  # Python control flow on the input: torch.export traces it faithfully
+        if samples is None or not verify:
+            raise
+        return _compile_via_export(model, exc, input_shape, output, frac_bits, samples, meta, arities)
+
+
+class TraceMismatch(UnsupportedLayerError):
+    """torch.fx could not trace the model, or traced another function than it computes."""
+
+
+def _compile_via_export(model: Any, why: TraceMismatch, input_shape: tuple[int, ...], output: str,
+                        frac_bits: int | str, samples: np.ndarray, meta: dict[str, Any] | None,
+                        arities: tuple[int, ...]) -> Compiled:
+    import torch
+
+    from .exported import module_graph
+
+    example = torch.as_tensor(np.asarray(samples, np.float32)[:1])
+    try:
+        ep = torch.export.export(model, (example,))
     except Exception as exc:  # torch raises many kinds here
-        raise UnsupportedLayerError(f"model cannot be traced by torch.fx: {exc} (export it with torch.export and "
-                                    "deploy the .pt2 instead)") from None
-    return _compile(model, gm, input_shape, output, frac_bits, samples, meta, arities, verify)
+        raise UnsupportedLayerError(f"{why}; torch.export could not export it either: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    _, gm = module_graph(ep)
+    return _compile(model, gm, input_shape, output, frac_bits, samples, meta, arities, True)  # verified vs the module
 
 
 def compile_exported(program: Any, input_shape: tuple[int, ...] | None = None, output: str = "mask",
@@ -439,9 +476,9 @@ def _compile(model: Any, gm: Any, input_shape: tuple[int, ...], output: str, fra
     try:
         final = _lower(L, gm, output)
     except UsageError as exc:  # a shape or channel mismatch may be fx having traced another path
-        if samples is not None and verify and not _traced_matches(model, gm, np.asarray(samples)):
-            raise UnsupportedLayerError(
-                f"{_TRACED_ANOTHER} (lowering then failed: {exc})") from None
+        if (not isinstance(exc, UnsupportedLayerError) and samples is not None and verify
+                and not _traced_matches(model, gm, np.asarray(samples))):
+            raise TraceMismatch(f"{_TRACED_ANOTHER} (lowering then failed: {exc})") from None
         raise
     plan = Plan(tuple(L.ops), 1, output, {**dict(meta or {}), "head": final.head}, tuple(arities))
     comp = calibrate(Compiled(plan, L.weights), samples, frac_bits)
@@ -451,8 +488,9 @@ def _compile(model: Any, gm: Any, input_shape: tuple[int, ...], output: str, fra
 
 
 _TRACED_ANOTHER = ("torch.fx traced a different function than the model computes: forward() has Python control flow "
-                   "on its input (isinstance, if on shapes or values) that tracing resolved another way; make the "
-                   "path explicit (no branches on the input) and compile again")
+                   "on its input (isinstance, if on shapes or values) that tracing resolved another way; export the "
+                   "model with torch.export and deploy the .pt2 (export traces such code faithfully), or make the "
+                   "path explicit")
 
 
 def _traced_matches(model: Any, gm: Any, samples: np.ndarray) -> bool:
@@ -554,8 +592,8 @@ def verify_compile(model: Any, gm: Any, L: _Lowering, comp: Compiled, samples: n
             want = m64(t)
             traced = rec.run(t)
         if not isinstance(want, torch.Tensor) or not _close(traced.numpy(), want.numpy())[0]:
-            raise UnsupportedLayerError(
-                f"{_TRACED_ANOTHER} (on {what}: max difference {_close(traced.numpy(), want.numpy())[1]:.3g})")
+            raise TraceMismatch(f"{_TRACED_ANOTHER} (on {what}: max difference "
+                                f"{_close(traced.numpy(), want.numpy())[1]:.3g})")
         vals = float_forward(comp, x)
         for node in gm.graph.nodes:
             v = L.vals.get(node.name)

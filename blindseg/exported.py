@@ -132,6 +132,8 @@ def module_graph(ep: Any) -> tuple[Any, Any]:
             mapped = tuple(env[x] if x in env else [env[y] for y in x] if isinstance(x, (list, tuple)) else x
                            for x in a[:keep])
             env[n] = graph.call_function(fn(), mapped)
+        elif t in (aten.pad.default, aten.constant_pad_nd.default):
+            env[n] = graph.call_function(_fn("torch.nn.functional.pad")(), (env[a[0]], list(a[1])))
         elif t in ident:
             env[n] = env[a[0]]
         else:  # no row: the lowering names it
