@@ -246,6 +246,20 @@ def _zoo(size: int) -> list[tuple[str, Any, tuple[int, ...]]]:
     ]
 
 
+def test_volume(batch: int, size: int, seed: int = 0) -> np.ndarray:
+    """Synthetic 3D scans (smooth balls + noise), N x 1 x size^3."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.mgrid[0:size, 0:size, 0:size] / size
+    out = []
+    for _ in range(batch):
+        v = np.zeros((size, size, size))
+        for _ in range(6):
+            c, r = rng.uniform(0.2, 0.8, 3), rng.uniform(0.08, 0.25)
+            v += rng.uniform(0.5, 1.5) * (np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < r)
+        out.append(v + 0.1 * rng.normal(size=v.shape))
+    return np.stack(out)[:, None]
+
+
 def _train(net: Any, x: np.ndarray, steps: int) -> Any:
     """A short, seeded training on synthetic scans (intensity bands), so predictions are decisive."""
     import torch
@@ -278,12 +292,12 @@ def run_model_table(size: int = 64, steps: int = 60) -> list[dict[str, Any]]:
     rows = []
     for name, net, shape in _zoo(size):
         row: dict[str, Any] = {"model": name, "input": list(shape)}
-        cal = test_image(16, size, seed=6)
-        x = test_image(1, size, seed=5)
+        images = test_image if len(shape) == 3 else test_volume
+        n_train = 16 if len(shape) == 3 else 4
+        cal = images(n_train, shape[-1], seed=6)
+        x = images(1, shape[-1], seed=5)
         try:
-            if len(shape) != 3:  # a 3D model: the compiler refuses it before any training
-                compile_model(net.eval(), shape, "mask", "auto", samples=np.zeros((1, *shape)))
-            net = _train(net, test_image(16, size, seed=11), steps)
+            net = _train(net, images(n_train, shape[-1], seed=11), steps)
             comp = compile_model(net, shape, "mask", "auto", samples=cal)
         except BlindsegError as e:
             row.update(compiles=False, reason=str(e)[:200])

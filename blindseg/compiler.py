@@ -18,11 +18,11 @@ import numpy as np
 
 from .errors import UnsupportedLayerError, UsageError
 from .layers import ArgmaxParams, InterpParams, LinearParams, PoolParams, RescaleParams, UpsampleParams, layer_of
-from .linalg import conv2d_out_hw, conv_transpose2d_out_hw
+from .linalg import conv_out_shape
 from .plan import DEFAULT_ARITIES, Compiled, Op, Plan, apply_head, calibrate, float_forward
 
-SUPPORTED = ("Conv2d (padding numeric, 'same' or 'valid'), ConvTranspose2d, BatchNorm2d, ReLU, LeakyReLU, PReLU "
-             "(one slope), Dropout/Identity (removed), MaxPool2d, AvgPool2d, Upsample / F.interpolate (nearest, "
+SUPPORTED = ("Conv2d/3d (padding numeric, 'same' or 'valid'), ConvTranspose2d/3d, BatchNorm2d/3d, ReLU, LeakyReLU, PReLU "
+             "(one slope), Dropout/Identity (removed), MaxPool2d/3d, AvgPool2d/3d, Upsample / F.interpolate (nearest, "
              "integer scale; bilinear by 2/4/8, align_corners=False), torch.cat (channels), add, Sigmoid / Softmax as the final op, argmax")
 
 
@@ -36,15 +36,19 @@ class _Val:
     head: str | None = None  # the value is the model's output before this monotone head (sigmoid / softmax)
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+def _tuple(v: Any, n: int = 2) -> tuple[int, ...]:
+    return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def _pair(v: Any) -> tuple[int, ...]:
+    return _tuple(v, 2)
 
 
 def _square(v: Any, what: str, name: str) -> int:
-    a, b = _pair(v)
-    if a != b:
-        raise UnsupportedLayerError(f"{name}: non-square {what} {v} is not supported")
-    return a
+    a = _tuple(v, 2)
+    if len(set(a)) != 1:
+        raise UnsupportedLayerError(f"{name}: {what} {v} differs between axes, which is not supported")
+    return a[0]
 
 
 class _Lowering:
@@ -111,44 +115,41 @@ def _desc(node: Any) -> str:
     return f"at '{node.target}'" if node.op == "call_module" else f"{_name(node)} at '{node.name}'"
 
 
-def _spatial_2d(L: _Lowering, idx: int, what: str) -> tuple[int, int, int]:
+def _spatial(L: _Lowering, idx: int, what: str, dims: int) -> tuple[int, ...]:
     shp = L.shape(idx)
-    if len(shp) != 3:
-        raise UnsupportedLayerError(f"{what}: only 2D (N x C x H x W) inputs are supported here, got "
-                                    f"{len(shp) - 1} spatial dimensions")
-    return shp  # type: ignore[return-value]
+    if len(shp) != 1 + dims:
+        raise UnsupportedLayerError(f"{what}: a {dims}D layer on a value with {len(shp) - 1} spatial dimensions")
+    return shp
 
 
 def _conv(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     import torch.nn as nn
 
-    transposed = isinstance(mod, nn.ConvTranspose2d)
+    transposed = isinstance(mod, (nn.ConvTranspose2d, nn.ConvTranspose3d))
+    dims = 3 if isinstance(mod, (nn.Conv3d, nn.ConvTranspose3d)) else 2
     what = f"{type(mod).__name__} {_desc(node)}"
     if mod.groups != 1 or mod.padding_mode != "zeros":
         raise UnsupportedLayerError(f"{what}: only groups=1 and zero padding are supported "
                                     f"(got groups={mod.groups}, padding_mode={mod.padding_mode!r})")
     src = L.settle(x)  # type: ignore[arg-type]
-    cin, hi, wi = _spatial_2d(L, src, what)
-    k = _pair(mod.kernel_size)
+    cin, *sp = _spatial(L, src, what, dims)
+    k = _tuple(mod.kernel_size, dims)
     padding = mod.padding
     if padding == "same":  # stride 1 (torch insists); symmetric only for odd kernels
-        dil = _pair(mod.dilation)
-        if any((dil[a] * (k[a] - 1)) % 2 for a in (0, 1)):
+        dil = _tuple(mod.dilation, dims)
+        if any((dil[a] * (k[a] - 1)) % 2 for a in range(dims)):
             raise UnsupportedLayerError(f"{what}: padding='same' with an even kernel pads asymmetrically; "
                                         "pad explicitly instead")
-        padding = tuple(dil[a] * (k[a] - 1) // 2 for a in (0, 1))
+        padding = tuple(dil[a] * (k[a] - 1) // 2 for a in range(dims))
     elif padding == "valid":
         padding = 0
     geom = {g: _square(padding if g == "padding" else getattr(mod, g), g, what)
             for g in ("stride", "padding", *(("output_padding",) if transposed else ()), "dilation")}
     if cin != mod.in_channels:
         raise UsageError(f"{what} expects {mod.in_channels} input channels, the input has {cin}")
-    if transposed:
-        ho, wo = conv_transpose2d_out_hw(hi, wi, k, geom["stride"], geom["padding"], geom["output_padding"],
-                                         geom["dilation"])
-    else:
-        ho, wo = conv2d_out_hw(hi, wi, k, geom["stride"], geom["padding"], geom["dilation"])
-    idx = L.add("convt" if transposed else "conv", (src,), (mod.out_channels, ho, wo), _name(node),
+    out_sp = conv_out_shape(tuple(sp), k, geom["stride"], geom["padding"], geom["dilation"], transposed,
+                            geom.get("output_padding", 0))
+    idx = L.add("convt" if transposed else "conv", (src,), (mod.out_channels, *out_sp), _name(node),
                 LinearParams(kernel=k, **geom))
     wt = mod.weight.detach().double().numpy().copy()
     bias = mod.bias.detach().double().numpy().copy() if mod.bias is not None else None
@@ -177,10 +178,10 @@ def _batchnorm(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
         return x
     src = L.settle(x)
     c, *sp = L.shape(src)
-    if len(sp) != 2:
-        raise UnsupportedLayerError(f"{_desc(node)}: a BatchNorm that follows no conv is supported in 2D only")
-    idx = L.add("conv", (src,), L.shape(src), _name(node), LinearParams(kernel=(1, 1)))
-    L.weights[idx] = (np.diag(scale)[:, :, None, None].copy(), shift)
+    if len(sp) not in (2, 3):
+        raise UnsupportedLayerError(f"{_desc(node)}: BatchNorm on {len(sp)} spatial dimensions")
+    idx = L.add("conv", (src,), L.shape(src), _name(node), LinearParams(kernel=(1,) * len(sp)))
+    L.weights[idx] = (np.diag(scale).reshape(c, c, *(1,) * len(sp)).copy(), shift)
     return _Val(idx, pending=True)
 
 
@@ -232,11 +233,6 @@ def _head(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     return _Val(v.idx, pending=v.pending, head=kind)
 
 
-def _refuse_3d(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
-    raise UnsupportedLayerError(f"3D models are not supported yet: {type(mod).__name__} at '{_name(node)}'; "
-                                "blindseg compiles 2D U-Nets (N x C x H x W)")
-
-
 def _refuse_norm(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     raise UnsupportedLayerError(
         f"{type(mod).__name__} {_desc(node)}: instance and group normalisation need a secure per-channel mean, "
@@ -285,7 +281,7 @@ def _pooled(L: _Lowering, src: int, k: int, st: int) -> tuple[int, ...]:
 
 
 def _maxpool(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
-    if mod is not None and (mod.dilation not in (1, (1, 1)) or mod.ceil_mode or mod.return_indices):
+    if mod is not None and (mod.dilation not in (1, (1, 1), (1, 1, 1)) or mod.ceil_mode or mod.return_indices):
         raise UnsupportedLayerError(f"{_desc(node)}: MaxPool2d dilation/ceil_mode/return_indices unsupported")
     k, st = _pool_params(node, mod)
     src = L.settle(_need(x, node))
@@ -380,9 +376,10 @@ def _module_rows() -> dict[type, Lower]:
         nn.Dropout1d: _identity, nn.Dropout2d: _identity, nn.Dropout3d: _identity, nn.AlphaDropout: _identity,
         nn.MaxPool2d: _maxpool, nn.AvgPool2d: _avgpool, nn.Upsample: _upsample, nn.Sigmoid: _head,
         nn.Softmax: _head}
-    for m in (nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d, nn.BatchNorm3d, nn.InstanceNorm3d):
-        rows[m] = _refuse_3d
-    for n in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm):
+    rows.update({nn.Conv3d: _conv, nn.ConvTranspose3d: _conv, nn.BatchNorm3d: _batchnorm, nn.MaxPool3d: _maxpool,
+                 nn.AvgPool3d: _avgpool})
+    for n in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm,
+              nn.LocalResponseNorm):
         rows[n] = _refuse_norm
     return rows
 

@@ -178,3 +178,58 @@ def conv_transpose2d(
     if full.shape[2] < padding + ho or full.shape[3] < padding + wo:
         full = np.pad(full, ((0, 0), (0, 0), (0, padding + ho - full.shape[2]), (0, padding + wo - full.shape[3])))
     return np.ascontiguousarray(full[:, :, padding : padding + ho, padding : padding + wo])
+
+
+def conv_out_shape(sp: tuple[int, ...], k: tuple[int, ...], stride: int, padding: int, dilation: int,
+                   transposed: bool = False, output_padding: int = 0) -> tuple[int, ...]:
+    """Output spatial size of an N-d (transposed) conv (torch's formulas)."""
+    pairs = zip(sp, k, strict=True)
+    if transposed:
+        return tuple((s - 1) * stride - 2 * padding + dilation * (kk - 1) + output_padding + 1 for s, kk in pairs)
+    return tuple((s + 2 * padding - dilation * (kk - 1) - 1) // stride + 1 for s, kk in pairs)
+
+
+def conv3d(x: np.ndarray, w: np.ndarray, stride: int = 1, padding: int = 0, dilation: int = 1) -> np.ndarray:
+    """Exact ring conv3d: for each depth tap, one batched conv2d over all (padded) depth slices, then the
+    taps summed at their output depths (groups=1, zero padding, no bias)."""
+    x, w = _u32(x), _u32(w)
+    if x.ndim != 5 or w.ndim != 5 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"conv3d shapes do not agree: input {x.shape}, weight {w.shape}")
+    n, c, d = x.shape[:3]
+    do = conv_out_shape((d,), (w.shape[2],), stride, padding, dilation)[0]
+    if do <= 0:
+        raise ValueError(f"conv3d output would be empty for input {x.shape}")
+    if padding:
+        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (0, 0), (0, 0)))
+    dp = x.shape[2]
+    slices = np.ascontiguousarray(x.transpose(0, 2, 1, 3, 4).reshape(n * dp, c, *x.shape[3:]))
+    out: np.ndarray | None = None
+    for kd in range(w.shape[2]):
+        y = conv2d(slices, w[:, :, kd], stride, padding, dilation)
+        y = y.reshape(n, dp, *y.shape[1:])[:, kd * dilation: kd * dilation + (do - 1) * stride + 1: stride]
+        out = y if out is None else out + y
+    assert out is not None
+    return np.ascontiguousarray(out.transpose(0, 2, 1, 3, 4))
+
+
+def conv_transpose3d(x: np.ndarray, w: np.ndarray, stride: int = 1, padding: int = 0, output_padding: int = 0,
+                     dilation: int = 1) -> np.ndarray:
+    """Exact ring conv_transpose3d: per depth tap, one batched conv_transpose2d over the input slices,
+    scattered to depth ``i * stride + kd * dilation`` of the full output, then cropped by ``padding``."""
+    x, w = _u32(x), _u32(w)
+    if x.ndim != 5 or w.ndim != 5 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"conv_transpose3d shapes do not agree: input {x.shape}, weight {w.shape}")
+    n, c, d = x.shape[:3]
+    kd_n = w.shape[2]
+    do = conv_out_shape((d,), (kd_n,), stride, padding, dilation, True, output_padding)[0]
+    slices = np.ascontiguousarray(x.transpose(0, 2, 1, 3, 4).reshape(n * d, c, *x.shape[3:]))
+    full: np.ndarray | None = None
+    for kd in range(kd_n):
+        y = conv_transpose2d(slices, w[:, :, kd], stride, padding, output_padding, dilation)
+        y = y.reshape(n, d, *y.shape[1:])
+        if full is None:
+            depth = max((d - 1) * stride + dilation * (kd_n - 1) + 1 + output_padding, padding + do)
+            full = np.zeros((n, depth, *y.shape[2:]), dtype=np.uint32)
+        full[:, kd * dilation: kd * dilation + (d - 1) * stride + 1: stride] += y
+    assert full is not None
+    return np.ascontiguousarray(full[:, padding: padding + do].transpose(0, 2, 1, 3, 4))

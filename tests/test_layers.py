@@ -31,6 +31,9 @@ def _cases() -> list[tuple[str, tuple[int, ...], dict, int]]:
         out += [("rescale", shp, {"shift": s, "act": a, **({"slope": 0.1, "slope_bits": 8} if a == "leaky" else {})},
                  2 if a == "leaky" else 1) for s in (0, 7) for a in ("none", "relu", "leaky")]
         out += [("rescale", shp, {"shift": 4, "mul": 3, "act": "none"}, 1)]
+    out += [("conv", (1, 2, 4, 5, 6), {"kernel": [3, 3, 3], "stride": s, "padding": p, "fw": 6}, 0)
+            for s, p in ((1, 1), (2, 0))]  # 3D
+    out.append(("convt", (2, 2, 3, 4, 3), {"kernel": [2, 2, 2], "stride": 2, "fw": 6}, 0))
     for shp in [(1, 2, 6, 6), (2, 1, 7, 9), (1, 2, 4, 4, 6)]:
         out += [("maxpool", shp, {"kernel": 2, "stride": 2}, 0), ("avgsum", shp, {"kernel": 2, "stride": 2}, 0),
                 ("upsample", shp, {"scale": 2}, 0), ("add", shp, {}, 0), ("concat", shp, {}, 0),

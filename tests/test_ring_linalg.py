@@ -133,3 +133,71 @@ def test_prg_streams_deterministic_and_distinct() -> None:
     assert not np.array_equal(a, Prg(seed, stream=4).uint32(1000))
     with pytest.raises(ValueError):
         Prg(b"short")
+
+
+def _conv3d_ints(x: np.ndarray, w: np.ndarray, stride: int, pad: int, dil: int) -> np.ndarray:
+    """Slow Python-int conv3d mod 2^32 (the definition, no floats anywhere)."""
+    n, c, d, h, wd = x.shape
+    co, _, kd, kh, kw = w.shape
+    X = [[[[[int(x[a, b, i, j, k]) for k in range(wd)] for j in range(h)] for i in range(d)] for b in range(c)]
+         for a in range(n)]
+    W = w.astype(object)
+    od, oh, ow = ((s + 2 * pad - dil * (kk - 1) - 1) // stride + 1 for s, kk in ((d, kd), (h, kh), (wd, kw)))
+    out = np.zeros((n, co, od, oh, ow), dtype=np.uint64)
+    for a in range(n):
+        for o in range(co):
+            for i in range(od):
+                for j in range(oh):
+                    for k in range(ow):
+                        acc = 0
+                        for b in range(c):
+                            for p in range(kd):
+                                for q in range(kh):
+                                    for r in range(kw):
+                                        zi, zj, zk = i * stride - pad + p * dil, j * stride - pad + q * dil, \
+                                            k * stride - pad + r * dil
+                                        if 0 <= zi < d and 0 <= zj < h and 0 <= zk < wd:
+                                            acc += X[a][b][zi][zj][zk] * int(W[o, b, p, q, r])
+                        out[a, o, i, j, k] = acc % (1 << 32)
+    return out.astype(np.uint32)
+
+
+def _conv_transpose3d_ints(x: np.ndarray, w: np.ndarray, stride: int, pad: int, opad: int) -> np.ndarray:
+    """Slow Python-int conv_transpose3d mod 2^32: scatter every input voxel through the kernel."""
+    n, c, d, h, wd = x.shape
+    _, co, kd, kh, kw = w.shape
+    size = [(s - 1) * stride - 2 * pad + (kk - 1) + opad + 1 for s, kk in ((d, kd), (h, kh), (wd, kw))]
+    full = {}
+    for a in range(n):
+        for b in range(c):
+            for i in range(d):
+                for j in range(h):
+                    for k in range(wd):
+                        v = int(x[a, b, i, j, k])
+                        for o in range(co):
+                            for p in range(kd):
+                                for q in range(kh):
+                                    for r in range(kw):
+                                        key = (a, o, i * stride + p - pad, j * stride + q - pad, k * stride + r - pad)
+                                        full[key] = full.get(key, 0) + v * int(w[b, o, p, q, r])
+    out = np.zeros((n, co, *size), dtype=np.uint64)
+    for (a, o, i, j, k), v in full.items():
+        if 0 <= i < size[0] and 0 <= j < size[1] and 0 <= k < size[2]:
+            out[a, o, i, j, k] = v % (1 << 32)
+    return out.astype(np.uint32)
+
+
+@pytest.mark.parametrize("stride,pad,dil", [(1, 1, 1), (2, 0, 1), (2, 1, 2)])
+def test_conv3d_bit_exact_on_full_range_values(rng: np.random.Generator, stride: int, pad: int, dil: int) -> None:
+    x = rng.integers(0, 1 << 32, (1, 2, 5, 4, 6), dtype=np.uint64).astype(np.uint32)
+    w = rng.integers(0, 1 << 32, (2, 2, 2, 3, 2), dtype=np.uint64).astype(np.uint32)
+    np.testing.assert_array_equal(linalg.conv3d(x, w, stride, pad, dil), _conv3d_ints(x, w, stride, pad, dil))
+
+
+@pytest.mark.parametrize("stride,pad,opad,k", [(2, 0, 0, 2), (2, 1, 1, 3), (1, 1, 0, 3)])
+def test_conv_transpose3d_bit_exact_on_full_range_values(rng: np.random.Generator, stride: int, pad: int, opad: int,
+                                                         k: int) -> None:
+    x = rng.integers(0, 1 << 32, (1, 2, 3, 2, 3), dtype=np.uint64).astype(np.uint32)
+    w = rng.integers(0, 1 << 32, (2, 2, k, k, k), dtype=np.uint64).astype(np.uint32)
+    np.testing.assert_array_equal(linalg.conv_transpose3d(x, w, stride, pad, opad),
+                                  _conv_transpose3d_ints(x, w, stride, pad, opad))

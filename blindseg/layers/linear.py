@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import protocols as P
 from ..circuit import Circuit
-from ..linalg import conv2d, conv2d_out_hw, conv_transpose2d, conv_transpose2d_out_hw
+from ..linalg import conv2d, conv3d, conv_out_shape, conv_transpose2d, conv_transpose3d
 from ..preprocessing import Material, MatSpec, beaver_spec
 from ..ring import signed
 from .base import Calibration, DealContext, Layer, OpMaterial, Params, Runtime, check
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LinearParams(Params):
-    """Square kernel geometry (2 spatial dims) and the weight scale ``fw`` chosen by calibration."""
+    """Kernel geometry (2 or 3 spatial dims; one stride/padding/dilation for every axis) and the weight
+    scale ``fw`` chosen by calibration."""
 
     kernel: tuple[int, ...]
     stride: int = 1
@@ -39,7 +40,8 @@ class LinearParams(Params):
     fw: int = 0
 
     def __post_init__(self) -> None:
-        check(len(self.kernel) == 2 and all(1 <= k <= 64 for k in self.kernel), f"kernel {self.kernel} must be 2 sizes in 1..64")
+        check(len(self.kernel) in (2, 3) and all(1 <= k <= 64 for k in self.kernel),
+              f"kernel {self.kernel} must be 2 or 3 sizes in 1..64")
         check(1 <= self.stride <= 64 and 0 <= self.padding <= 64 and 1 <= self.dilation <= 64,
               f"stride {self.stride} / padding {self.padding} / dilation {self.dilation} out of range")
         check(0 <= self.output_padding < self.stride or self.output_padding == 0, "output_padding must be < stride")
@@ -56,7 +58,7 @@ class ModelShare:
 
 
 class Linear(Layer):
-    """``conv`` (exact ring conv2d) or ``convt`` (exact ring conv_transpose2d)."""
+    """``conv`` (exact ring conv2d / conv3d) or ``convt`` (exact ring conv_transpose2d / 3d)."""
 
     params = LinearParams
     activation = False
@@ -70,25 +72,26 @@ class Linear(Layer):
     def apply(self, op: Op, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         """The op's exact ring bilinear function f(x, w): the one path dealer and servers share."""
         p: LinearParams = op.params
+        if len(p.kernel) == 3:
+            if self.transposed:
+                return conv_transpose3d(x, w, p.stride, p.padding, p.output_padding, p.dilation)
+            return conv3d(x, w, p.stride, p.padding, p.dilation)
         if self.transposed:
             return conv_transpose2d(x, w, p.stride, p.padding, p.output_padding, p.dilation)
         return conv2d(x, w, p.stride, p.padding, p.dilation)
 
     def weight_shape(self, op: Op, cin: int) -> tuple[int, ...]:
-        kh, kw = op.params.kernel
-        return (cin, op.shape[0], kh, kw) if self.transposed else (op.shape[0], cin, kh, kw)
+        k = tuple(op.params.kernel)
+        return (cin, op.shape[0], *k) if self.transposed else (op.shape[0], cin, *k)
 
     def out_shape(self, op: Op, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
         (src,) = in_shapes
-        if len(src) != 3:
-            return None
         p: LinearParams = op.params
-        k = (p.kernel[0], p.kernel[1])
-        if self.transposed:
-            ho, wo = conv_transpose2d_out_hw(src[1], src[2], k, p.stride, p.padding, p.output_padding, p.dilation)
-        else:
-            ho, wo = conv2d_out_hw(src[1], src[2], k, p.stride, p.padding, p.dilation)
-        return (op.shape[0], ho, wo)
+        if len(src) != 1 + len(p.kernel):
+            return None
+        sp = conv_out_shape(src[1:], tuple(p.kernel), p.stride, p.padding, p.dilation, self.transposed,
+                            p.output_padding)
+        return (op.shape[0], *sp)
 
     def specs(self, op: Op, in_shapes: list[tuple[int, ...]], batch: int, circ: Circuit) -> list[MatSpec]:
         return [beaver_spec((batch, *in_shapes[0]), (batch, *op.shape))]
@@ -134,9 +137,11 @@ class Linear(Layer):
         import torch.nn.functional as F
 
         p: LinearParams = op.params
+        three = len(p.kernel) == 3
         if self.transposed:
-            return F.conv_transpose2d(x, w, b, p.stride, p.padding, p.output_padding, 1, p.dilation)
-        return F.conv2d(x, w, b, p.stride, p.padding, p.dilation)
+            return (F.conv_transpose3d if three else F.conv_transpose2d)(x, w, b, p.stride, p.padding,
+                                                                          p.output_padding, 1, p.dilation)
+        return (F.conv3d if three else F.conv2d)(x, w, b, p.stride, p.padding, p.dilation)
 
     def calibrate(self, op: Op, i: int, cal: Calibration, ops: tuple[Op, ...]) -> Params:
         from dataclasses import replace
