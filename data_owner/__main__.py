@@ -27,13 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--batch", type=int, default=8, help="slices per secure job")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--retries", type=int, default=1, help="retry a failed job this many times (fresh bundle)")
+    s.add_argument("--overlap", type=float, default=0.25,
+                   help="overlap of the windows over slices larger than the model input (0 <= overlap < 1)")
     args = ap.parse_args(argv)
 
     async def go() -> None:
         from blindseg.models import demo_slices
 
         from .client import Client
-        from .io import fit, read_image, unfit, write_mask, write_overlay
+        from .io import read_image, write_mask, write_overlay
+        from .windows import cut, downsampling, plan_windows, stitch
 
         if args.batch < 1:
             raise UsageError("--batch must be at least 1")
@@ -50,34 +53,42 @@ def main(argv: list[str] | None = None) -> int:
             if raw.shape[1] != plan.input_shape[0]:
                 raise UsageError(f"{args.input}: {raw.shape[1]} channels, model {args.model} expects "
                                  f"{plan.input_shape[0]}")
-            orig_hw = raw.shape[2:]
-            raw = fit(raw, plan.input_shape[1:])  # type: ignore[arg-type]  # the model input size, from its plan
+            if len(plan.input_shape) != 3:
+                raise UsageError(f"model {args.model} is a {len(plan.input_shape) - 1}D model; the segment command "
+                                 "feeds 2D slices (use the Python API for volumes)")
+            # every voxel is covered: windows of the model's input size over larger slices, padding for smaller
+            win = plan_windows(raw.shape[2:], plan.input_shape[1:], args.overlap,  # type: ignore[arg-type]
+                               downsampling(plan.ops))
+            tiles = cut(raw, win)
             from tqdm import tqdm
 
-            n_jobs = -(-len(raw) // args.batch)
+            n_jobs = -(-len(tiles) // args.batch)
             bar = tqdm(total=n_jobs * len(plan.ops), disable=args.quiet, unit="op",
-                       desc=f"secure inference ({len(raw)} slices, {n_jobs} jobs)")
+                       desc=f"secure inference ({len(raw)} slices, {win.count} windows each, {n_jobs} jobs)")
             done = [0]
 
             def progress(op: int, n: int) -> None:
                 bar.update(op - done[0] if op > done[0] else 0)
                 done[0] = op
 
-            for i in range(0, len(raw), args.batch):
+            for i in range(0, len(tiles), args.batch):
                 done[0] = 0
-                m, c = await client.segment(args.model, raw[i:i + args.batch], progress, retries=args.retries)
+                m, c = await client.segment(args.model, tiles[i:i + args.batch], progress, retries=args.retries)
                 bar.update(len(plan.ops) - done[0])
                 masks.append(m)
                 costs.append(c)
             bar.close()
-        mask = unfit(np.concatenate(masks), orig_hw)
-        raw = unfit(raw, orig_hw)
+        mask = stitch(np.concatenate(masks), win)
+        if "padding_mask" in meta:  # the scanner's PixelPaddingValue: outside the patient, never segmented
+            mask[meta["padding_mask"]] = 0
         out: Path = args.out
         out.mkdir(parents=True, exist_ok=True)
         write_mask(out / ("mask.nii.gz" if meta["kind"] in ("nifti", "dicom") else "mask.npy"), mask, meta)
         names = plan.meta.get("class_names", [str(c) for c in range(plan.classes)])
         write_overlay(out / "overlay.png", raw[len(raw) // 2, 0], mask[len(raw) // 2], names, f"blindseg {args.model}")
-        report = {"model": args.model, "slices": len(raw), "jobs": len(costs),
+        report = {"model": args.model, "slices": len(raw), "jobs": len(costs), **win.describe(),
+                  "voxels": int(mask.size), "voxels_segmented": int(mask.size),
+                  "padding_voxels": int(np.sum(meta.get("padding_mask", 0))),
                   "online_seconds": sum(c["online_seconds"] for c in costs),
                   "rounds": sum(c["rounds"] for c in costs),
                   "online_bytes_per_server": max(sum(c["server_bytes"][i] for c in costs) for i in (0, 1)),
@@ -88,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         from blindseg.report import cost_chart
 
         cost_chart(report, out / "cost.png", f"blindseg {args.model}: per-layer cost ({len(raw)} slices)")
-        np.save(out / "input.npy", raw)
         print(json.dumps({k: v for k, v in report.items() if k != "layers"}), flush=True)
 
     return run_service(go())

@@ -21,18 +21,22 @@ def read_dicom_series(directory: str | Path) -> tuple[np.ndarray, dict[str, Any]
     from pydicom.errors import InvalidDicomError
 
     d = Path(directory)
-    files = sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
-    slices = []
+    files = [d] if d.is_file() else sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
+    slices, skipped = [], []
     for f in files:
         try:
             ds = pydicom.dcmread(f)
         except (InvalidDicomError, OSError, ValueError):
-            raise UsageError(f"{f}: not a DICOM file") from None
+            skipped.append(f.name)  # a README, LICENSE or DICOMDIR-like file beside the series
+            continue
         if "PixelData" not in ds:
-            raise UsageError(f"{f}: DICOM file has no pixel data")
+            skipped.append(f.name)
+            continue
         slices.append((f, ds))
     if not slices:
-        raise UsageError(f"{d}: no DICOM files in the directory")
+        raise UsageError(f"{d}: no DICOM image files" + (f" (skipped: {', '.join(skipped[:5])})" if skipped else ""))
+    if len(slices) == 1 and int(slices[0][1].get("NumberOfFrames", 1) or 1) > 1:
+        return _multiframe(*slices[0], skipped)
     from collections import Counter
 
     # the reference slice is one of the majority geometry, so the odd file out is the one named
@@ -60,14 +64,16 @@ def read_dicom_series(directory: str | Path) -> tuple[np.ndarray, dict[str, Any]
         gaps = np.diff([k for k, _, _ in keyed])
         if np.any(gaps <= 0) or np.ptp(gaps) > 0.01 * max(abs(float(np.median(gaps))), 1e-6):
             raise UsageError(f"{d}: slices are not evenly spaced (inconsistent geometry or duplicate positions)")
-    vol = []
+    vol, pads = [], []
     for _, f, ds in keyed:
         try:
-            px = ds.pixel_array.astype(np.float32)
+            raw_px = ds.pixel_array
         except Exception as e:
             raise UsageError(f"{f}: pixel data cannot be decoded ({e.__class__.__name__})") from None
-        vol.append(px * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0)))
+        pads.append(_padding(ds, raw_px))
+        vol.append(raw_px.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0)))
     arr = np.stack(vol)[:, None]
+    pad = np.stack(pads)
     p0 = np.asarray(keyed[0][2].get("ImagePositionPatient", [0, 0, 0]), dtype=np.float64)
     dz = float(np.median(np.diff([k for k, _, _ in keyed]))) if len(keyed) > 1 else 1.0
     affine = np.eye(4)  # LPS (DICOM) -> RAS (NIfTI): flip the first two axes
@@ -76,7 +82,76 @@ def read_dicom_series(directory: str | Path) -> tuple[np.ndarray, dict[str, Any]
     affine[:3, 2] = normal * dz
     affine[:3, 3] = p0
     affine = np.diag([-1, -1, 1, 1]) @ affine
-    return arr, {"kind": "dicom", "affine": affine, "files": [str(f) for _, f, _ in keyed]}
+    meta: dict[str, Any] = {"kind": "dicom", "affine": affine, "files": [str(f) for _, f, _ in keyed],
+                            "skipped": skipped}
+    return _mask_padding(arr, pad, meta)
+
+
+def _padding(ds: Any, px: np.ndarray) -> np.ndarray:
+    """Voxels equal to the scanner's PixelPaddingValue (e.g. -3024 HU outside the CT field of view)."""
+    val = ds.get("PixelPaddingValue")
+    if val is None:
+        return np.zeros(px.shape, dtype=bool)
+    hi = ds.get("PixelPaddingRangeLimit")
+    lo, hi = (min(val, hi), max(val, hi)) if hi is not None else (val, val)
+    return (px >= lo) & (px <= hi)
+
+
+def _mask_padding(arr: np.ndarray, pad: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Padding voxels take the lowest real value (they must not enter the model as -3024 HU); the
+    data owner sets their label to background and reports how many there were."""
+    pad = pad.reshape(arr.shape)
+    if pad.any():
+        real = arr[~pad]
+        arr = arr.copy()
+        arr[pad] = real.min() if real.size else 0.0
+        meta["padding_mask"] = pad[:, 0]
+    return arr, meta
+
+
+def _multiframe(f: Path, ds: Any, skipped: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """An enhanced (multi-frame) DICOM: frames ordered along the slice normal from the per-frame
+    plane positions; refused if they are not recorded."""
+    try:
+        frames = ds.pixel_array
+    except Exception as e:
+        raise UsageError(f"{f}: pixel data cannot be decoded ({e.__class__.__name__})") from None
+    groups = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    try:
+        pos = [np.asarray(g.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64) for g in groups]
+        plane = (shared[0] if shared else groups[0]).PlaneOrientationSequence[0]
+        orient = np.asarray(plane.ImageOrientationPatient, dtype=np.float64)
+        measures = (shared[0] if shared else groups[0]).PixelMeasuresSequence[0]
+        spacing = np.asarray(measures.PixelSpacing, dtype=np.float64)
+    except (AttributeError, IndexError, TypeError, KeyError):
+        raise UsageError(f"{f}: multi-frame DICOM without per-frame positions and orientation; cannot place "
+                         "its frames") from None
+    normal = np.cross(orient[:3], orient[3:])
+    order = np.argsort([float(np.dot(p, normal)) for p in pos])
+    slope, inter = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+    try:
+        ts = shared[0].PixelValueTransformationSequence[0] if shared else None
+        if ts is not None:
+            slope, inter = float(ts.RescaleSlope), float(ts.RescaleIntercept)
+    except (AttributeError, IndexError):
+        pass
+    raw_px = frames[order]
+    arr = (raw_px.astype(np.float32) * slope + inter)[:, None]
+    keys = sorted(float(np.dot(p, normal)) for p in pos)
+    dz = float(np.median(np.diff(keys))) if len(keys) > 1 else 1.0
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2] = orient[3:] * spacing[0], orient[:3] * spacing[1], normal * dz
+    affine[:3, 3] = pos[int(order[0])]
+    meta: dict[str, Any] = {"kind": "dicom", "affine": np.diag([-1, -1, 1, 1]) @ affine, "files": [str(f)],
+                            "skipped": skipped, "frames": int(len(order))}
+    return _mask_padding(arr, _padding(ds, raw_px), meta)
+
+
+def _is_dicom(p: Path) -> bool:
+    with open(p, "rb") as f:
+        head = f.read(132)
+    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
@@ -102,6 +177,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         elif name.endswith(".npy"):
             arr = np.load(p, allow_pickle=False)
             meta = {"kind": "npy"}
+        elif name.endswith(".dcm") or _is_dicom(p):
+            return read_dicom_series(p)  # one file: a single slice, or a multi-frame volume
         elif name.endswith(".png"):
             import matplotlib.image as mpimg
 
@@ -110,7 +187,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
                 arr = arr[..., :3].mean(axis=2)
             meta = {"kind": "png"}
         else:
-            raise UsageError(f"{p}: unsupported file type (NIfTI .nii/.nii.gz, .npy, .png, or a DICOM series directory)")
+            raise UsageError(f"{p}: unsupported file type (NIfTI .nii/.nii.gz, .npy, .png, a DICOM file or a DICOM "
+                             "series directory)")
     except UsageError:
         raise
     except Exception as e:
@@ -183,7 +261,8 @@ def write_overlay(path: str | Path, image: np.ndarray, mask: np.ndarray, class_n
     for c in range(1, int(mask.max()) + 1):
         rgba[mask == c] = colors[c % len(colors)]
     fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
-    ax.imshow(image, cmap="gray")
+    lo, hi = np.percentile(image, [1, 99]) if image.size else (0, 1)
+    ax.imshow(image, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6))  # a display window, e.g. for CT in HU
     ax.imshow(rgba)
     ax.set_axis_off()
     if title:

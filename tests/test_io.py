@@ -59,10 +59,10 @@ def test_dicom_errors_name_the_file_and_problem(tmp_path):
     _dicom_slice(d / "other.dcm", 12.5, np.zeros((8, 6)), series="9.9.9")
     with pytest.raises(UsageError, match="other.dcm: belongs to another series"):
         read_dicom_series(d)
-    d = _series(tmp_path / "nopix")
+    d = _series(tmp_path / "nopix")  # an image-less DICOM beside the series (a DICOMDIR, a report) is skipped
     _dicom_slice(d / "empty.dcm", 12.5, np.zeros((8, 6)), with_pixels=False)
-    with pytest.raises(UsageError, match="empty.dcm: DICOM file has no pixel data"):
-        read_dicom_series(d)
+    arr, meta = read_dicom_series(d)
+    assert arr.shape[0] == 5 and meta["skipped"] == ["empty.dcm"]
     d = _series(tmp_path / "geom", zs=(0, 2.5, 5, 9, 10))
     with pytest.raises(UsageError, match="not evenly spaced"):
         read_dicom_series(d)
@@ -70,13 +70,55 @@ def test_dicom_errors_name_the_file_and_problem(tmp_path):
     _dicom_slice(d / "big.dcm", 12.5, np.zeros((10, 6)))
     with pytest.raises(UsageError, match="big.dcm: 10x6 pixels"):
         read_dicom_series(d)
-    d = _series(tmp_path / "junk")
-    (d / "notes.txt").write_text("not dicom")
-    with pytest.raises(UsageError, match="notes.txt: not a DICOM file"):
-        read_dicom_series(d)
+    d = _series(tmp_path / "junk")  # a LICENSE shipped in the series folder no longer aborts it
+    (d / "LICENSE").write_text("not dicom")
+    arr, meta = read_dicom_series(d)
+    assert arr.shape[0] == 5 and meta["skipped"] == ["LICENSE"]
     (tmp_path / "none").mkdir()
-    with pytest.raises(UsageError, match="no DICOM files"):
+    (tmp_path / "none" / "README").write_text("x")
+    with pytest.raises(UsageError, match="no DICOM image files .skipped: README"):
         read_dicom_series(tmp_path / "none")
+
+
+def test_single_dicom_file_and_pixel_padding(tmp_path):
+    """One .dcm file is a one-slice scan; PixelPaddingValue voxels (-3024 HU outside the field of view)
+    never enter the model: they take the lowest real value and are reported, their label background."""
+    from pydicom import dcmread
+
+    px = np.full((8, 6), 1000)
+    px[:, :2] = 0  # stored 0, the padding value: -1024 HU after rescale, but outside the field of view
+    _dicom_slice(tmp_path / "one.dcm", 0.0, px)
+    ds = dcmread(tmp_path / "one.dcm")
+    ds.add_new(0x00280120, "US", 0)  # PixelPaddingValue (VR follows PixelRepresentation = unsigned)
+    ds.save_as(tmp_path / "one.dcm")
+    arr, meta = read_image(tmp_path / "one.dcm")
+    assert arr.shape == (1, 1, 8, 6)
+    assert meta["padding_mask"].sum() == 16 and np.all(arr[0, 0, :, :2] == 2.0 * 1000 - 1024)
+
+
+def test_windows_cover_every_voxel_and_stitch_back(tmp_path):
+    """A slice larger than the model input is covered by overlapping windows (nothing cropped); one
+    smaller is padded with its own minimum; stitching takes each voxel from its nearest window centre."""
+    from data_owner.windows import cut, plan_windows, stitch
+
+    rng = np.random.default_rng(0)
+    for image, size in (((300, 200), (128, 128)), ((100, 90), (128, 128)), ((512, 512), (128, 128)),
+                        ((128, 300), (128, 128))):
+        raw = rng.normal(size=(2, 1, *image)).astype(np.float32)
+        w = plan_windows(image, size, 0.25, align=16)
+        tiles = cut(raw, w)
+        assert tiles.shape == (2 * w.count, 1, *size)
+        # an "identity model": each window's label is the voxel's own row * cols + col, offset by the window
+        ids = np.arange(image[0] * image[1]).reshape(image)
+        big = np.full((max(size[0], image[0]), max(size[1], image[1])), -1)
+        big[w.pad[0]:w.pad[0] + image[0], w.pad[1]:w.pad[1] + image[1]] = ids
+        per = [big[y:y + size[0], x:x + size[1]] for y in w.starts[0] for x in w.starts[1]]
+        masks = np.stack([np.stack(per)] * 2).reshape(2 * w.count, *size)
+        back = stitch(masks, w)
+        assert back.shape == (2, *image) and np.array_equal(back[0], ids) and np.array_equal(back[1], ids)
+        assert all(s % 16 == 0 or s == image[a] - size[a] for a in (0, 1) for s in w.starts[a])
+        if image[0] < size[0]:
+            assert w.pad[0] > 0 and float(tiles[0, 0, 0, 0]) == float(raw[0].min())  # padded with the minimum
 
 
 def test_nifti_mask_keeps_the_affine_and_npy_png_round_trip(tmp_path):
@@ -179,3 +221,55 @@ def _small_plan_dict():
 
     x = np.random.default_rng(0).normal(size=(1, 1, 16, 16))
     return compile_model(build_model("ref-unet", seed=0), (1, 16, 16), "mask", "auto", samples=x).plan.to_dict()
+
+
+async def test_segment_cli_covers_every_voxel_of_a_large_slice(tmp_path):
+    """`python -m data_owner segment` on slices larger than the model input (and one smaller): windows
+    cover the whole slice, the mask has the scan's own size and equals the plaintext model run on the same
+    windows and stitched; the report states the windows; no plaintext copy of the scan is written."""
+    import asyncio
+    import json
+
+    import torch
+
+    from blindseg.broker import EmbeddedBroker
+    from blindseg.config import PartyConfig
+    from blindseg.demo import LocalDeployment
+    from blindseg.models import load_named_model
+    from data_owner.windows import cut, downsampling, plan_windows, stitch
+    from model_owner.client import deploy
+
+    model, _, _ = load_named_model("ref-unet", 32)
+    rng = np.random.default_rng(1)
+    from blindseg.models import test_image
+
+    big = test_image(2, 96, seed=3)[:, :, :, :80].astype(np.float32)  # 96 x 80 slices, a 32 x 32 model
+    big += 0.02 * rng.normal(size=big.shape).astype(np.float32)
+    np.save(tmp_path / "scan.npy", big[:, 0])
+    broker = await EmbeddedBroker().start()
+    dep = LocalDeployment(tmp_path / "dep", broker.url, pool=2)
+    try:
+        await asyncio.to_thread(dep.start)
+        info = await deploy(PartyConfig.load(dep.configs["model_owner"]), "ref-unet", "m", size=32, timeout=120)
+        assert info["epoch"]
+        out = tmp_path / "out"
+        report = await dep.client("data_owner", "segment", "--model", "m", "--input", str(tmp_path / "scan.npy"),
+                                  "--out", str(out), "--quiet", "--batch", "16", timeout=300)
+        mask = np.load(out / "mask.npy")
+        assert mask.shape == (2, 96, 80) and report["windows_per_slice"] >= 3 * 3
+        assert report["voxels_segmented"] == 2 * 96 * 80
+        assert not (out / "input.npy").exists()
+        full = json.loads((out / "report.json").read_text())
+        assert full["window"] == [32, 32] and full["image"] == [96, 80]
+        from blindseg.plan import Plan
+
+        plan = Plan.from_dict(json.loads(next((dep.root / "state" / "server0" / "models").glob("m@*.plan.json"))
+                                         .read_text()))
+        w = plan_windows((96, 80), (32, 32), 0.25, downsampling(plan.ops))
+        assert w.count == report["windows_per_slice"]
+        with torch.no_grad():
+            want = stitch(torch.argmax(model(torch.from_numpy(cut(big, w))), 1).numpy(), w)
+        assert (mask == want).mean() >= 0.999
+    finally:
+        dep.stop()
+        await broker.stop()
