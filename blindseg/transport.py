@@ -44,6 +44,7 @@ from urllib.parse import urlparse
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from .background import spawn
 from .channel import Control, Endpoint, Frame, _Inbox
 from .crypto import HELLO, OVERHEAD, SecureLink
 from .errors import ConnectionLost, ProtocolError, UnknownSession, UsageError
@@ -162,9 +163,7 @@ class MqttTransport:
         await self.close()
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(self._tasks, coro, log, f"{self.me}: transport task")
 
     async def _run(self) -> None:
         delay = 0.1
@@ -369,10 +368,9 @@ class MqttEndpoint(Endpoint):
                 log.warning("%s: clock of %s is %.0f s %s this host's (nothing depends on it, but logs and key "
                             "expiry dates will disagree)", self.t.me, self.peer, abs(skew),
                             "ahead of" if skew > 0 else "behind")
-        elif reply and self.secure.peer_e == bytes(message[4:36]) and message[36:68] != bytes(32):
-            log.warning("%s: %s holds a session with another process that uses this party's identity (%s): "
-                        "run one process per identity; the other's frames and ours will fail", self.t.me,
-                        self.peer, self.t.me)
+        elif reply and message[36:68] != bytes(32):  # the peer addressed another run of this identity
+            log.info("%s: %s still addressed an earlier (or another) process with this identity; answered with ours "
+                     "(run one process per identity)", self.t.me, self.peer)
         self._ready.set()
         if reply:
             self.t._spawn(self.send_hello())

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from blindseg import ids
+from blindseg.background import spawn
 from blindseg.config import PartyConfig
 from blindseg.errors import BlindsegError, ProtocolError, StaleEpoch, UsageError
 from blindseg.layout import model_mask_shares
@@ -205,11 +206,9 @@ class ServerService:
         if sender != "model_owner" and allowed and sender not in allowed:
             raise UsageError(f"{sender} is not an allowed tenant of model {key.split('@')[0]!r}")
 
-    def spawn(self, coro: Any) -> None:
-        """Run ``coro`` in the background; it is cancelled when the service stops."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def spawn(self, coro: Any, what: str = "background task") -> None:
+        """Run ``coro`` in the background (cancelled when the service stops; failures logged)."""
+        spawn(self._tasks, coro, log, f"{self.name}: {what}")
 
     def model(self, model: str) -> ServerCore:
         self.current_key(model)
@@ -288,7 +287,7 @@ class ServerService:
 
             async def progress(op: int) -> None:
                 if self.party == 0:  # off the critical path: the round does not wait for it
-                    self.spawn(self.node.tell(tenant, Progress(job, op, n)))
+                    self.spawn(self.node.tell(tenant, Progress(job, op, n)), f"progress of job {job[:8]}")
 
             t_run = time.perf_counter()
             out = await drive(core.run(prep, x), peer, job, stats, self.settings.round_timeout, on_op=progress)

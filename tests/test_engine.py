@@ -110,7 +110,7 @@ def test_unsupported_layer_is_named() -> None:
     with pytest.raises(UnsupportedLayerError, match="F.interpolate at 'interpolate'") as e:
         secure_segment(Fn(), np.zeros((1, 1, 8, 8)))
     assert " 0x" not in str(e.value)
-    for layer, what in ((nn.Conv3d(1, 2, 3), "3D models are not supported yet: Conv3d"),
+    for layer, what in ((nn.Conv3d(1, 2, 3), "Conv3d at '0': a 3D layer on a value with 2 spatial dimensions"),
                         (nn.InstanceNorm2d(1), "InstanceNorm2d .* need a secure per-channel mean")):
         with pytest.raises(UnsupportedLayerError, match=what):
             secure_segment(nn.Sequential(layer, nn.Conv2d(2 if "3D" in what else 1, 2, 1)), np.zeros((1, 1, 8, 8)))
