@@ -103,7 +103,9 @@ def load_named_model(name: str, size: int = 64) -> tuple[Any, np.ndarray, dict[s
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict({k: v.float() for k, v in state.items()})
         calib = intensity.apply(MNI_PREPROCESS, demo_slices()["calib_image"].astype(np.float32))
-        return model.eval(), calib, {"preprocess": MNI_PREPROCESS, "class_names": MNI_CLASSES, "name": name}
+        geometry = {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "rot90": 1}  # blindseg.mni's training slices
+        return model.eval(), calib, {"preprocess": MNI_PREPROCESS, "class_names": MNI_CLASSES, "name": name,
+                                     "geometry": geometry}
     model = build_model(name, classes=2)
     calib = test_image(2, size, seed=99).astype(np.float32)
     return model, calib, {"preprocess": {"kind": "none"}, "class_names": ["background", "foreground"], "name": name}

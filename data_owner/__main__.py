@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.input == "demo":
             d = demo_slices()
             k = len(d["test_image"]) // 2
-            raw, meta = d["test_image"][k:k + 1].astype(np.float32), {"kind": "npy"}
+            raw, meta = d["test_image"][k:k + 1].astype(np.float32), dict[str, Any](kind="npy")
         else:
             raw, meta = read_image(args.input)
         cfg = PartyConfig.load(args.config, "data_owner")
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             if len(plan.input_shape) != 3:
                 raise UsageError(f"model {args.model} is a {len(plan.input_shape) - 1}D model; the segment command "
                                  "feeds 2D slices (use the Python API for volumes)")
+            back = None
+            if meta["kind"] == "nifti" and plan.meta.get("geometry"):  # the model's orientation and spacing
+                from .geometry import to_model_geometry
+
+                raw, back, meta["geometry"] = to_model_geometry(meta["image"], plan.meta["geometry"])
             # every voxel is covered: windows of the model's input size over larger slices, padding for smaller
             win = plan_windows(raw.shape[2:], plan.input_shape[1:], args.overlap,  # type: ignore[arg-type]
                                downsampling(plan.ops))
@@ -79,14 +85,23 @@ def main(argv: list[str] | None = None) -> int:
                 costs.append(c)
             bar.close()
         mask = stitch(np.concatenate(masks), win)
+        shown, mid = raw[len(raw) // 2, 0], len(raw) // 2
+        if back is not None:  # onto the scan's own voxel grid (x, y, z), slices along the last axis
+            vol = back(mask)
+            mask = np.moveaxis(vol, 2, 0)
+            mid = len(mask) // 2
+            shown = np.rot90(np.asarray(meta["image"].get_fdata(dtype=np.float32))[:, :, mid])  # as radiologists view
+            mask = mask.copy()
         if "padding_mask" in meta:  # the scanner's PixelPaddingValue: outside the patient, never segmented
             mask[meta["padding_mask"]] = 0
         out: Path = args.out
         out.mkdir(parents=True, exist_ok=True)
         write_mask(out / ("mask.nii.gz" if meta["kind"] in ("nifti", "dicom") else "mask.npy"), mask, meta)
         names = plan.meta.get("class_names", [str(c) for c in range(plan.classes)])
-        write_overlay(out / "overlay.png", raw[len(raw) // 2, 0], mask[len(raw) // 2], names, f"blindseg {args.model}")
+        shown_mask = np.rot90(mask[mid]) if back is not None else mask[mid]
+        write_overlay(out / "overlay.png", shown, shown_mask, names, f"blindseg {args.model}")
         report = {"model": args.model, "slices": len(raw), "jobs": len(costs), **win.describe(),
+                  **({"geometry": meta["geometry"]} if back is not None else {}),
                   "voxels": int(mask.size), "voxels_segmented": int(mask.size),
                   "padding_voxels": int(np.sum(meta.get("padding_mask", 0))),
                   "online_seconds": sum(c["online_seconds"] for c in costs),

@@ -173,7 +173,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
             if vol.ndim != 3:
                 raise UsageError(f"{p}: expected a 2D or 3D volume, got {vol.ndim} dimensions")
             arr = np.moveaxis(vol, 2, 0)[:, None]
-            meta = {"kind": "nifti", "affine": img.affine, "shape": vol.shape}
+            meta = {"kind": "nifti", "affine": img.affine, "shape": vol.shape, "image": img}
         elif name.endswith(".npy"):
             arr = np.load(p, allow_pickle=False)
             meta = {"kind": "npy"}

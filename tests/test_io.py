@@ -273,3 +273,93 @@ async def test_segment_cli_covers_every_voxel_of_a_large_slice(tmp_path):
     finally:
         dep.stop()
         await broker.stop()
+
+
+def test_scans_are_brought_to_the_model_geometry_and_masks_mapped_back(tmp_path):
+    """The same anatomy stored in RAS at 2 mm, in LPS (flipped axes), transposed, and at 1 mm gives the
+    same mask on its own grid (exact without resampling, up to resampling otherwise)."""
+    import nibabel as nib
+
+    from data_owner.geometry import to_model_geometry
+
+    rng = np.random.default_rng(0)
+    truth = np.zeros((20, 24, 10))
+    truth[4:15, 6:20, 2:8] = 1.0
+    truth += 0.05 * rng.normal(size=truth.shape)
+    geom = {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "rot90": 1}
+
+    def seg(img):  # a per-voxel "model" on the model-geometry slices, mapped back
+        slices, back, info = to_model_geometry(img, geom)
+        return back((slices[:, 0] > 0.5).astype(np.int64)), slices, info
+
+    ras = nib.Nifti1Image(truth.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    m_ras, slices, info = seg(ras)
+    assert np.array_equal(m_ras, truth > 0.5)
+    assert np.array_equal(slices[3, 0], np.rot90(truth[:, :, 3]).astype(np.float32))  # as the model was trained
+    # LPS: x and y flipped in storage, the affine says so
+    lps_data = truth[::-1, ::-1, :]
+    lps = nib.Nifti1Image(lps_data.astype(np.float32), np.diag([-2.0, -2.0, 2.0, 1.0]))
+    m_lps, slices_lps, info = seg(lps)
+    assert info["orientation"] == "LPS" and np.array_equal(slices_lps, slices)
+    assert np.array_equal(m_lps, lps_data > 0.5)  # on the scan's own grid
+    # axes stored in another order (z, x, y)
+    perm = nib.Nifti1Image(np.transpose(truth, (2, 0, 1)).astype(np.float32),
+                           np.array([[0, 2.0, 0, 0], [0, 0, 2.0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1]]))
+    m_perm, slices_perm, _ = seg(perm)
+    assert np.array_equal(slices_perm, slices) and np.array_equal(m_perm, np.transpose(truth > 0.5, (2, 0, 1)))
+    # 1 mm: resampled to the model's 2 mm and back
+    fine = np.repeat(np.repeat(np.repeat(truth, 2, 0), 2, 1), 2, 2)
+    m_fine, slices_fine, info = seg(nib.Nifti1Image(fine.astype(np.float32), np.diag([1.0, 1.0, 1.0, 1.0])))
+    assert info["resampled_shape"] == [20, 24, 10] and m_fine.shape == fine.shape
+    assert (m_fine == (fine > 0.5)).mean() > 0.97
+
+
+async def test_segment_cli_gives_the_same_mask_in_any_orientation(tmp_path):
+    """The bundled brain model (trained on RAS axial slices at 2 mm after a rot90) on an MNI slab stored
+    in RAS and in LPS: both masks, each on its own scan's grid, are the same anatomy, and they match
+    the plaintext model on the model-geometry slices."""
+    import asyncio
+
+    import nibabel as nib
+    import torch
+
+    from blindseg import intensity
+    from blindseg.broker import EmbeddedBroker
+    from blindseg.config import PartyConfig
+    from blindseg.demo import LocalDeployment
+    from blindseg.mni import volume
+    from blindseg.models import MNI_PREPROCESS, load_named_model
+    from model_owner.client import deploy
+
+    t1, _ = volume()
+    slab = t1[:, :, 40:43].astype(np.float32)
+    nib.save(nib.Nifti1Image(slab, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "ras.nii.gz")
+    nib.save(nib.Nifti1Image(slab[::-1, ::-1].copy(), np.diag([-2.0, -2.0, 2.0, 1.0])), tmp_path / "lps.nii.gz")
+    model, _, _ = load_named_model("mni-unet")
+    broker = await EmbeddedBroker().start()
+    dep = LocalDeployment(tmp_path / "dep", broker.url, pool=1)
+    try:
+        await asyncio.to_thread(dep.start)
+        await deploy(PartyConfig.load(dep.configs["model_owner"]), "mni-unet", "brain", timeout=120)
+        masks = {}
+        for name in ("ras", "lps"):
+            rep = await dep.client("data_owner", "segment", "--model", "brain", "--input",
+                                   str(tmp_path / f"{name}.nii.gz"), "--out", str(tmp_path / name), "--quiet",
+                                   timeout=300)
+            assert rep["geometry"]["orientation"] == name.upper()
+            img = nib.load(tmp_path / name / "mask.nii.gz")
+            masks[name] = np.asarray(img.dataobj)
+            assert masks[name].shape == slab.shape and np.allclose(img.affine, nib.load(tmp_path / f"{name}.nii.gz").affine)
+        assert (masks["ras"] == masks["lps"][::-1, ::-1]).mean() >= 0.999  # same anatomy, either storage
+        x = np.stack([np.rot90(slab[:, :, k]) for k in range(3)])[:, None]
+        from data_owner.windows import cut, plan_windows, stitch
+
+        w = plan_windows(x.shape[2:], (128, 128), 0.25, 16)
+        with torch.no_grad():
+            want = stitch(torch.argmax(model(torch.from_numpy(intensity.apply(MNI_PREPROCESS, cut(x, w)).astype(
+                np.float32))), 1).numpy(), w)
+        want_vol = np.stack([np.rot90(want[k], -1) for k in range(3)], axis=2)
+        assert (masks["ras"] == want_vol).mean() >= 0.999
+    finally:
+        dep.stop()
+        await broker.stop()
