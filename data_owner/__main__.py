@@ -58,10 +58,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"model {args.model} is a {len(plan.input_shape) - 1}D model; the segment command "
                                  "feeds 2D slices (use the Python API for volumes)")
             back = None
-            if meta["kind"] == "nifti" and plan.meta.get("geometry"):  # the model's orientation and spacing
-                from .geometry import to_model_geometry
+            if meta["kind"] in ("nifti", "dicom") and plan.meta.get("geometry"):  # the model's orientation, spacing
+                from .geometry import as_image, to_model_geometry
 
-                raw, back, meta["geometry"] = to_model_geometry(meta["image"], plan.meta["geometry"])
+                image = meta["image"] if meta["kind"] == "nifti" else as_image(raw, meta["affine"])
+                meta["image"] = image
+                raw, back, meta["geometry"] = to_model_geometry(image, plan.meta["geometry"])
             # every voxel is covered: windows of the model's input size over larger slices, padding for smaller
             win = plan_windows(raw.shape[2:], plan.input_shape[1:], args.overlap,  # type: ignore[arg-type]
                                downsampling(plan.ops))
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             vol = back(mask)
             mask = np.moveaxis(vol, 2, 0)
             mid = len(mask) // 2
-            shown = np.rot90(np.asarray(meta["image"].get_fdata(dtype=np.float32))[:, :, mid])  # as radiologists view
+            shown = np.asarray(meta["image"].get_fdata(dtype=np.float32))[:, :, mid]
             mask = mask.copy()
         if "padding_mask" in meta:  # the scanner's PixelPaddingValue: outside the patient, never segmented
             mask[meta["padding_mask"]] = 0
@@ -98,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_mask(out / ("mask.nii.gz" if meta["kind"] in ("nifti", "dicom") else "mask.npy"), mask, meta)
         names = plan.meta.get("class_names", [str(c) for c in range(plan.classes)])
-        shown_mask = np.rot90(mask[mid]) if back is not None else mask[mid]
+        shown_mask = mask[mid]
+        if meta["kind"] == "nifti":  # NIfTI (x, y) slices, shown as radiologists view them
+            shown, shown_mask = np.rot90(shown), np.rot90(shown_mask)
         write_overlay(out / "overlay.png", shown, shown_mask, names, f"blindseg {args.model}")
         report = {"model": args.model, "slices": len(raw), "jobs": len(costs), **win.describe(),
                   **({"geometry": meta["geometry"]} if back is not None else {}),

@@ -71,3 +71,11 @@ def to_model_geometry(img: Any, geometry: dict[str, Any]) -> tuple[np.ndarray, C
             "spacing": [float(z) for z in zooms], "model_spacing": [float(s) for s in spacing],
             "resampled_shape": list(target)}
     return slices, back, info
+
+
+def as_image(slices: np.ndarray, affine: np.ndarray) -> Any:
+    """N x 1 x rows x cols slices (a DICOM series, sorted along its normal) with the affine of the array
+    axes (row, column, slice) -> RAS, as a nibabel image (the one geometry path for every input)."""
+    import nibabel as nib
+
+    return nib.Nifti1Image(np.ascontiguousarray(np.moveaxis(slices[:, 0], 0, 2), dtype=np.float32), affine)

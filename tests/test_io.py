@@ -363,3 +363,31 @@ async def test_segment_cli_gives_the_same_mask_in_any_orientation(tmp_path):
     finally:
         dep.stop()
         await broker.stop()
+
+
+def test_dicom_series_reaches_the_model_geometry_like_the_same_volume_in_nifti(tmp_path):
+    """DICOM (LPS, rows/columns) -> RAS once, correctly: a series made from a RAS volume yields exactly
+    the model-geometry slices of that volume."""
+    from pydicom import dcmread
+
+    from data_owner.geometry import as_image, to_model_geometry
+
+    nx, ny, nz = 6, 8, 4
+    truth = np.arange(nx * ny * nz).reshape(nx, ny, nz) % 97 * 10
+    d = tmp_path / "series"
+    d.mkdir()
+    for z in range(nz):
+        pixel = truth[::-1, ::-1, z].T  # row r, column c <- RAS voxel (nx-1-c, ny-1-r)
+        _dicom_slice(d / f"s{z}.dcm", 2.0 * z, pixel, slope=1.0, intercept=0.0)
+        ds = dcmread(d / f"s{z}.dcm")
+        ds.ImagePositionPatient = [-2.0 * (nx - 1), -2.0 * (ny - 1), 2.0 * z]  # LPS of pixel (0, 0)
+        ds.PixelSpacing = [2.0, 2.0]
+        ds.save_as(d / f"s{z}.dcm")
+    arr, meta = read_dicom_series(d)
+    slices, back, info = to_model_geometry(as_image(arr, meta["affine"]),
+                                           {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "rot90": 1})
+    assert info["orientation"] != "RAS"  # stored otherwise, brought to RAS here
+    for z in range(nz):
+        np.testing.assert_array_equal(slices[z, 0], np.rot90(truth[:, :, z]).astype(np.float32))
+    m = back(np.stack([np.rot90(truth[:, :, z]) for z in range(nz)]))
+    np.testing.assert_array_equal(np.moveaxis(m, 2, 0), arr[:, 0])  # back on the series' own grid
