@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_mask(out / ("mask.nii.gz" if meta["kind"] in ("nifti", "dicom") else "mask.npy"), mask, meta)
         names = plan.meta.get("class_names", [str(c) for c in range(plan.classes)])
+        if meta["kind"] == "dicom" and len(meta["files"]) == len(mask):  # back into the PACS beside the series
+            from .dicomseg import write_seg
+
+            write_seg(out / "mask.seg.dcm", mask, meta["files"], names, f"blindseg {args.model}")
         shown_mask = mask[mid]
         if meta["kind"] == "nifti":  # NIfTI (x, y) slices, shown as radiologists view them
             shown, shown_mask = np.rot90(shown), np.rot90(shown_mask)

@@ -23,6 +23,11 @@ def _dicom_slice(path, z, pixels, slope=2.0, intercept=-1024.0, series="1.2.3", 
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.SeriesInstanceUID = series
+    ds.StudyInstanceUID, ds.FrameOfReferenceUID = "1.2.3.4", "1.2.3.5"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Patient", "P1", "19700101", "O"
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", \
+        "1", "A1", ""
+    ds.SeriesNumber, ds.SliceThickness = 1, 2.5
     ds.Modality = "CT"
     ds.ImagePositionPatient = [0.0, 0.0, float(z)]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
@@ -267,6 +272,21 @@ async def test_segment_cli_covers_every_voxel_of_a_large_slice(tmp_path):
                                          .read_text()))
         w = plan_windows((96, 80), (32, 32), 0.25, downsampling(plan.ops))
         assert w.count == report["windows_per_slice"]
+        # a DICOM series (smaller than the model input: padded) also comes back as a DICOM SEG
+        series = _series(tmp_path / "ct", slope=0.01, intercept=0.0)  # in the model's calibrated range
+        await dep.client("data_owner", "segment", "--model", "m", "--input", str(series), "--out",
+                         str(tmp_path / "dcm"), "--quiet", timeout=300)
+        import nibabel as nib
+
+        from data_owner.dicomseg import read_seg_labels
+
+        files = read_dicom_series(series)[1]["files"]  # in slice order
+        nifti = np.moveaxis(np.asarray(nib.load(tmp_path / "dcm" / "mask.nii.gz").dataobj), 2, 0)
+        back = read_seg_labels(tmp_path / "dcm" / "mask.seg.dcm", files)
+        labels = back["labels"][..., 0] if back["labels"].ndim == 4 else back["labels"]
+        assert labels.shape == nifti.shape == (5, 8, 6)
+        if nifti.any():  # segment 1 = the foreground class
+            np.testing.assert_array_equal(labels, nifti)
         with torch.no_grad():
             want = stitch(torch.argmax(model(torch.from_numpy(cut(big, w))), 1).numpy(), w)
         assert (mask == want).mean() >= 0.999
@@ -391,3 +411,20 @@ def test_dicom_series_reaches_the_model_geometry_like_the_same_volume_in_nifti(t
         np.testing.assert_array_equal(slices[z, 0], np.rot90(truth[:, :, z]).astype(np.float32))
     m = back(np.stack([np.rot90(truth[:, :, z]) for z in range(nz)]))
     np.testing.assert_array_equal(np.moveaxis(m, 2, 0), arr[:, 0])  # back on the series' own grid
+
+
+def test_mask_goes_back_as_dicom_seg_referencing_the_series(tmp_path):
+    """The result as a DICOM Segmentation (highdicom) referencing every source slice; read back, it is
+    the mask, segment per class present, named after the plan's classes."""
+    pytest.importorskip("highdicom")
+    from data_owner.dicomseg import read_seg_labels, write_seg
+
+    arr, meta = read_dicom_series(_series(tmp_path / "ct"))
+    mask = np.zeros((5, 8, 6), dtype=np.int64)
+    mask[1:4, 2:6, 1:4] = 1
+    mask[2, 3:5, 2:3] = 3  # class 2 absent: no empty segment for it
+    out = write_seg(tmp_path / "mask.seg.dcm", mask, meta["files"], ["background", "liver", "spleen", "tumour"])
+    back = read_seg_labels(out, meta["files"])
+    assert back["segments"] == ["liver", "tumour"]
+    want = np.where(mask == 3, 2, mask)  # segment numbers 1 (liver), 2 (tumour)
+    np.testing.assert_array_equal(back["labels"][..., 0] if back["labels"].ndim == 4 else back["labels"], want)
