@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--batch", type=int, default=8, help="slices per secure job")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--retries", type=int, default=1, help="retry a failed job this many times (fresh bundle)")
+    s.add_argument("--pacs", default=None,
+                   help="DICOMweb root of the PACS (e.g. http://pacs:8042/dicom-web): store the DICOM SEG there")
+    s.add_argument("--pacs-user", default=None)
+    s.add_argument("--pacs-password-file", default=None)
     s.add_argument("--overlap", type=float, default=0.25,
                    help="overlap of the windows over slices larger than the model input (0 <= overlap < 1)")
     args = ap.parse_args(argv)
@@ -103,13 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         if meta["kind"] == "dicom" and len(meta["files"]) == len(mask):  # back into the PACS beside the series
             from .dicomseg import write_seg
 
-            write_seg(out / "mask.seg.dcm", mask, meta["files"], names, f"blindseg {args.model}")
+            seg = write_seg(out / "mask.seg.dcm", mask, meta["files"], names, f"blindseg {args.model}")
+            if args.pacs:
+                from .dicomseg import store_to_pacs
+
+                password = Path(args.pacs_password_file).read_text().strip() if args.pacs_password_file else None
+                meta["pacs"] = {"url": args.pacs, "sop_instance_uid": store_to_pacs(args.pacs, seg, args.pacs_user,
+                                                                                    password)}
+        elif args.pacs:
+            raise UsageError("--pacs stores a DICOM SEG, which needs a DICOM input series")
         shown_mask = mask[mid]
         if meta["kind"] == "nifti":  # NIfTI (x, y) slices, shown as radiologists view them
             shown, shown_mask = np.rot90(shown), np.rot90(shown_mask)
         write_overlay(out / "overlay.png", shown, shown_mask, names, f"blindseg {args.model}")
         report = {"model": args.model, "slices": len(raw), "jobs": len(costs), **win.describe(),
                   **({"geometry": meta["geometry"]} if back is not None else {}),
+                  **({"pacs": meta["pacs"]} if "pacs" in meta else {}),
                   "voxels": int(mask.size), "voxels_segmented": int(mask.size),
                   "padding_voxels": int(np.sum(meta.get("padding_mask", 0))),
                   "online_seconds": sum(c["online_seconds"] for c in costs),

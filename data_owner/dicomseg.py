@@ -56,3 +56,24 @@ def read_seg_labels(path: str | Path, files: list[str]) -> dict[str, Any]:
     labels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True)
     return {"labels": np.asarray(labels), "segments": [d.SegmentLabel for d in seg.SegmentSequence],
             "referenced": uids}
+
+
+def store_to_pacs(url: str, path: str | Path, username: str | None = None, password: str | None = None) -> str:
+    """STOW-RS the file at ``path`` to a DICOMweb server (``url`` is its DICOMweb root, e.g.
+    ``http://pacs:8042/dicom-web`` for Orthanc); returns the stored SOP Instance UID."""
+    import pydicom
+    from dicomweb_client.api import DICOMwebClient
+
+    ds = pydicom.dcmread(str(path))
+    try:
+        session = None
+        if username is not None:
+            from dicomweb_client.session_utils import create_session_from_auth
+            from requests.auth import HTTPBasicAuth
+
+            session = create_session_from_auth(HTTPBasicAuth(username, password or ""))
+        client = DICOMwebClient(url=url.rstrip("/"), session=session)
+        client.store_instances(datasets=[ds])
+    except Exception as exc:  # requests / HTTP errors of many kinds
+        raise UsageError(f"storing {Path(path).name} to the PACS at {url} failed: {exc}") from None
+    return str(ds.SOPInstanceUID)

@@ -428,3 +428,38 @@ def test_mask_goes_back_as_dicom_seg_referencing_the_series(tmp_path):
     assert back["segments"] == ["liver", "tumour"]
     want = np.where(mask == 3, 2, mask)  # segment numbers 1 (liver), 2 (tumour)
     np.testing.assert_array_equal(back["labels"][..., 0] if back["labels"].ndim == 4 else back["labels"], want)
+
+
+@pytest.mark.skipif(__import__("tests.orthanc", fromlist=["x"]).orthanc_binary() is None
+                    or __import__("tests.orthanc", fromlist=["x"]).dicomweb_plugin() is None,
+                    reason="Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
+def test_dicom_seg_is_stored_in_a_real_pacs_and_references_the_series(tmp_path):
+    """The source series and the SEG go to a real Orthanc over DICOMweb (STOW-RS); read back from it
+    (QIDO-RS / WADO-RS), the SEG sits in the series' study and decodes to the mask."""
+    import pydicom
+    from dicomweb_client.api import DICOMwebClient
+
+    from data_owner.dicomseg import read_seg_labels, store_to_pacs, write_seg
+
+    from .orthanc import Orthanc
+
+    series = _series(tmp_path / "ct")
+    arr, meta = read_dicom_series(series)
+    mask = np.zeros((5, 8, 6), dtype=np.int64)
+    mask[1:4, 2:6, 1:4] = 1
+    with Orthanc(tmp_path / "orthanc") as pacs:
+        client = DICOMwebClient(url=pacs.dicomweb)
+        client.store_instances(datasets=[pydicom.dcmread(f) for f in meta["files"]])
+        seg = write_seg(tmp_path / "mask.seg.dcm", mask, meta["files"], ["background", "organ"])
+        uid = store_to_pacs(pacs.dicomweb, seg)
+        found = client.search_for_instances(search_filters={"Modality": "SEG"})
+        assert [f["00080018"]["Value"][0] for f in found] == [uid]
+        study = found[0]["0020000D"]["Value"][0]
+        assert study == pydicom.dcmread(meta["files"][0]).StudyInstanceUID  # beside the scan it was made from
+        got = client.retrieve_instance(study, found[0]["0020000E"]["Value"][0], uid)
+        got.save_as(tmp_path / "from_pacs.dcm")
+        back = read_seg_labels(tmp_path / "from_pacs.dcm", meta["files"])
+        labels = back["labels"][..., 0] if back["labels"].ndim == 4 else back["labels"]
+        np.testing.assert_array_equal(labels, mask)
+    with pytest.raises(UsageError, match="storing mask.seg.dcm to the PACS"):
+        store_to_pacs(f"http://127.0.0.1:{pacs.port}/dicom-web", seg)  # the PACS is gone: a clear error
