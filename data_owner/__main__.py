@@ -75,18 +75,24 @@ def main(argv: list[str] | None = None) -> int:
             from tqdm import tqdm
 
             n_jobs = -(-len(tiles) // args.batch)
-            bar = tqdm(total=n_jobs * len(plan.ops), disable=args.quiet, unit="op",
+            # progress in windows (what the user waits for), advanced op by op inside each job: the ETA is the
+            # remaining windows at the measured rate, not ops of very different cost
+            bar = tqdm(total=len(tiles), disable=args.quiet, unit="window", smoothing=0.1,
+                       bar_format="{l_bar}{bar}| {n:.1f}/{total} windows [{elapsed}<{remaining}]",
                        desc=f"secure inference ({len(raw)} slices, {win.count} windows each, {n_jobs} jobs)")
-            done = [0]
+            done = [0.0]
 
             def progress(op: int, n: int) -> None:
-                bar.update(op - done[0] if op > done[0] else 0)
-                done[0] = op
+                frac = size * op / max(n, 1)
+                if frac > done[0]:
+                    bar.update(frac - done[0])
+                    done[0] = frac
 
             for i in range(0, len(tiles), args.batch):
-                done[0] = 0
+                size = len(tiles[i:i + args.batch])
+                done[0] = 0.0
                 m, c = await client.segment(args.model, tiles[i:i + args.batch], progress, retries=args.retries)
-                bar.update(len(plan.ops) - done[0])
+                bar.update(size - done[0])
                 masks.append(m)
                 costs.append(c)
             bar.close()

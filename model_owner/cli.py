@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="intensity preprocessing the model expects: none, mri-percentile, ct-window:<c>,<w> or JSON")
     d.add_argument("--classes", default=None, help="comma-separated class names")
     d.add_argument("--output", default="mask", choices=["mask", "logits"])
+    d.add_argument("--geometry", default=None,
+                   help="training geometry, e.g. RAS:2,2,2 or RAS:1,1,3:rot90=1 (orientation, mm spacing, slice "
+                        "rotation): data owners reorient and resample their scans to it")
     d.add_argument("--clip-input", action="store_true",
                    help="let data owners clip inputs outside the calibrated range (counted and reported) "
                         "instead of refusing them")
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             tenants = [t.strip() for t in args.tenants.split(",") if t.strip()] or None
             cfg = PartyConfig.load(args.config, "model_owner")
             if own:
-                from .own import compile_own, load_samples, parse_preprocess
+                from .own import compile_own, load_samples, parse_geometry, parse_preprocess
 
                 if args.calibration is None:
                     raise UsageError("--calibration is required for your own model (samples like the scans it "
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 pre = parse_preprocess(args.preprocess)
                 names = [c.strip() for c in args.classes.split(",")] if args.classes else None
                 comp = compile_own(args.model, load_samples(args.calibration, pre), args.weights, args.output,
-                                   pre, names, args.clip_input)
+                                   pre, names, args.clip_input, parse_geometry(args.geometry))
                 info = await deploy_own(cfg, comp, args.name or Path(args.model.split(":")[-1]).stem, tenants)
             else:
                 info = await deploy(cfg, args.model, args.name or args.model, size=args.size, tenants=tenants)

@@ -76,12 +76,34 @@ def load_factory(spec: str, weights: str | Path | None) -> Any:
     return model.eval()
 
 
+def parse_geometry(text: str | None) -> dict[str, Any] | None:
+    """``RAS:2,2,2`` or ``RAS:1,1,3:rot90=1``: the orientation and voxel spacing (mm) the model was trained
+    at, and the quarter turns applied to each axial slice in training (data owners bring scans to it)."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    try:
+        orient = parts[0].upper()
+        spacing = [float(v) for v in parts[1].split(",")]
+        rot = int(parts[2].split("=", 1)[1]) if len(parts) > 2 else 0
+    except (IndexError, ValueError):
+        raise UsageError(f"--geometry {text!r}: write e.g. RAS:2,2,2 or RAS:1,1,3:rot90=1") from None
+    if len(orient) != 3 or set(orient) - set("RLAPSI") or len(spacing) != 3 or min(spacing) <= 0:
+        raise UsageError(f"--geometry {text!r}: three axis codes (R/L, A/P, S/I) and three positive spacings")
+    pairs = [{"R", "L"}, {"A", "P"}, {"S", "I"}]
+    if any(len(p & set(orient)) != 1 for p in pairs):
+        raise UsageError(f"--geometry {text!r}: each of R/L, A/P, S/I exactly once")
+    return {"orientation": orient, "spacing": spacing, "rot90": rot}
+
+
 def compile_own(model: str, samples: np.ndarray, weights: str | Path | None = None, output: str = "mask",
                 preprocess: dict[str, Any] | None = None, class_names: list[str] | None = None,
-                clip_input: bool = False) -> Compiled:
+                clip_input: bool = False, geometry: dict[str, Any] | None = None) -> Compiled:
     """Compile the owner's model (``.pt2`` path or ``module:factory``) on its calibration samples."""
     meta: dict[str, Any] = {"preprocess": preprocess or {"kind": "none"}, "name": Path(model).stem,
                             "clip_input": clip_input}
+    if geometry is not None:
+        meta["geometry"] = geometry
     shape = tuple(int(d) for d in samples.shape[1:])
     if model.endswith(".pt2"):
         comp = compile_exported(model, shape, output, "auto", samples, meta)

@@ -208,7 +208,7 @@ async def test_deploy_your_own_model_from_pt2_and_from_a_factory(tmp_path) -> No
         await asyncio.to_thread(dep.start)
         for name, model in (("frompt2", str(tmp_path / "unet.pt2")), ("fromfactory", "tests.factories:small_unet")):
             args = ["deploy", "--model", model, "--calibration", str(tmp_path / "cal.npy"), "--name", name,
-                    "--classes", "background,foreground"]
+                    "--classes", "background,foreground", "--geometry", "LPS:1,1,2.5"]
             if ":" in model:
                 args += ["--weights", str(tmp_path / "weights.pt")]
             info = await dep.client("model_owner", *args, timeout=300)
@@ -216,6 +216,7 @@ async def test_deploy_your_own_model_from_pt2_and_from_a_factory(tmp_path) -> No
             async with Client(PartyConfig.load(dep.configs["data_owner"]), timeout=120) as c:
                 mask, _ = await c.segment(name, x)
                 assert c.plans[name].meta["class_names"] == ["background", "foreground"]
+                assert c.plans[name].meta["geometry"] == {"orientation": "LPS", "spacing": [1.0, 1.0, 2.5], "rot90": 0}
             assert (mask == want).mean() >= 0.999
         with pytest.raises(Exception, match="calibration is required"):
             await dep.client("model_owner", "deploy", "--model", str(tmp_path / "unet.pt2"), "--name", "x")
@@ -276,3 +277,12 @@ def test_monai_unet_3d() -> None:
     assert res.mask.shape == (1, 32, 32, 32) and decisive.mean() > 0.5
     assert np.array_equal(res.mask[decisive], want[decisive])
     assert (res.mask == want).mean() >= 0.995  # an untrained net: many near-ties
+
+
+def test_geometry_option_is_validated() -> None:
+    from model_owner.own import parse_geometry
+
+    assert parse_geometry("RAS:1,1,3:rot90=1") == {"orientation": "RAS", "spacing": [1.0, 1.0, 3.0], "rot90": 1}
+    for bad in ("RRS:1,1,1", "RAS:1,1", "RAS:0,1,1", "RAS", "RAX:1,1,1"):
+        with pytest.raises(UsageError):
+            parse_geometry(bad)
