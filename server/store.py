@@ -107,7 +107,10 @@ class StoredBundle:
         for offset, dtype, shape in self.index.get(op, []):
             dt = np.dtype(dtype)
             count = int(np.prod(shape))
-            arr = np.fromfile(self.path, dtype=dt, count=count, offset=offset)
+            try:
+                arr = np.fromfile(self.path, dtype=dt, count=count, offset=offset)
+            except FileNotFoundError:  # burnt or used meanwhile (a warm-up racing the agreement)
+                raise ProtocolError(f"bundle {self.bundle_id} is gone from the store (burnt or used)") from None
             if arr.size != count:
                 raise ProtocolError(f"bundle {self.bundle_id} is truncated on disk (op {op})")
             out.append(arr.reshape(shape))
