@@ -102,6 +102,26 @@ def seal_chunks(link: SecureLink, topic: str, label: str, frame_id: int, frame: 
             for k in range(n)]
 
 
+def _fatal_reason(e: BaseException, broker: BrokerAddress) -> str | None:
+    """Why a connection failed, when retrying cannot help (the broker refused the login, or its TLS
+    certificate does not verify); None for a transient failure."""
+    where = f"the MQTT broker at {broker.host}:{broker.port}"
+    chain = [e, e.__cause__, e.__context__]
+    text = " ".join(str(x) for x in chain if x is not None)
+    cert = next((x for x in chain if isinstance(x, ssl.SSLCertVerificationError)), None)
+    if cert is not None or "CERTIFICATE_VERIFY_FAILED" in text:
+        why = cert.verify_message if cert is not None else text.split("certificate verify failed:")[-1].split("(")[0]
+        return (f"{where}: its TLS certificate does not verify ({why.strip()}) against ca_file "
+                f"{broker.ca_file or '(system CAs)'}: check ca_file and the broker's host name")
+    if any(isinstance(x, ssl.SSLError) for x in chain) or "WRONG_VERSION_NUMBER" in text:
+        return f"{where}: TLS failed ({text.strip()[:120]}): is it a TLS listener (mqtts://) and ca_file right?"
+    if isinstance(e, aiomqtt.MqttCodeError) and any(
+            k in text for k in ("Not authorized", "Bad user name or password", "not authorised", "Bad username")):
+        return (f"{where} refused the login of user {broker.username!r} ({text.strip()}): check username and "
+                "password_file in this party's config, and the broker's password file and ACL")
+    return None
+
+
 class MqttTransport:
     """One party's connection: handshakes, sealing, chunking, reconnect with backoff, per-peer endpoints."""
 
@@ -128,6 +148,9 @@ class MqttTransport:
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._ever_connected = False
+        self._fatal: str | None = None
+        self._failed = asyncio.Event()
 
     def endpoint(self, peer: str) -> MqttEndpoint:
         try:
@@ -138,9 +161,16 @@ class MqttTransport:
     async def start(self) -> None:
         """Connect (retrying with backoff in the background) and wait for the first connection."""
         self._task = asyncio.get_running_loop().create_task(self._run())
+        waits = [asyncio.ensure_future(self._connected.wait()), asyncio.ensure_future(self._failed.wait())]
         try:
-            await asyncio.wait_for(self._connected.wait(), self.connect_timeout)
-        except TimeoutError:
+            await asyncio.wait(waits, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self._fatal is not None:
+            await self.close()
+            raise UsageError(self._fatal)
+        if not self._connected.is_set():
             await self.close()
             raise ConnectionLost(f"cannot reach the MQTT broker at {self.broker.host}:{self.broker.port} "
                                  f"within {self.connect_timeout} s") from None
@@ -180,6 +210,7 @@ class MqttTransport:
                     await client.subscribe(topic_for(self.deployment, self.me, "+"), qos=1)
                     self._client, self._lost = client, lost
                     self._connected.set()
+                    self._ever_connected = True
                     if delay > 0.1:
                         log.info("%s: reconnected to the broker", self.me)
                     delay = 0.1
@@ -190,6 +221,13 @@ class MqttTransport:
             except (aiomqtt.MqttError, OSError, TimeoutError) as e:
                 if self._closing:
                     return
+                fatal = _fatal_reason(e, self.broker)
+                if fatal is not None:
+                    log.error("%s: %s", self.me, fatal)
+                    if not self._ever_connected:  # a wrong password or CA never heals by retrying: say so now
+                        self._fatal = fatal
+                        self._failed.set()
+                        return
                 log.warning("%s: broker connection lost (%s); reconnecting in %.1f s", self.me, e, delay)
             except Exception:
                 log.exception("%s: transport error; reconnecting in %.1f s", self.me, delay)

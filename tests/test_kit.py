@@ -176,3 +176,27 @@ async def test_rotating_one_partys_key_without_rebuilding_the_kit(tmp_path):
             assert "handshake failed authentication" in (dep.root / "logs" / "server0.log").read_text()
         finally:
             dep.stop()
+
+
+@needs_mosquitto
+async def test_a_wrong_password_or_ca_is_named_at_once(tmp_path):
+    """Not "cannot reach the broker within 10 s": the broker's refusal or the certificate failure, at
+    start, without retrying what cannot heal."""
+    import dataclasses
+    import time
+
+    port = free_port()
+    paths = init(tmp_path / "kit", "acl", broker_host="127.0.0.1", port=port, bind="127.0.0.1")
+    other = init(tmp_path / "other", "acl", broker_host="127.0.0.1", port=port, bind="127.0.0.1")
+    conf = (tmp_path / "kit" / "broker" / "mosquitto.conf").read_text()
+    with Mosquitto(tmp_path, port=port, config=conf):
+        cfg = PartyConfig.load(paths["data_owner"])
+        bad_pw = dataclasses.replace(cfg.broker, password="guess")
+        bad_ca = dataclasses.replace(cfg.broker, ca_file=PartyConfig.load(other["data_owner"]).broker.ca_file)
+        for broker, what in ((bad_pw, "refused the login of user 'data_owner'"), (bad_ca, "does not verify")):
+            t0 = time.monotonic()
+            with pytest.raises(UsageError, match=what):
+                await MqttTransport("acl", "data_owner", cfg.key, cfg.peers, broker).start()
+            assert time.monotonic() - t0 < 5
+        async with MqttTransport("acl", "data_owner", cfg.key, cfg.peers, cfg.broker):
+            pass  # the right ones still work
