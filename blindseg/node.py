@@ -102,7 +102,8 @@ def run_service(coro: Any) -> int:
     """Run a role's main coroutine until interrupted; user errors exit 2 without a traceback."""
     from .errors import BlindsegError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%Y-%m-%dT%H:%M:%S%z")  # with the time zone: parties run in different clouds
     logging.getLogger("mqtt").setLevel(logging.ERROR)
     try:
         asyncio.run(coro)
