@@ -56,6 +56,8 @@ class DealerService:
     switched on ``ctl:commit`` (the model's other epochs are forgotten, the pool fills). Pool requests
     and queued bundles of a deployment that is not the current one are dropped."""
 
+    max_bundle_bytes = 8 << 30  # a plan whose batch-1 bundle would be larger is refused
+
     def __init__(self, node: Node, state_dir: Path, pool: int = 2) -> None:
         self.node, self.pool = node, pool
         self.dealer = Dealer()
@@ -140,8 +142,6 @@ class DealerService:
                 self.request(*key)
         else:
             raise UsageError(f"unexpected {msg.T!r} from {sender}")
-
-    max_bundle_bytes = 8 << 30  # a plan whose batch-1 bundle would be larger is refused
 
     def request(self, deployment: str, batch: int) -> None:
         """Queue one more bundle for (deployment, batch)."""
