@@ -184,3 +184,11 @@ def test_more_than_256_classes_end_to_end() -> None:
     with pytest.raises(UsageError, match="70000 classes"):
         Plan((Op("input", (), (70000, 2, 2)), Op("argmax", (0,), (1, 2, 2), {"classes": 70000, "bits": 17})),
              8, "mask")
+
+
+def test_input_size_rule_is_stated() -> None:
+    """A U-Net whose skip connections need the input to be a multiple of 16 says so."""
+    model = build_model("ref-unet", classes=2)
+    with pytest.raises(UsageError, match=r"input size \(40, 40\) must be a multiple of 16 for this model"):
+        secure_segment(model, np.random.default_rng(0).normal(size=(1, 1, 40, 40)),
+                       calibration=np.random.default_rng(1).normal(size=(2, 1, 40, 40)))
