@@ -174,9 +174,9 @@ async def run_demo(net: str = "none", broker_url: str | None = None, out_dir: Pa
             if broker is not None:
                 await broker.stop()
         mask = np.load(out / "mask.npy").astype(np.int64)
-        raw = np.load(out / "input.npy")
         d = demo_slices()
         k = len(d["test_image"]) // 2
+        raw = d["test_image"][k:k + 1].astype(np.float32)  # what `segment --input demo` reads (no copy on disk)
         net_model, _, meta = load_named_model(model)
         with torch.no_grad():
             plain = torch.argmax(net_model(torch.from_numpy(intensity.apply(meta["preprocess"], raw))), 1).numpy()
