@@ -205,21 +205,6 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     return arr, meta
 
 
-def fit(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Centre-pad / centre-crop the last two axes to ``hw`` (the model's input size)."""
-    h, w = arr.shape[-2:]
-    out = np.zeros((*arr.shape[:-2], *hw), dtype=arr.dtype)
-    sy, sx, dy, dx = max(0, (h - hw[0]) // 2), max(0, (w - hw[1]) // 2), max(0, (hw[0] - h) // 2), max(0, (hw[1] - w) // 2)
-    ch, cw = min(h, hw[0]), min(w, hw[1])
-    out[..., dy:dy + ch, dx:dx + cw] = arr[..., sy:sy + ch, sx:sx + cw]
-    return out
-
-
-def unfit(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Inverse of :func:`fit` for a label mask: back to the scan's size (cropped-away pixels -> 0)."""
-    return fit(mask, hw)
-
-
 def write_mask(path: str | Path, mask: np.ndarray, meta: dict[str, Any] | None = None) -> Path:
     """Write N x H x W labels as .npy, .png (first slice) or NIfTI (with the input's affine); atomically."""
     p = Path(path)

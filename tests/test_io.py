@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from blindseg.errors import UsageError
-from data_owner.io import fit, read_dicom_series, read_image, unfit, write_mask, write_overlay
+from data_owner.io import read_dicom_series, read_image, write_mask, write_overlay
 
 # ------------------------------------------------------------------ DICOM helpers
 
@@ -159,17 +159,6 @@ def test_bad_input_files(tmp_path):
         read_image(tmp_path / "empty.npy")
     with pytest.raises(UsageError, match="no such file"):
         read_image(tmp_path / "missing.nii")
-
-
-def test_fit_and_unfit_are_inverse_on_the_kept_region():
-    a = np.arange(2 * 1 * 100 * 140).reshape(2, 1, 100, 140)
-    f = fit(a, (128, 128))
-    assert f.shape == (2, 1, 128, 128)
-    back = unfit(f, (100, 140))
-    assert np.array_equal(back[..., 6:134], a[..., 6:134])  # 140 -> 128 cropped 6 columns each side
-
-
-# ------------------------------------------------------------------ MNI152 loader and the demo model
 
 
 def test_mni_loader_classes_shapes_and_split():
