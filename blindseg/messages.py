@@ -344,6 +344,7 @@ class Use(Message):
     bundle: str = ""
     abort: str = ""
     tenant: str = ""  # who asked for the job at server0 (server1 must have it from the same one)
+    burnt: list[str] = field(default_factory=list)  # bundles server0 burnt lately: server1 drops its copies
 
 
 @dataclass(frozen=True, repr=False)

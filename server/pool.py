@@ -36,6 +36,7 @@ class BundlePool:
         self._reserved: set[str] = set()
         self._warm: dict[str, Prepared | None] = {}  # bundle -> material expanded ahead of its job
         self._warming: set[str] = set()  # warm-ups in progress
+        self._burnt: list[str] = []  # server0: bundles burnt lately, told to server1 with the next proposal
 
     def ready_count(self, model: str, batch: int) -> int:
         return len([b for b in self.store.ready(model, batch) if b not in self._reserved])
@@ -62,7 +63,7 @@ class BundlePool:
                 except BlindsegError as e:  # tell server1 at once instead of letting it time out
                     await peer.send(f"{job}:bundle:{k}", Use(abort=str(e)).encode())
                     raise
-                await peer.send(f"{job}:bundle:{k}", Use(bundle=bid, tenant=tenant).encode())
+                await peer.send(f"{job}:bundle:{k}", Use(bundle=bid, tenant=tenant, burnt=self._burnt[-64:]).encode())
                 try:
                     ack = expect(await peer.recv(f"{job}:ack:{k}", timeout), Ack)
                 except BaseException:
@@ -78,6 +79,7 @@ class BundlePool:
             if use.abort:
                 raise ProtocolError(f"job {job} aborted by server0: {use.abort}")
             bid = use.bundle
+            self._drop_burnt(use.burnt, job)
             if use.tenant != tenant:  # two requesters under one job id: refuse before anything is opened
                 await peer.send(f"{job}:ack:{k}", Ack(False, "the job came from another tenant here").encode())
                 raise ProtocolError(f"job {job} reached server0 from {use.tenant} but this server from {tenant}")
@@ -98,7 +100,21 @@ class BundlePool:
             return bid, prep, warm
         raise PreprocessingExhausted(f"job {job}: the servers could not agree on a usable bundle in 3 tries")
 
+    def _drop_burnt(self, burnt: list[str], job: str) -> None:
+        """server1: burn our ready copies of bundles server0 burnt (it never proposes them again; without
+        this they would stay "ready" here forever)."""
+        for b in burnt[:64]:
+            try:
+                ids.check("bundle", b)
+            except BlindsegError:
+                continue
+            if self.store.state(b) == "ready" and b not in self._reserved:
+                log.info("server1: bundle %s was burnt at server0; dropping our copy", b[:8])
+                self._burn(b, job)
+
     def _burn(self, bid: str, job: str) -> None:
+        if self.svc.party == 0:
+            self._burnt = [*self._burnt[-255:], bid]
         self._warm.pop(bid, None)
         self._reserved.discard(bid)
         self.svc._offline.pop(bid, None)

@@ -278,7 +278,13 @@ class ServerService:
         peer = self.node.link(self.peer)
         t_start = time.perf_counter()
         log_start = len(peer.counters.log)
-        bid, prep, warm = await self.pool.agree(job, key, batch, core, peer, tenant)
+        try:
+            bid, prep, warm = await self.pool.agree(job, key, batch, core, peer, tenant)
+        except BaseException:
+            if self.party == 0:  # a failed agreement burns bundles: refill the pool all the same
+                self.spawn(self.node.tell("dealer", PoolRequest(model, self.epochs[model], batch,
+                                                                self.pool.ready_count(key, batch))), "refill")
+            raise
         try:
             if warm is None:
                 await asyncio.to_thread(prep.preload, self.settings.preload_bytes)

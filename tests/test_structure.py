@@ -129,3 +129,44 @@ def test_material_sources_give_the_same_correct_job(tmp_path: Path, source: str)
     asyncio.run(go())
     for st in stores:
         st.close()
+
+
+async def test_bundles_burnt_at_server0_do_not_stay_ready_at_server1(tmp_path) -> None:
+    """A bundle server0 burns (its ack timed out) is never proposed again; server1 drops its copy at the
+    next agreement instead of keeping it "ready" forever (state grew to 2.3 GB before)."""
+    import asyncio
+
+    from blindseg.channel import MemoryNetwork
+    from blindseg.compiler import compile_model
+    from blindseg.config import PARTIES
+    from blindseg.models import build_model, test_image
+    from blindseg.node import Node
+    from data_owner.client import Client
+    from dealer.service import DealerService
+    from model_owner.client import deploy_compiled
+    from server.service import ServerService
+
+    comp = compile_model(build_model("ref-unet", classes=2, seed=0), (1, 32, 32), "mask", "auto",
+                         samples=test_image(4, 32, seed=1))
+    mem = MemoryNetwork(PARTIES)
+    nodes = {p: Node(p, mem.transports[p]) for p in PARTIES}
+    servers = [ServerService(i, nodes[f"server{i}"], tmp_path / f"s{i}") for i in (0, 1)]
+    dealer = DealerService(nodes["dealer"], tmp_path / "dealer", pool=2)
+    tasks = [asyncio.create_task(s.serve()) for s in (*servers, dealer)]
+    try:
+        dep = await deploy_compiled(nodes["model_owner"], comp, "m")
+        key = f"m@{dep['epoch']}"
+        for _ in range(600):
+            if all(len(s.store.ready(key, 1)) >= 2 for s in servers):
+                break
+            await asyncio.sleep(0.05)
+        victim = servers[0].store.ready(key, 1)[0]
+        servers[0].pool._burn(victim, "lostack")  # as after an ack that never came
+        assert servers[1].store.state(victim) == "ready"
+        async with Client(nodes["data_owner"]) as c:
+            await c.segment("m", test_image(1, 32, seed=2))
+        assert servers[1].store.state(victim) == "consumed"
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
