@@ -203,12 +203,13 @@ def conv3d(x: np.ndarray, w: np.ndarray, stride: int = 1, padding: int = 0, dila
         x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (0, 0), (0, 0)))
     dp = x.shape[2]
     slices = np.ascontiguousarray(x.transpose(0, 2, 1, 3, 4).reshape(n * dp, c, *x.shape[3:]))
-    out: np.ndarray | None = None
-    for kd in range(w.shape[2]):
+    def tap(kd: int) -> np.ndarray:
         y = conv2d(slices, w[:, :, kd], stride, padding, dilation)
-        y = y.reshape(n, dp, *y.shape[1:])[:, kd * dilation: kd * dilation + (do - 1) * stride + 1: stride]
-        out = y if out is None else out + y
-    assert out is not None
+        return y.reshape(n, dp, *y.shape[1:])[:, kd * dilation: kd * dilation + (do - 1) * stride + 1: stride]
+
+    out = tap(0)
+    for kd in range(1, w.shape[2]):
+        out = out + tap(kd)
     return np.ascontiguousarray(out.transpose(0, 2, 1, 3, 4))
 
 
@@ -223,13 +224,10 @@ def conv_transpose3d(x: np.ndarray, w: np.ndarray, stride: int = 1, padding: int
     kd_n = w.shape[2]
     do = conv_out_shape((d,), (kd_n,), stride, padding, dilation, True, output_padding)[0]
     slices = np.ascontiguousarray(x.transpose(0, 2, 1, 3, 4).reshape(n * d, c, *x.shape[3:]))
-    full: np.ndarray | None = None
-    for kd in range(kd_n):
+    hw = conv_out_shape(tuple(x.shape[3:]), tuple(w.shape[3:]), stride, padding, dilation, True, output_padding)
+    depth = max((d - 1) * stride + dilation * (kd_n - 1) + 1 + output_padding, padding + do)
+    full = np.zeros((n, depth, w.shape[1], *hw), dtype=np.uint32)
+    for kd in range(kd_n):  # one tap in memory at a time
         y = conv_transpose2d(slices, w[:, :, kd], stride, padding, output_padding, dilation)
-        y = y.reshape(n, d, *y.shape[1:])
-        if full is None:
-            depth = max((d - 1) * stride + dilation * (kd_n - 1) + 1 + output_padding, padding + do)
-            full = np.zeros((n, depth, *y.shape[2:]), dtype=np.uint32)
-        full[:, kd * dilation: kd * dilation + (d - 1) * stride + 1: stride] += y
-    assert full is not None
+        full[:, kd * dilation: kd * dilation + (d - 1) * stride + 1: stride] += y.reshape(n, d, *y.shape[1:])
     return np.ascontiguousarray(full[:, padding: padding + do].transpose(0, 2, 1, 3, 4))
