@@ -19,7 +19,7 @@ import numpy as np
 from .errors import UnsupportedLayerError, UsageError
 from .layers import ArgmaxParams, InterpParams, LinearParams, PoolParams, RescaleParams, UpsampleParams, layer_of
 from .linalg import conv_out_shape
-from .plan import DEFAULT_ARITIES, Compiled, Op, Plan, apply_head, calibrate, float_forward
+from .plan import DEFAULT_ARITIES, Compiled, Op, Plan, apply_head, calibrate, downsampling, float_forward
 
 SUPPORTED = ("Conv2d/3d (padding numeric, 'same' or 'valid'), ConvTranspose2d/3d, BatchNorm2d/3d, ReLU, LeakyReLU, PReLU "
              "(one slope), Dropout/Identity (removed), MaxPool2d/3d, AvgPool2d/3d, Upsample / F.interpolate (nearest, "
@@ -341,8 +341,7 @@ def _cat(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     if dim not in (1, -len(shapes[0])):
         raise UnsupportedLayerError(f"{_desc(node)}: concatenation only along channels (dim=1)")
     if len({s[1:] for s in shapes}) != 1:
-        ratio = max(L.input_shape[1] // max(1, op.shape[1]) for op in L.ops if len(op.shape) > 1)
-        depth = 1 << (ratio.bit_length() - 1)  # the downsampling is a power of two in a U-Net
+        depth = downsampling(L.ops)
         raise UsageError(f"{_desc(node)}: the skip connection joins tensors of spatial sizes "
                          f"{[s[1:] for s in shapes]}: the input size {L.input_shape[1:]} must be a multiple of "
                          f"{depth} for this model (its downsampling)")
@@ -494,19 +493,25 @@ _TRACED_ANOTHER = ("torch.fx traced a different function than the model computes
                    "path explicit")
 
 
-def _traced_matches(model: Any, gm: Any, samples: np.ndarray) -> bool:
+def _float64(module: Any) -> Any:
+    """A float64, eval-mode copy (the user's model is never changed): comparisons see only rounding."""
     import copy
+
+    return copy.deepcopy(module).double().eval()
+
+
+def _traced_matches(model: Any, gm: Any, samples: np.ndarray) -> bool:
 
     import torch
 
     x = torch.as_tensor(np.asarray(samples, np.float64)[:2])
     with torch.no_grad():
         try:
-            want = copy.deepcopy(model).double().eval()(x).numpy()
+            want = _float64(model)(x).numpy()
         except Exception:  # the model itself cannot run on this input: tracing is not the problem
             return True
         try:
-            return _close(copy.deepcopy(gm).double()(x).numpy(), want)[0]
+            return _close(_float64(gm)(x).numpy(), want)[0]
         except Exception:  # the traced graph does not even run on the input
             return False
 
@@ -571,12 +576,11 @@ def verify_compile(model: Any, gm: Any, L: _Lowering, comp: Compiled, samples: n
     control flow: an ``isinstance`` or ``if`` on values can make it trace another function), and
     (2) the plan's float64 forward must reproduce every traced value, or the compile is refused
     naming the first op where they diverge."""
-    import copy
 
     import torch
     import torch.fx as fx
 
-    m64, g64 = copy.deepcopy(model).double().eval(), copy.deepcopy(gm).double().eval()
+    m64, g64 = _float64(model), _float64(gm)
     xs = np.asarray(samples, np.float64)[:8]
     rng = np.random.default_rng(0)
     perturbed = xs * 1.1 + 0.05 * (float(xs.std()) or 1.0) * rng.standard_normal(xs.shape)

@@ -38,10 +38,10 @@ from cryptography.x509.oid import NameOID
 
 from . import ids
 from .broker import mosquitto_config
+from .config import ROLES
 from .crypto import generate_key, load_public, private_bytes, public_hex
 from .errors import UsageError
 
-ROLES = ("dealer", "server0", "server1", "model_owner")
 # who talks to whom (both directions); every tenant (data owner) talks to both servers only
 LINKS = {
     "dealer": ("server0", "server1", "model_owner"),

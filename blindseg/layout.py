@@ -14,6 +14,7 @@ from functools import cached_property
 import numpy as np
 
 from .circuit import Circuit
+from .errors import UsageError
 from .plan import Plan
 from .preprocessing import MatSpec, by_correction
 from .prg import Prg
@@ -35,6 +36,15 @@ class Layout:
     def material_bytes(self) -> int:
         """One server's expanded material for the whole job (upper bound: every item, both kinds)."""
         return sum(it.nbytes for op in self.specs for ms in op for it in ms.items)
+
+    def check_budget(self, limit: int) -> int:
+        """One server's material bytes for this job; UsageError if over ``limit`` (a plan from a peer
+        must not make a role allocate without bound)."""
+        need = self.material_bytes()
+        if need > limit:
+            raise UsageError(f"a job of batch {self.batch} needs {need / 2**30:.1f} GiB of preprocessing material "
+                             f"per server, over the configured limit of {limit / 2**30:.1f} GiB (max_job_bytes)")
+        return need
 
     def correction_bytes(self, op: int | None = None) -> int:
         """Bytes of server 1's corrections for one op, or the whole job."""

@@ -120,15 +120,18 @@ MAX_ELEMS = 1 << 28  # per op and image (1 GiB of ring elements)
 
 
 def check_budget(plan: Plan, limit: int, batch: int = 1) -> int:
-    """One server's material bytes for a job of ``batch``; UsageError if over ``limit`` (a plan from a
-    peer must not make a role allocate without bound)."""
+    """:meth:`blindseg.layout.Layout.check_budget` of the plan's layout for ``batch``."""
     from .layout import Layout
 
-    need = Layout.of(plan, batch).material_bytes()
-    if need > limit:
-        raise UsageError(f"a job of batch {batch} needs {need / 2**30:.1f} GiB of preprocessing material per "
-                         f"server, over the configured limit of {limit / 2**30:.1f} GiB (max_job_bytes)")
-    return need
+    return Layout.of(plan, batch).check_budget(limit)
+
+
+def downsampling(ops: tuple[Op, ...] | list[Op]) -> int:
+    """The model's total spatial downsampling: the largest ratio of the input's size to a value's (a
+    power of two in a U-Net). Window offsets and input sizes are multiples of it."""
+    src = ops[0].shape[1] if len(ops[0].shape) > 1 else 1
+    ratio = max([src // max(1, op.shape[1]) for op in ops if len(op.shape) > 1] + [1])
+    return 1 << (ratio.bit_length() - 1)
 
 
 def validate(plan: Plan) -> None:

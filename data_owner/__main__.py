@@ -38,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
     async def go() -> None:
         from blindseg.models import demo_slices
+        from blindseg.plan import downsampling
 
         from .client import Client
         from .io import read_image, write_mask, write_overlay
-        from .windows import cut, downsampling, plan_windows, stitch
+        from .windows import cut, plan_windows, stitch
 
         if args.batch < 1:
             raise UsageError("--batch must be at least 1")

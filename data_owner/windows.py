@@ -11,13 +11,11 @@ context, are taken from the neighbouring window instead. Padding uses the slice'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from blindseg.errors import UsageError
-from blindseg.plan import Op
 
 
 @dataclass(frozen=True)
@@ -88,16 +86,3 @@ def stitch(masks: np.ndarray, w: Windows) -> np.ndarray:
     full = m[:, iy, ix, ly, lx]
     return np.ascontiguousarray(full[:, w.pad[0]:w.pad[0] + w.image[0], w.pad[1]:w.pad[1] + w.image[1]])
 
-
-def downsampling(plan_ops: Sequence[Op]) -> int:
-    """The model's total spatial downsampling (product of pooling and conv strides on the deepest path)."""
-    depth = {0: 1}
-    for i, op in enumerate(plan_ops):
-        if not op.inputs:
-            continue
-        d = max(depth[j] for j in op.inputs)
-        s = getattr(op.params, "stride", 1) if op.kind in ("conv", "maxpool", "avgsum") else 1
-        if op.kind in ("convt", "upsample", "interp"):
-            d = max(1, d // max(1, getattr(op.params, "stride", 0) or getattr(op.params, "scale", 1)))
-        depth[i] = d * int(s)
-    return max(depth.values())

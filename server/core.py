@@ -98,6 +98,7 @@ class ServerCore:
         self.party = party
         self.plan = plan
         self.rt = Runtime(party, plan.circuit())
+        self._layouts: dict[int, Layout] = {}
         self._last_use: dict[int, int] = {}
         for i, op in enumerate(plan.ops):
             for j in op.inputs:
@@ -121,7 +122,10 @@ class ServerCore:
 
     # --------------------------------------------------------------- offline
     def layout(self, batch: int) -> Layout:
-        return Layout.of(self.plan, batch)
+        """The job layout for ``batch`` (built once per batch size: every bundle and job asks)."""
+        if batch not in self._layouts:
+            self._layouts[batch] = Layout.of(self.plan, batch)
+        return self._layouts[batch]
 
     def ingest_op(self, writer: BundleWriter, layout: Layout, seed: bytes, i: int, corrections: list[np.ndarray]) -> None:
         """Offline work for op ``i`` of a bundle: check server 1's corrections; a layer with offline

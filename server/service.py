@@ -167,8 +167,9 @@ class ServerService:
 
     async def _route(self, sender: str, msg: Message) -> None:
         if isinstance(msg, Deploy) and sender == "model_owner":
-            check_budget(Plan.from_dict(msg.plan), self.settings.max_job_bytes)
-            self._pending.setdefault(ids.key(msg.model, msg.epoch), {})["deploy"] = msg
+            plan = Plan.from_dict(msg.plan)  # parsed and checked once, here
+            check_budget(plan, self.settings.max_job_bytes)
+            self._pending.setdefault(ids.key(msg.model, msg.epoch), {}).update(deploy=msg, plan=plan)
             await self._try_deploy(ids.key(msg.model, msg.epoch))
         elif isinstance(msg, Masks) and sender == "dealer":
             self._pending.setdefault(ids.key(msg.model, msg.epoch), {})["seed"] = msg.seed
@@ -222,7 +223,7 @@ class ServerService:
             return
         del self._pending[key]
         dep: Deploy = p["deploy"]
-        plan = Plan.from_dict(dep.plan)
+        plan: Plan = p["plan"]
         core = ServerCore(self.party, plan)
         await drive(core.deploy(dep.weights(), model_mask_shares(plan, p["seed"])), self.node.link(self.peer),
                     f"deploy-{dep.model}-{dep.epoch}", timeout=self.settings.round_timeout)
@@ -271,7 +272,7 @@ class ServerService:
                              f"job was made for {msg.epoch}; ask for the plan again")
         self._check_tenant(tenant, key)
         core = self.models[model]
-        check_budget(core.plan, self.settings.max_job_bytes, batch)
+        core.layout(batch).check_budget(self.settings.max_job_bytes)
         (x,) = msg.arrays
         if x.shape != (batch, *core.plan.input_shape):
             raise UsageError(f"job {job}: input share does not match the model's input {core.plan.input_shape}")

@@ -230,7 +230,8 @@ async def test_segment_cli_covers_every_voxel_of_a_large_slice(tmp_path):
     from blindseg.config import PartyConfig
     from blindseg.demo import LocalDeployment
     from blindseg.models import load_named_model
-    from data_owner.windows import cut, downsampling, plan_windows, stitch
+    from blindseg.plan import downsampling
+    from data_owner.windows import cut, plan_windows, stitch
     from model_owner.client import deploy
 
     model, _, _ = load_named_model("ref-unet", 32)
