@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["secure_segment", "SegmentResult"]
+__all__ = ["secure_segment", "SegmentResult", "__version__"]
+__version__ = "0.1.0"  # as in pyproject.toml (tests/test_structure.py checks they agree)
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing blindseg does not import torch or numba

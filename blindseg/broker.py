@@ -73,12 +73,14 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """A private ``mosquitto -c <config>`` on a free loopback port (tests, benchmarks)."""
 
-    def __init__(self, workdir: str | Path, port: int | None = None, config: str | None = None) -> None:
+    def __init__(self, workdir: str | Path, port: int | None = None, config: str | None = None,
+                 cwd: str | Path | None = None) -> None:
+        """``cwd``: where relative paths in ``config`` point (a kit's ``broker/``)."""
         self.binary = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
         if self.binary is None:
             raise UsageError("the mosquitto binary is not installed")
-        self.workdir = Path(workdir)
+        self.workdir, self.cwd = Path(workdir), cwd
         self.port = port or free_port()
         self.conf = self.workdir / "mosquitto.conf"
         text = config or mosquitto_config(self.port)
@@ -93,7 +95,8 @@ class Mosquitto:
 
     def start(self) -> Mosquitto:
         log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen([self.binary or "mosquitto", "-c", str(self.conf)], stdout=log, stderr=log)
+        self.proc = subprocess.Popen([self.binary or "mosquitto", "-c", str(self.conf.resolve())], stdout=log,
+                                     stderr=log, cwd=self.cwd)
         wait_port("127.0.0.1", self.port)
         return self
 

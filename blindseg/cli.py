@@ -50,8 +50,23 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("chart", help="per-layer cost chart (PNG) from a bench or segment report (JSON)")
     c.add_argument("report", type=Path)
     c.add_argument("--out", type=Path, default=Path("cost.png"))
+    st = sub.add_parser("status", help="every service's health, pool and recent failures (from their presence)")
+    st.add_argument("--config", required=True, type=Path, help="any party's config (its broker login is used)")
+    st.add_argument("--listen", type=float, default=3.0, help="seconds to listen for fresh presence documents")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
+        if args.cmd == "status":
+            import asyncio
+
+            from .config import PartyConfig
+            from .status import collect, render
+
+            cfg = PartyConfig.load(args.config)
+            services = asyncio.run(collect(cfg, args.listen))
+            print(json.dumps({"deployment": cfg.deployment, "services": services}) if args.json
+                  else render(cfg.deployment, services))
+            return 0 if all(d["state"] == "up" for d in services.values()) else 1
         if args.cmd == "chart":
             from .report import cost_chart, load_report
 
@@ -71,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "rotate-key":
             from .kit import rotate_key
 
-            for cfg in rotate_key(args.dir, args.party, args.public_key):
-                print(f"updated {cfg}: hand it to its party and restart that service")
+            for changed in rotate_key(args.dir, args.party, args.public_key):
+                print(f"updated {changed}: hand it to its party and restart that service")
             return 0
         if args.cmd == "init":
             from .kit import init

@@ -17,6 +17,8 @@
     job_timeout = 600                 # seconds the data owner waits for a job's output
     key_expires = 2027-11-21          # optional: the config is refused after this date (key rotation)
     max_job_bytes = 17179869184       # servers: a plan or job needing more preprocessing material is refused
+    metrics_address = "127.0.0.1:9461"  # services: Prometheus /metrics, /healthz, /readyz ("" = off, the default)
+    pool_expiry = 3600                # servers: drop ready bundles of a batch size unused this long (seconds)
 
     [peers]                           # public keys (hex) of the parties this one talks to
     server1 = "ab12..."
@@ -37,12 +39,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from . import ids
 from .crypto import load_private, load_public
 from .errors import UsageError
-from .transport import BrokerAddress
+from .transport import STATUS, BrokerAddress
 
 PARTIES = ("dealer", "server0", "server1", "model_owner", "data_owner")
 ROLES = ("dealer", "server0", "server1", "model_owner")  # fixed names; any other peer is a tenant (data owner)
 FIELDS = {"deployment", "party", "tenant", "broker", "username", "password_file", "ca_file", "key_file", "state_dir",
-          "net", "round_timeout", "bundle_wait", "job_timeout", "key_expires", "max_job_bytes", "peers"}
+          "net", "round_timeout", "bundle_wait", "job_timeout", "key_expires", "max_job_bytes", "peers",
+          "metrics_address", "pool_expiry"}
 
 
 @dataclass
@@ -60,6 +63,8 @@ class PartyConfig:
     job_timeout: float = 600.0  # data owner: how long to wait for a job's output
     name: str = ""  # this party's identity on the wire: the role, or a data owner's tenant name
     max_job_bytes: int = 16 << 30
+    metrics_address: str = ""  # host:port of the probes and metrics (services); "" = off
+    pool_expiry: float = 3600.0  # servers: ready bundles of a batch size unused this long are dropped
 
     def __post_init__(self) -> None:
         self.name = self.name or self.party
@@ -98,7 +103,11 @@ class PartyConfig:
 
         unknown = sorted(set(raw) - FIELDS)
         if unknown:
-            raise UsageError(f"{p}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(FIELDS))})")
+            import difflib
+
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, FIELDS, 1, 0.7))
+                     else repr(k) for k in unknown]
+            raise UsageError(f"{p}: unknown field(s) {', '.join(hints)} (known: {', '.join(sorted(FIELDS))})")
         party = str(field("party"))
         if party not in PARTIES:
             raise UsageError(f"{p}: party must be one of {', '.join(PARTIES)}, got {party!r}")
@@ -137,8 +146,8 @@ class PartyConfig:
         tenant = str(field("tenant", str, "data_owner"))
         if "tenant" in raw and party != "data_owner":
             raise UsageError(f"{p}: only a data owner has a tenant name")
-        if tenant in ROLES:
-            raise UsageError(f"{p}: tenant name {tenant!r} is a role's name")
+        if tenant in ROLES or tenant == STATUS:
+            raise UsageError(f"{p}: tenant name {tenant!r} is " + ("a role's name" if tenant in ROLES else "reserved"))
         try:
             ids.check("tenant", tenant)
         except UsageError as e:
@@ -152,7 +161,14 @@ class PartyConfig:
                 raise UsageError(f"{p}: field {name!r} must be a number of seconds in (0, 86400]")
             return float(v)
 
+        metrics = str(field("metrics_address", str, ""))
+        if metrics:
+            host, _, port = metrics.rpartition(":")
+            if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise UsageError(f"{p}: field 'metrics_address' must be host:port (e.g. 127.0.0.1:9461), got "
+                                 f"{metrics!r}")
         return PartyConfig(p, str(field("deployment")), party, broker, key, peers,
                            rel(str(field("state_dir", str, f"state/{party}"))), str(field("net", str, "none")),
                            seconds("round_timeout", 120.0), seconds("bundle_wait", 120.0), seconds("job_timeout", 600.0),
-                           tenant if party == "data_owner" else party, mjb)
+                           tenant if party == "data_owner" else party, mjb, metrics,
+                           seconds("pool_expiry", 3600.0))

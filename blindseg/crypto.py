@@ -49,6 +49,7 @@ from .errors import ProtocolError, UnknownSession, UsageError
 
 MAGIC = b"BSE2"
 HELLO = b"BSH2"
+PRESENCE = b"BSP2"  # a service's presence document for one reader (static-static key: see PresenceSeal)
 PREFIX = 4 + 16 + 8
 TAG = 16
 OVERHEAD = PREFIX + TAG
@@ -205,3 +206,36 @@ class SecureLink:
             raise ProtocolError("message failed authentication (tampered, wrong key or wrong topic)") from None
         s.last = counter
         return memoryview(body)
+
+
+class PresenceSeal:
+    """Seals a service's presence documents for one reader (and opens them at the reader): AES-256-GCM
+    under HKDF(DH(s_service, s_reader), info = "blindseg/2 presence <deployment> <service>-><reader>").
+
+    ``b"BSP2" | nonce (12) | AES-GCM(document, AAD = prefix + topic)``. Only that reader can read it and
+    only that service can have written it; there is no forward secrecy (a document is counts and epochs,
+    never a key or a share) and no replay protection beyond the document's own time, which the reader
+    shows -- a presence document informs a person and decides nothing."""
+
+    def __init__(self, key: X25519PrivateKey, other: X25519PublicKey, deployment: str, service: str,
+                 reader: str) -> None:
+        self._aead = AESGCM(HKDF(hashes.SHA256(), 32, salt=None,
+                                 info=f"blindseg/2 presence {deployment} {service}->{reader}".encode()
+                                 ).derive(key.exchange(other)))
+
+    def __repr__(self) -> str:
+        return "PresenceSeal(...)"
+
+    def seal(self, topic: str, document: bytes) -> bytes:
+        import os
+
+        nonce = os.urandom(12)
+        return PRESENCE + nonce + self._aead.encrypt(nonce, document, PRESENCE + nonce + topic.encode())
+
+    def open(self, topic: str, message: bytes) -> bytes:
+        if len(message) < 4 + 12 + TAG or message[:4] != PRESENCE:
+            raise ProtocolError("not a sealed presence document")
+        try:
+            return self._aead.decrypt(message[4:16], message[16:], message[:16] + topic.encode())
+        except InvalidTag:
+            raise ProtocolError("presence document does not authenticate") from None

@@ -33,16 +33,24 @@ class LocalDeployment:
 
     def __init__(self, root: str | Path, broker_url: str | None, net: str = "none", pool: int = 2,
                  settings: dict[str, float] | None = None, tenants: tuple[str, ...] = ("data_owner",),
-                 tls_port: int | None = None) -> None:
+                 tls_port: int | None = None, metrics: bool = False) -> None:
         """``tls_port``: a kit with TLS, passwords and ACLs for a broker on 127.0.0.1:<port> (start it with
-        :meth:`broker_config`); otherwise a plain kit for the broker at ``broker_url``."""
+        :meth:`broker_config`); otherwise a plain kit for the broker at ``broker_url``. ``metrics``: each
+        service's probes on a free loopback port (``self.metrics``: role -> host:port)."""
+        from .broker import free_port
+
         self.root = Path(root)
         if tls_port is not None:
             self.configs = init(self.root, "demo", broker_host="127.0.0.1", port=tls_port, bind="127.0.0.1", net=net,
-                                settings=settings, tenants=tenants)
+                                settings=settings, tenants=tenants, metrics=False)
         else:
             self.configs = init(self.root, "demo", plain=True, broker_url=broker_url, net=net, settings=settings,
-                                tenants=tenants)
+                                tenants=tenants, metrics=False)
+        self.metrics: dict[str, str] = {}
+        for role in ("dealer", "server0", "server1") if metrics else ():
+            self.metrics[role] = f"127.0.0.1:{free_port()}"
+            text = self.configs[role].read_text()
+            self.configs[role].write_text(text.replace("\n[peers]", f'\nmetrics_address = "{self.metrics[role]}"\n[peers]', 1))
         self.pool = pool
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         (self.root / "logs").mkdir(exist_ok=True)
@@ -138,7 +146,7 @@ class LocalDeployment:
             raise BlindsegError(f"{role} {args[0]} did not finish within {timeout:.0f} s") from None
         lines = out.decode().strip().splitlines()
         if proc.returncode != 0 or not lines:
-            msg = (out.decode() + err.decode()).strip().splitlines()
+            msg = [ln for ln in lines if ln.startswith("error: ")] or (out.decode() + err.decode()).strip().splitlines()
             raise BlindsegError(f"{role} {args[0]} failed: {msg[-1] if msg else proc.returncode}")
         return json.loads(lines[-1])  # type: ignore[no-any-return]
 

@@ -41,6 +41,7 @@ from .broker import mosquitto_config
 from .config import ROLES
 from .crypto import generate_key, load_public, private_bytes, public_hex
 from .errors import UsageError
+from .transport import STATUS
 
 # who talks to whom (both directions); every tenant (data owner) talks to both servers only
 LINKS = {
@@ -130,20 +131,27 @@ def _public_keys(directory: Path, identities: tuple[str, ...]) -> dict[str, str]
 def init(directory: str | Path, deployment: str = "blindseg", broker_host: str = "127.0.0.1", port: int = 8883,
          plain: bool = False, broker_url: str | None = None, net: str = "none", bind: str = "0.0.0.0",
          settings: dict[str, float] | None = None, tenants: tuple[str, ...] = ("data_owner",),
-         public_keys: str | Path | None = None) -> dict[str, Path]:
+         public_keys: str | Path | None = None, install_dir: str = "/opt/blindseg",
+         python: str = "/opt/blindseg/venv/bin/python", metrics: bool = True) -> dict[str, Path]:
     """Write a deployment kit; returns each identity's config path.
 
     With ``public_keys`` (a directory of ``<identity>.pub`` files from ``blindseg keygen``) the kit holds
     no private key: each config names ``keys/<identity>.key``, which the party puts there itself.
     Without it the kit generates every key in one place -- for demos and tests only, since whoever holds
-    the directory holds both servers' keys (it says so in ``keys/README``)."""
+    the directory holds both servers' keys (it says so in ``keys/README``).
+
+    ``broker/`` is self-contained (paths relative to it; ``broker/run.sh`` starts Mosquitto there), so
+    it can be copied to the broker host as is. ``systemd/`` holds a unit per service for a kit copied to
+    ``install_dir`` with blindseg installed for ``python``; each service's metrics and probes listen on
+    loopback (``metrics``: dealer 9460, server0 9461, server1 9462)."""
     root = Path(directory)
     if not deployment.replace("-", "").isalnum():
         raise UsageError(f"deployment name {deployment!r} must be letters, digits and dashes")
     for t in tenants:
         ids.check("tenant", t)
-        if t in ROLES:
-            raise UsageError(f"tenant name {t!r} is a role's name")
+        if t in ROLES or t == STATUS:
+            raise UsageError(f"tenant name {t!r} is a role's name" if t in ROLES else
+                             f"tenant name {t!r} is reserved (presence documents)")
     if not tenants or len(set(tenants)) != len(tenants):
         raise UsageError("give one or more distinct tenant names")
     if (root / "configs").exists():
@@ -181,6 +189,8 @@ def init(directory: str | Path, deployment: str = "blindseg", broker_host: str =
         if not plain:
             _write_secret(root / "secrets" / f"{p}.password", passwords[p].encode())
             lines += [f'username = "{p}"', f'password_file = "../secrets/{p}.password"', 'ca_file = "../broker/ca.crt"']
+        if metrics and p in METRICS_PORTS:
+            lines.append(f'metrics_address = "127.0.0.1:{METRICS_PORTS[p]}"')
         lines += [f"{k} = {v}" for k, v in (settings or {}).items()]
         lines += ["", "[peers]"] + [f'{q} = "{pubs[q]}"' for q in links(p, tuple(tenants))]
         path = root / "configs" / f"{p}.toml"
@@ -189,18 +199,84 @@ def init(directory: str | Path, deployment: str = "blindseg", broker_host: str =
     b = root / "broker"
     acl = []
     for p in identities:
-        acl += [f"user {p}", f"topic read blindseg/{deployment}/{p}/#", f"topic write blindseg/{deployment}/+/{p}", ""]
+        acl += [f"user {p}", f"topic read blindseg/{deployment}/{p}/#", f"topic write blindseg/{deployment}/+/{p}",
+                # presence documents (sealed per reader): each party writes its own, reads those for it
+                f"topic write blindseg/{deployment}/{STATUS}/{p}/+", f"topic read blindseg/{deployment}/{STATUS}/+/{p}",
+                ""]
     (b / "acl").write_text("\n".join(acl))
     _write_secret(b / "passwd", "".join(f"{p}:{mosquitto_password(passwords[p])}\n" for p in identities).encode())
     if plain:
         (b / "mosquitto.conf").write_text(mosquitto_config(port, broker_host))
     else:
         _certs(b, broker_host)
-        (b / "mosquitto.conf").write_text(mosquitto_config(
-            port, bind, tls={"ca": str((b / "ca.crt").resolve()), "cert": str((b / "server.crt").resolve()),
-                                  "key": str((b / "server.key").resolve())},
-            password_file=str((b / "passwd").resolve()), acl_file=str((b / "acl").resolve())))
+        (b / "mosquitto.conf").write_text(mosquitto_config(  # relative: Mosquitto runs in broker/ (run.sh)
+            port, bind, tls={"ca": "ca.crt", "cert": "server.crt", "key": "server.key"},
+            password_file="passwd", acl_file="acl"))
+    (b / "run.sh").write_text('#!/bin/sh\n# Start the broker with this folder\'s files (copy broker/ anywhere).\n'
+                              'cd "$(dirname "$0")" && exec mosquitto -c mosquitto.conf "$@"\n')
+    os.chmod(b / "run.sh", 0o755)
+    _systemd_units(root / "systemd", deployment, install_dir, python)
     return out
+
+
+METRICS_PORTS = {"dealer": 9460, "server0": 9461, "server1": 9462}
+_HARDENING = """NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictSUIDSGID=yes
+RestrictNamespaces=yes
+LockPersonality=yes
+UMask=0077"""
+
+
+def _systemd_units(d: Path, deployment: str, install_dir: str, python: str) -> None:
+    """One unit per service (and the broker): restart on failure, graceful stop (SIGTERM: running jobs
+    end with an error their data owner retries), writable only in the service's own state dir."""
+    d.mkdir(exist_ok=True)
+    for role in ("dealer", "server0", "server1"):
+        (d / f"blindseg-{role}.service").write_text(f"""[Unit]
+Description=blindseg {role} (deployment {deployment})
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+User=blindseg
+Group=blindseg
+WorkingDirectory={install_dir}
+ExecStart={python} -m {role} --config {install_dir}/configs/{role}.toml
+Restart=on-failure
+RestartSec=2
+KillSignal=SIGTERM
+TimeoutStopSec=30
+ReadWritePaths={install_dir}/state/{role}
+{_HARDENING}
+
+[Install]
+WantedBy=multi-user.target
+""")
+    (d / "blindseg-broker.service").write_text(f"""[Unit]
+Description=blindseg MQTT broker (Mosquitto, deployment {deployment})
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+User=mosquitto
+WorkingDirectory={install_dir}/broker
+ExecStart=/usr/sbin/mosquitto -c {install_dir}/broker/mosquitto.conf
+Restart=on-failure
+RestartSec=2
+{_HARDENING}
+
+[Install]
+WantedBy=multi-user.target
+""")
 
 
 def rotate_key(directory: str | Path, party: str, public_key: str) -> list[Path]:

@@ -301,10 +301,14 @@ class Job(Message):
 
 @dataclass(frozen=True, repr=False)
 class Progress(Message):
+    """server0 -> data owner: ``phase`` ("bundle": waiting for a bundle from the dealer; "online": op
+    ``op`` of ``ops`` done)."""
+
     T = "progress"
     job: str
     op: int
     ops: int
+    phase: str = "online"
 
 
 @dataclass(frozen=True, repr=False)
@@ -322,7 +326,8 @@ class Error(Message):
 @dataclass(frozen=True, repr=False)
 class Output(Message):
     """server -> data_owner (label ``<job>:output``): the output share and the job's costs at that server.
-    ``ops``: per op [index, seconds, bytes, rounds]; ``log``: per frame to the peer [label, bytes]."""
+    ``ops``: per op [index, seconds, bytes, rounds]; ``log``: per frame to the peer [label, bytes];
+    ``wait_seconds``: from the job's arrival to its first round (bundle agreement, waiting for the dealer)."""
 
     T = "output"
     ARRAYS = (1, 1)
@@ -331,6 +336,7 @@ class Output(Message):
     bytes: int
     offline_bytes: int = 0
     offline_seconds: float = 0.0
+    wait_seconds: float = 0.0
     ops: list[Any] = field(default_factory=list)
     log: list[Any] = field(default_factory=list)
     arrays: tuple[np.ndarray, ...] = ()

@@ -24,7 +24,9 @@ kind                   from -> to                   meaning
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from netsim import Profile, profile, wrap
@@ -71,6 +73,23 @@ class Node:
         await self.transport.start()
         return self
 
+    def announce(self, document: Callable[[str], dict[str, Any]], interval: float = 2.0) -> None:
+        """Publish ``document(reader)``, sealed for each peer, as this service's presence every ``interval``
+        s (MQTT transports; the in-memory one has no broker to tell)."""
+        t: Any = self.transport
+        if hasattr(t, "presence"):
+            t.presence, t.presence_interval = document, interval
+
+    async def goodbye(self, document: dict[str, Any]) -> None:
+        """This service's last presence document (a clean stop), where there is a broker."""
+        if hasattr(self.transport, "goodbye"):
+            await self.transport.goodbye(document)
+
+    def connected(self) -> bool:
+        """Whether the transport holds a broker connection now (always true in memory)."""
+        ev = getattr(self.transport, "_connected", None)
+        return True if ev is None else bool(ev.is_set())
+
     async def close(self) -> None:
         await close_links(list(self.links.values()))
         await self.transport.close()
@@ -105,8 +124,18 @@ def run_service(coro: Any) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%Y-%m-%dT%H:%M:%S%z")  # with the time zone: parties run in different clouds
     logging.getLogger("mqtt").setLevel(logging.ERROR)
+    async def main() -> None:
+        import signal
+
+        task = asyncio.ensure_future(coro)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # SIGTERM (systemd stop): a clean stop
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     try:
-        asyncio.run(coro)
+        asyncio.run(main())
     except KeyboardInterrupt:
         return 0
     except BlindsegError as e:

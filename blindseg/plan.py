@@ -151,6 +151,9 @@ def validate(plan: Plan) -> None:
     for i, op in enumerate(plan.ops):
         if i and not op.inputs:
             raise UsageError(f"plan op {i} ({op.kind}) has no inputs (only the first op is the input)")
+        lo, hi = op.layer.arity
+        if i and not lo <= len(op.inputs) <= hi:
+            raise UsageError(f"plan op {i} ({op.kind}) has {len(op.inputs)} inputs; this kind takes {lo}..{hi}")
         if any(j < 0 or j >= i for j in op.inputs):
             raise UsageError(f"plan op {i} ({op.kind}) refers to a later or missing value")
         if len(op.shape) != ndim or any(s <= 0 or s > 1 << 16 for s in op.shape) or math.prod(op.shape) > MAX_ELEMS:

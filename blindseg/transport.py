@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import socket
 import ssl
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -46,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from .background import spawn
 from .channel import Control, Endpoint, Frame, _Inbox
-from .crypto import HELLO, OVERHEAD, SecureLink
+from .crypto import HELLO, OVERHEAD, PresenceSeal, SecureLink
 from .errors import ConnectionLost, ProtocolError, UnknownSession, UsageError
 
 log = logging.getLogger("blindseg.transport")
@@ -90,6 +92,15 @@ class BrokerAddress:
 
 def topic_for(deployment: str, to: str, sender: str) -> str:
     return f"blindseg/{deployment}/{to}/{sender}"
+
+
+def status_topic(deployment: str, service: str = "+", reader: str = "+") -> str:
+    """Where ``service``'s presence document for ``reader`` is retained, sealed for that reader
+    (:class:`~blindseg.crypto.PresenceSeal`; :mod:`blindseg.health`)."""
+    return f"blindseg/{deployment}/{STATUS}/{service}/{reader}"
+
+
+STATUS = "status"  # the topic level of presence documents (no party may be called this)
 
 
 def seal_chunks(link: SecureLink, topic: str, label: str, frame_id: int, frame: bytes | memoryview,
@@ -151,6 +162,11 @@ class MqttTransport:
         self._ever_connected = False
         self._fatal: str | None = None
         self._failed = asyncio.Event()
+        # presence (services): a document per reader (every peer), sealed for it, published retained every
+        # `presence_interval` s, and a goodbye on close; a reader that hears nothing new says so
+        self.presence: Callable[[str], dict[str, Any]] | None = None
+        self.presence_interval = 2.0
+        self._seals = {p: PresenceSeal(key, pk, deployment, me, p) for p, pk in peers.items()}
 
     def endpoint(self, peer: str) -> MqttEndpoint:
         try:
@@ -174,6 +190,30 @@ class MqttTransport:
             await self.close()
             raise ConnectionLost(f"cannot reach the MQTT broker at {self.broker.host}:{self.broker.port} "
                                  f"within {self.connect_timeout} s") from None
+
+    async def _publish_presence(self, client: aiomqtt.Client, doc: Callable[[str], dict[str, Any]]) -> None:
+        """One sealed, retained document per reader."""
+        for reader, seal in self._seals.items():
+            topic = status_topic(self.deployment, self.me, reader)
+            await client.publish(topic, seal.seal(topic, json.dumps(doc(reader)).encode()), qos=1, retain=True)
+
+    async def _announce(self, client: aiomqtt.Client, lost: asyncio.Future[None]) -> None:
+        """Publish the presence documents every ``presence_interval`` s while connected."""
+        while not lost.done() and self.presence is not None:
+            try:
+                await asyncio.wait_for(self._publish_presence(client, self.presence), self.presence_interval * 5)
+            except (aiomqtt.MqttError, TimeoutError) as e:
+                log.debug("%s: presence not published (%s)", self.me, e)
+            await asyncio.wait([lost], timeout=self.presence_interval)
+
+    async def goodbye(self, doc: dict[str, Any]) -> None:
+        """Retain ``doc`` (up: false, with the reason) as this service's last word; best effort, 2 s."""
+        client = self._client
+        if client is None:
+            return
+        self.presence = None  # no document after the goodbye
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            await asyncio.wait_for(self._publish_presence(client, lambda reader: doc), 2.0)
 
     async def close(self) -> None:
         self._closing = True
@@ -216,6 +256,8 @@ class MqttTransport:
                     delay = 0.1
                     for ep in self.endpoints.values():  # peers may have restarted while we were away
                         self._spawn(ep.send_hello())
+                    if self.presence is not None:
+                        self._spawn(self._announce(client, lost))
                     async for msg in client.messages:
                         self._on_message(str(msg.topic), msg.payload)  # type: ignore[arg-type]
             except (aiomqtt.MqttError, OSError, TimeoutError) as e:

@@ -41,7 +41,7 @@ class Client:
         default = 600.0 if isinstance(cfg, Node) else cfg.job_timeout
         self.timeout = timeout if timeout is not None else default
         self._waiters: dict[str, asyncio.Future[PlanInfo]] = {}
-        self._progress: dict[str, Callable[[int, int], None]] = {}
+        self._progress: dict[str, Callable[[int, int, str], None]] = {}
         self._errors: dict[str, asyncio.Future[None]] = {}
         self._pump: asyncio.Task[None] | None = None
         self.plans: dict[str, Plan] = {}
@@ -67,7 +67,7 @@ class Client:
 
     def _on_control(self, sender: str, msg: Message) -> None:
         if isinstance(msg, Progress) and msg.job in self._progress:
-            self._progress[msg.job](msg.op, msg.ops)
+            self._progress[msg.job](msg.op, msg.ops, msg.phase)
         elif isinstance(msg, Error):
             # a job's error goes to that job only (a late one for a finished job is dropped); a request's
             # error (no job) to whoever waits for that model's plan
@@ -102,7 +102,7 @@ class Client:
             self.plans[model], self.epochs[model] = Plan.from_dict(h.plan), h.epoch
         return self.plans[model]
 
-    async def segment(self, model: str, raw: np.ndarray, progress: Callable[[int, int], None] | None = None,
+    async def segment(self, model: str, raw: np.ndarray, progress: Callable[[int, int, str], None] | None = None,
                       retries: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
         """One job: ``raw`` N x C x H x W in the scanner's units -> (N x H x W labels, costs).
 
@@ -124,7 +124,7 @@ class Client:
                 attempt += 1
                 log.warning("job failed (%s); retrying with a fresh bundle", e)
 
-    async def _segment_once(self, model: str, raw: np.ndarray, progress: Callable[[int, int], None] | None
+    async def _segment_once(self, model: str, raw: np.ndarray, progress: Callable[[int, int, str], None] | None
                             ) -> tuple[np.ndarray, dict[str, Any]]:
         plan = await self.plan(model)
         x = intensity.apply(plan.meta.get("preprocess"), raw)
@@ -165,6 +165,7 @@ class Client:
             cost = {"online_seconds": online, "layers": layer_rows(plan, per_op, offline), "rounds": outs_[0].rounds,
                     "server_bytes": [o.bytes for o in outs_], "offline_bytes": [o.offline_bytes for o in outs_],
                     "offline_seconds": max(o.offline_seconds for o in outs_), "round_log": logs,
+                    "wait_seconds": max(o.wait_seconds for o in outs_),
                     "io_frames": [sent_in, len(frames[0])], "output_bytes": [len(f) for f in frames],
                     "clipped_voxels": clipped}
             return mask, cost

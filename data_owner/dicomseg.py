@@ -14,7 +14,8 @@ from blindseg.errors import UsageError
 def write_seg(path: str | Path, mask: np.ndarray, files: list[str], class_names: list[str],
               model: str = "blindseg", version: str = "1") -> Path:
     """``mask``: N x rows x cols labels in the order of ``files`` (the series' slices, as read).
-    Class 0 is background; every other class present becomes one segment. Written atomically."""
+    Class 0 is background; every other class present becomes one segment; the SEG series is described
+    as ``model`` (how the PACS watcher recognises studies already done). Written atomically."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
@@ -38,7 +39,8 @@ def write_seg(path: str | Path, mask: np.ndarray, files: list[str], class_names:
         source_images=sources, pixel_array=relabel[mask], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=9001,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="blindseg",
-        manufacturer_model_name=model, software_versions=version, device_serial_number="blindseg")
+        manufacturer_model_name=model, software_versions=version, device_serial_number="blindseg",
+        series_description=model[:64])
     p = Path(path)
     tmp = p.with_name(p.name + ".part")
     seg.save_as(tmp)
@@ -61,19 +63,6 @@ def read_seg_labels(path: str | Path, files: list[str]) -> dict[str, Any]:
 def store_to_pacs(url: str, path: str | Path, username: str | None = None, password: str | None = None) -> str:
     """STOW-RS the file at ``path`` to a DICOMweb server (``url`` is its DICOMweb root, e.g.
     ``http://pacs:8042/dicom-web`` for Orthanc); returns the stored SOP Instance UID."""
-    import pydicom
-    from dicomweb_client.api import DICOMwebClient
+    from .pacs import Pacs
 
-    ds = pydicom.dcmread(str(path))
-    try:
-        session = None
-        if username is not None:
-            from dicomweb_client.session_utils import create_session_from_auth
-            from requests.auth import HTTPBasicAuth
-
-            session = create_session_from_auth(HTTPBasicAuth(username, password or ""))
-        client = DICOMwebClient(url=url.rstrip("/"), session=session)
-        client.store_instances(datasets=[ds])
-    except Exception as exc:  # requests / HTTP errors of many kinds
-        raise UsageError(f"storing {Path(path).name} to the PACS at {url} failed: {exc}") from None
-    return str(ds.SOPInstanceUID)
+    return Pacs(url, username, password).store(Path(path))

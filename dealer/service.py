@@ -22,6 +22,7 @@ from blindseg import ids
 from blindseg.channel import Endpoint
 from blindseg.config import PartyConfig
 from blindseg.errors import BlindsegError, UsageError
+from blindseg.health import Health
 from blindseg.messages import Commit, Committed, Masks, Message, Need, PlanMsg, PoolRequest
 from blindseg.node import Node
 from blindseg.plan import Plan, check_budget
@@ -58,9 +59,16 @@ class DealerService:
 
     max_bundle_bytes = 8 << 30  # a plan whose batch-1 bundle would be larger is refused
 
-    def __init__(self, node: Node, state_dir: Path, pool: int = 2) -> None:
+    def __init__(self, node: Node, state_dir: Path, pool: int = 2, metrics_address: str = "",
+                 in_use_for: float = 3600.0) -> None:
         self.node, self.pool = node, pool
+        self.metrics_address, self.in_use_for = metrics_address, in_use_for
         self.dealer = Dealer()
+        self.bundles_made = 0
+        self._in_use: dict[str, dict[int, float]] = {}  # model -> batch size -> monotonic time last requested
+        self.health = Health("dealer", node.deployment)
+        self.health.info = self._status
+        self.health.checks.append(lambda: None if self.node.connected() else "not connected to the broker")
         self.state = state_dir / "models.json"
         self.current: dict[str, str] = {}  # model -> its committed epoch
         self.dealer_seconds = 0.0  # compute time of the bundles made so far
@@ -81,7 +89,7 @@ class DealerService:
     def from_config(cfg: PartyConfig, pool: int = 2) -> DealerService:
         if cfg.party != "dealer":
             raise UsageError(f"{cfg.path}: not a dealer config")
-        return DealerService(Node.from_config(cfg), cfg.state_dir, pool)
+        return DealerService(Node.from_config(cfg), cfg.state_dir, pool, cfg.metrics_address, cfg.pool_expiry)
 
     def _persist(self) -> None:
         data = {"current": self.current,
@@ -89,7 +97,23 @@ class DealerService:
                                 for k, (plan, s0, s1) in self.dealer.models().items()}}
         write_private(self.state, json.dumps(data).encode())
 
+    def _status(self) -> dict[str, Any]:
+        pending: dict[str, dict[str, int]] = {}
+        for (k, b), n in sorted(self._pending.items()):
+            if n:
+                pending.setdefault(k, {})[str(b)] = n
+        return {"models": dict(self.current), "pool_target": self.pool, "bundles_made": self.bundles_made,
+                "bundle_seconds_total": round(self.dealer_seconds, 3), "queued": pending,
+                "batch_sizes_in_use": {m: sorted(v) for m, v in self._in_use.items()}}
+
+    def batches_in_use(self, model: str) -> list[int]:
+        """Batch sizes server0 asked for within ``in_use_for`` seconds (pre-warmed after a redeploy)."""
+        now = time.monotonic()
+        return sorted(b for b, t in self._in_use.get(model, {}).items() if now - t < self.in_use_for)
+
     async def serve(self) -> None:
+        probes = await self.health.serve_probes(self.metrics_address)
+        self.node.announce(self.health.document, self.health.interval)
         await self.node.start()
         worker = asyncio.get_running_loop().create_task(self._generate())
         log.info("dealer serving deployment %s (pool %d per model)", self.node.deployment, self.pool)
@@ -100,10 +124,15 @@ class DealerService:
                     await self._handle(sender, msg)
                 except BlindsegError as e:
                     log.warning("dealer: %s from %s failed: %s", msg.T, sender, e)
-                except Exception:  # a bug, never a reason to stop serving
+                    self.health.failed(msg.T, e, who=sender)
+                except Exception as e:  # a bug, never a reason to stop serving
                     log.exception("dealer: internal error handling %s from %s", msg.T, sender)
+                    self.health.failed(msg.T, e, who=sender)
         finally:
             worker.cancel()
+            await self.node.goodbye(self.health.goodbye("stopped"))
+            if probes is not None:
+                probes.close()
             await self.node.close()
 
     async def _handle(self, sender: str, msg: Message) -> None:
@@ -125,8 +154,9 @@ class DealerService:
                     self.dealer.forget(other)
                 await asyncio.to_thread(self._persist)
                 log.info("dealer: model %s now serves epoch %s", msg.model, msg.epoch)
-                for _ in range(self.pool):
-                    self.request(k, 1)
+                for b in self.batches_in_use(msg.model) or [1]:  # the sizes jobs use now, warm at once
+                    for _ in range(self.pool):
+                        self.request(k, b)
             await self.node.tell("model_owner", Committed(msg.model, msg.epoch, "dealer"))
         elif isinstance(msg, PoolRequest) and sender == "server0":
             if self.current.get(msg.model) != msg.epoch:
@@ -134,6 +164,7 @@ class DealerService:
             # top the pool up to `pool` ready bundles (server0's count + those queued or in flight here);
             # a job that waited always gets one, whatever the count says
             key = (ids.key(msg.model, msg.epoch), msg.batch)
+            self._in_use.setdefault(msg.model, {})[msg.batch] = time.monotonic()
             want = self.pool - msg.ready - self._pending.get(key, 0)
             n = max(want, 1 if isinstance(msg, Need) and not self._pending.get(key) else 0)
             log.info("dealer: %s from server0 for %s batch %d (%d ready there): %d more", msg.T, key[0], msg.batch,
@@ -158,6 +189,9 @@ class DealerService:
                 bid, secs = await stream_bundle(self.dealer, k, batch, self.node.link("server0"),
                                                 self.node.link("server1"))
                 self.dealer_seconds += secs
+                self.bundles_made += 1
+                self.health.bundles.inc()
+                self.health.bundle_seconds.observe(secs)
                 log.info("dealer: bundle %s for %s batch %d in %.2f s", bid[:8], k, batch, secs)
             except BlindsegError as e:
                 log.warning("dealer: bundle for %s failed: %s", k, e)

@@ -38,8 +38,17 @@ class BundlePool:
         self._warming: set[str] = set()  # warm-ups in progress
         self._burnt: list[str] = []  # server0: bundles burnt lately, told to server1 with the next proposal
 
+    def unreserved(self, model: str, batch: int) -> list[str]:
+        """Ready bundles of (deployment, batch) that no running job has picked."""
+        return [b for b in self.store.ready(model, batch) if b not in self._reserved]
+
+    def retire(self, bid: str, why: str) -> None:
+        """Drop a ready bundle no job has picked (an expired pool), with any material expanded for it."""
+        self._warm.pop(bid, None)
+        self.store.drop(bid, why)
+
     def ready_count(self, model: str, batch: int) -> int:
-        return len([b for b in self.store.ready(model, batch) if b not in self._reserved])
+        return len(self.unreserved(model, batch))
 
     def settled(self, model: str, batch: int) -> bool:
         """A bundle for (model, batch) is ready and its warm-up (if it fits the budget) is over."""

@@ -21,6 +21,7 @@ as an internal error (never dressed up as the peer's fault).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -34,6 +35,7 @@ from blindseg import ids
 from blindseg.background import spawn
 from blindseg.config import PartyConfig
 from blindseg.errors import BlindsegError, ProtocolError, StaleEpoch, UsageError
+from blindseg.health import Health
 from blindseg.layout import model_mask_shares
 from blindseg.messages import (
     BundleAnnounce,
@@ -71,6 +73,8 @@ class ServerSettings:
     bundle_wait: float = 120.0  # how long a job waits for preprocessing
     preload_bytes: int = 1 << 30  # a bundle whose material fits is expanded before its job
     max_job_bytes: int = 16 << 30  # a plan or job needing more preprocessing material is refused
+    pool_expiry: float = 3600.0  # ready bundles of a (model, batch size) unused this long are dropped
+    metrics_address: str = ""  # host:port of /metrics, /healthz, /readyz; "" = off
 
 
 class ServerService:
@@ -93,11 +97,16 @@ class ServerService:
         self._staged: dict[str, ServerCore] = {}  # model@epoch -> E opened, waiting for its commit
         self._allowed: dict[str, list[str]] = {}  # model@epoch -> tenants allowed to run jobs ([] = all)
         self._pending: dict[str, dict[str, Any]] = {}
-        self._jobs: set[str] = set()  # jobs in progress (finished ones are in the store)
+        self._jobs: dict[str, str] = {}  # jobs in progress -> their tenant (finished ones are in the store)
         self._offline: dict[str, tuple[int, float]] = {}  # bundle -> (bytes received, seconds), this run
         self._tasks: set[asyncio.Task[None]] = set()
         self.pool = BundlePool(self)
         self.dealer_seconds = 0.0
+        self._last_used: dict[tuple[str, int], float] = {}  # (model@epoch, batch) -> monotonic time of its last job
+        self._started = time.monotonic()
+        self.health = Health(self.name, node.deployment)
+        self.health.info, self.health.refresh = self._status, self._refresh_metrics
+        self.health.checks.append(lambda: None if self.node.connected() else "not connected to the broker")
         self._load_acl()
 
     def __repr__(self) -> str:
@@ -108,7 +117,8 @@ class ServerService:
         if cfg.party not in ("server0", "server1"):
             raise UsageError(f"{cfg.path}: a server config needs party server0 or server1")
         return ServerService(int(cfg.party[-1]), Node.from_config(cfg), cfg.state_dir,
-                             ServerSettings(cfg.round_timeout, cfg.bundle_wait, max_job_bytes=cfg.max_job_bytes),
+                             ServerSettings(cfg.round_timeout, cfg.bundle_wait, max_job_bytes=cfg.max_job_bytes,
+                                            pool_expiry=cfg.pool_expiry, metrics_address=cfg.metrics_address),
                              frozenset(cfg.tenants))
 
     def _event(self, key: str) -> asyncio.Event:
@@ -134,26 +144,84 @@ class ServerService:
 
     # ------------------------------------------------------------------ loop
     async def serve(self) -> None:
+        probes = await self.health.serve_probes(self.settings.metrics_address)
+        self.node.announce(self.health.document, self.health.interval)
         await self.node.start()
         log.info("%s serving deployment %s (%d models)", self.name, self.node.deployment, len(self.models))
+        self.spawn(self._expire_pools(), "pool expiry")
         try:
             while True:
                 sender, msg = await self.node.next_control()
                 self.spawn(self._handle(sender, msg))
         finally:
+            await self._abort_running("is shutting down")
             for t in list(self._tasks):
                 t.cancel()
+            await self.node.goodbye(self.health.goodbye("stopped"))
+            if probes is not None:
+                probes.close()
             await self.node.close()
             self.store.close()
+
+    async def _abort_running(self, why: str) -> None:
+        """Tell each running job's data owner at once that it ends here (its retry starts now, not after
+        a timeout); the bundles those jobs hold were consumed and are never used again."""
+        async def tell(job: str, tenant: str) -> None:
+            with contextlib.suppress(BlindsegError, TimeoutError):
+                await asyncio.wait_for(self.node.tell(tenant, Error(f"{self.name} {why}; retry the job", self.name,
+                                                                    job)), 2.0)
+
+        if self._jobs:
+            log.info("%s %s: ending %d running jobs", self.name, why, len(self._jobs))
+            await asyncio.gather(*(tell(j, t) for j, t in list(self._jobs.items())))
+
+    # ---------------------------------------------------------- operations
+    def _status(self) -> dict[str, Any]:
+        """This server's part of its presence document (``blindseg status``)."""
+        pool = self.store.summary()
+        return {"models": dict(self.epochs), "staged": sorted(self._staged),
+                "pool": {k: {str(b): n for b, n in sorted(v.items())} for k, v in sorted(pool.items())},
+                "jobs_running": len(self._jobs), "store_bytes": self.store.disk_bytes(),
+                "pool_expiry_seconds": self.settings.pool_expiry}
+
+    def _refresh_metrics(self) -> None:
+        self.health.pool.clear()
+        for key, batches in self.store.summary().items():
+            for b, n in batches.items():
+                self.health.pool.labels(key, str(b)).set(n)
+
+    def expire_unused(self, now: float | None = None) -> int:
+        """Drop the ready bundles of every (deployment, batch size) whose last job (or this server's start,
+        if none ran since) is older than ``pool_expiry``; returns how many were dropped."""
+        now = time.monotonic() if now is None else now
+        dropped = 0
+        for key, batches in self.store.summary().items():
+            for b in batches:
+                if now - self._last_used.get((key, b), self._started) < self.settings.pool_expiry:
+                    continue
+                gone = self.pool.unreserved(key, b)
+                for bid in gone:
+                    self.pool.retire(bid, "expired")
+                dropped += len(gone)
+                log.info("%s: %d ready bundles of %s batch %d expired (no job for %.0f s)", self.name, len(gone),
+                         key, b, self.settings.pool_expiry)
+        return dropped
+
+    async def _expire_pools(self) -> None:
+        while True:
+            await asyncio.sleep(min(60.0, self.settings.pool_expiry / 4))
+            await asyncio.to_thread(self.expire_unused)
 
     async def _handle(self, sender: str, msg: Message) -> None:
         try:
             await self._route(sender, msg)
         except (BlindsegError, TimeoutError) as e:
+            self.health.failed(msg.T, e, getattr(msg, "job", None), sender)
             await self._refuse(sender, msg, str(e) if isinstance(e, BlindsegError) else f"{msg.T} timed out",
                                e.code if isinstance(e, StaleEpoch) else "")
-        except Exception:
+        except Exception as e:
             log.exception("%s: internal error handling %s from %s", self.name, msg.T, sender)
+            self.health.failed(msg.T, e, getattr(msg, "job", None), sender)
             await self._refuse(sender, msg, f"internal error at {self.name} handling {msg.T}")
 
     async def _refuse(self, sender: str, msg: Message, reason: str, code: str = "") -> None:
@@ -258,11 +326,11 @@ class ServerService:
         job = msg.job
         if job in self._jobs or self.store.job_seen(job):
             raise ProtocolError(f"duplicate job id {job}")
-        self._jobs.add(job)
+        self._jobs[job] = sender
         try:
             await self._run_job(sender, msg)
         finally:
-            self._jobs.discard(job)
+            self._jobs.pop(job, None)
 
     async def _run_job(self, tenant: str, msg: Job) -> None:
         job, model, batch = msg.job, msg.model, msg.batch
@@ -278,7 +346,11 @@ class ServerService:
             raise UsageError(f"job {job}: input share does not match the model's input {core.plan.input_shape}")
         peer = self.node.link(self.peer)
         t_start = time.perf_counter()
+        self._last_used[(key, batch)] = time.monotonic()
         log_start = len(peer.counters.log)
+        if self.party == 0 and not self.pool.ready_count(key, batch):  # the data owner sees what it waits for
+            self.spawn(self.node.tell(tenant, Progress(job, 0, len(core.plan.ops), "bundle")),
+                       f"progress of job {job[:8]}")
         try:
             bid, prep, warm = await self.pool.agree(job, key, batch, core, peer, tenant)
         except BaseException:
@@ -302,8 +374,15 @@ class ServerService:
                      tenant, t_run - t_start, bid[:8], "warm" if warm is not None else "cold",
                      time.perf_counter() - t_run, stats.rounds)
             off_bytes, off_seconds = self._offline.pop(bid, (0, 0.0))
+            h = self.health
+            h.jobs.labels("ok").inc()
+            h.job_seconds.labels("wait").observe(t_run - t_start)
+            h.job_seconds.labels("online").observe(time.perf_counter() - t_run)
+            h.rounds.inc(stats.rounds)
+            h.bytes.inc(stats.bytes_sent)
+            h.offline_bytes.inc(off_bytes)
             await self.node.link(tenant).send(f"{job}:output", Output(  # only to the requester's own topic
-                job, stats.rounds, stats.bytes_sent, off_bytes, off_seconds,
+                job, stats.rounds, stats.bytes_sent, off_bytes, off_seconds, t_run - t_start,
                 [[i, s.seconds, s.bytes_sent, s.rounds] for i, s in sorted(stats.per_op.items())],
                 [list(e) for e in peer.counters.log[log_start:]], (np.ascontiguousarray(out),)).encode())
         finally:

@@ -16,6 +16,7 @@ never holds more than one op's preprocessing in memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -171,14 +172,35 @@ class BundleStore:
         rows = self._db.execute("SELECT id, model, batch FROM bundles WHERE state = 'ready' ORDER BY created").fetchall()
         return [r[0] for r in rows if (model is None or r[1] == model) and (batch is None or r[2] == batch)]
 
+    def summary(self) -> dict[str, dict[int, int]]:
+        """Ready bundles per deployment and batch size."""
+        out: dict[str, dict[int, int]] = {}
+        for m, b, n in self._db.execute("SELECT model, batch, COUNT(*) FROM bundles WHERE state = 'ready' "
+                                        "GROUP BY model, batch").fetchall():
+            out.setdefault(str(m), {})[int(b)] = int(n)
+        return out
+
+    def disk_bytes(self) -> int:
+        """Bytes of bundle files and the index on disk."""
+        total = 0
+        for f in [*(self.root / "bundles").iterdir(), *self.root.glob("bundles.sqlite*")]:
+            with contextlib.suppress(FileNotFoundError):  # a bundle dropped meanwhile
+                total += f.stat().st_size
+        return total
+
     def purge(self, model: str, keep: str) -> int:
         """Drop the ready bundles of ``model``'s deployments other than ``keep`` (a redeploy); returns how many."""
         rows = self._db.execute("SELECT id, model FROM bundles WHERE state = 'ready'").fetchall()
         gone = [bid for bid, m in rows if m.split("@")[0] == model and m != keep]
         for bid in gone:
-            self._db.execute("UPDATE bundles SET state = 'consumed', job = 'redeployed' WHERE id = ?", (bid,))
-            self.discard(bid)
+            self.drop(bid, "redeployed")
         return len(gone)
+
+    def drop(self, bundle_id: str, why: str) -> None:
+        """Retire a ready bundle unused (a redeploy, an expired pool): never used, never accepted again."""
+        self._db.execute("UPDATE bundles SET state = 'consumed', job = ? WHERE id = ? AND state = 'ready'",
+                         (why, bundle_id))
+        self.discard(bundle_id)
 
     def model_of(self, bundle_id: str) -> str | None:
         row = self._db.execute("SELECT model FROM bundles WHERE id = ?", (bundle_id,)).fetchone()

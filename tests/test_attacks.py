@@ -127,7 +127,7 @@ async def test_tenants_are_isolated_on_a_real_mosquitto(tmp_path, reference) -> 
     port = free_port()
     dep = LocalDeployment(tmp_path / "dep", None, pool=1, settings=TIMEOUTS, tenants=("hospital-a", "hospital-b"),
                           tls_port=port)
-    with Mosquitto(tmp_path, port=port, config=dep.broker_config()):
+    with Mosquitto(tmp_path, port=port, config=dep.broker_config(), cwd=dep.root / "broker"):
         try:
             await asyncio.to_thread(dep.start)
             await deploy(PartyConfig.load(dep.configs["model_owner"]), "ref-unet", "m", size=SIZE, timeout=60,

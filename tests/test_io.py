@@ -11,7 +11,8 @@ from data_owner.io import read_dicom_series, read_image, write_mask, write_overl
 # ------------------------------------------------------------------ DICOM helpers
 
 
-def _dicom_slice(path, z, pixels, slope=2.0, intercept=-1024.0, series="1.2.3", rows=None, with_pixels=True):
+def _dicom_slice(path, z, pixels, slope=2.0, intercept=-1024.0, series="1.2.3", rows=None, with_pixels=True,
+                 study="1.2.3.4"):
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -23,7 +24,7 @@ def _dicom_slice(path, z, pixels, slope=2.0, intercept=-1024.0, series="1.2.3", 
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.SeriesInstanceUID = series
-    ds.StudyInstanceUID, ds.FrameOfReferenceUID = "1.2.3.4", "1.2.3.5"
+    ds.StudyInstanceUID, ds.FrameOfReferenceUID = study, study + ".5"
     ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Patient", "P1", "19700101", "O"
     ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", \
         "1", "A1", ""
@@ -62,8 +63,15 @@ def test_dicom_series_is_sorted_by_position_with_hu_rescale(tmp_path):
 def test_dicom_errors_name_the_file_and_problem(tmp_path):
     d = _series(tmp_path / "mixed")
     _dicom_slice(d / "other.dcm", 12.5, np.zeros((8, 6)), series="9.9.9")
-    with pytest.raises(UsageError, match="other.dcm: belongs to another series"):
+    # two series in one folder: refused with both listed, until one is chosen by its SeriesInstanceUID
+    with pytest.raises(UsageError, match=r"holds 2 series \(1\.2\.3: CT '', 5 files; 9\.9\.9: CT '', 1 files\); choose"):
         read_dicom_series(d)
+    arr, meta = read_dicom_series(d, series="1.2.3")
+    assert arr.shape[0] == 5 and meta["series"] == "1.2.3"
+    arr, meta = read_image(d / "other.dcm", series="9.9.9")
+    assert arr.shape[0] == 1
+    with pytest.raises(UsageError, match="no series 7.7; it holds 1.2.3"):
+        read_dicom_series(d, series="7.7")
     d = _series(tmp_path / "nopix")  # an image-less DICOM beside the series (a DICOMDIR, a report) is skipped
     _dicom_slice(d / "empty.dcm", 12.5, np.zeros((8, 6)), with_pixels=False)
     arr, meta = read_dicom_series(d)
@@ -453,3 +461,180 @@ def test_dicom_seg_is_stored_in_a_real_pacs_and_references_the_series(tmp_path):
         np.testing.assert_array_equal(labels, mask)
     with pytest.raises(UsageError, match="storing mask.seg.dcm to the PACS"):
         store_to_pacs(f"http://127.0.0.1:{pacs.port}/dicom-web", seg)  # the PACS is gone: a clear error
+
+
+def test_nrrd_is_read_in_its_space_and_the_mask_written_back_beside_it(tmp_path):
+    """An NRRD in LPS space with its directions and origin reaches the model's geometry exactly as the
+    same volume stored as RAS NIfTI; the mask goes back as NRRD with the input's space header."""
+    import nibabel as nib
+    import nrrd
+
+    from data_owner.geometry import to_model_geometry
+    from data_owner.io import write_nrrd_mask
+
+    rng = np.random.default_rng(2)
+    ras = rng.normal(size=(12, 10, 6)).astype(np.float32)
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    aff[:3, 3] = [-11.0, -9.0, 4.0]
+    nib.save(nib.Nifti1Image(ras, aff), tmp_path / "v.nii.gz")
+    # the same anatomy in LPS storage: x and y reversed; directions and origin in LPS coordinates
+    lps = ras[::-1, ::-1, :]
+    far = aff @ np.array([11, 9, 0, 1.0])  # RAS position of voxel (11, 9, 0) = LPS storage's voxel 0
+    header = {"space": "left-posterior-superior", "space directions": np.diag([2.0, 2.0, 3.0]),
+              "space origin": np.array([-far[0], -far[1], far[2]])}
+    nrrd.write(str(tmp_path / "v.nrrd"), np.ascontiguousarray(lps), header)
+    a_nii, m_nii = read_image(tmp_path / "v.nii.gz")
+    a_nrrd, m_nrrd = read_image(tmp_path / "v.nrrd")
+    assert m_nrrd["kind"] == "nrrd" and a_nrrd.shape == (6, 1, 12, 10)
+    assert np.allclose(m_nrrd["affine"] @ np.array([0, 0, 0, 1.0]), far)  # voxel 0 sits where it should in RAS
+    geom = {"orientation": "RAS", "spacing": [2.0, 2.0, 3.0], "rot90": 1}
+    s_nii, _, _ = to_model_geometry(m_nii["image"], geom)
+    s_nrrd, back, _ = to_model_geometry(m_nrrd["image"], geom)
+    np.testing.assert_array_equal(s_nrrd, s_nii)
+    mask = (s_nrrd[:, 0] > 0).astype(np.int64)
+    on_grid = np.ascontiguousarray(np.moveaxis(back(mask), 2, 0))
+    out = write_nrrd_mask(tmp_path / "mask.nrrd", on_grid, m_nrrd)
+    data, h = nrrd.read(str(out))
+    assert h["space"] == "left-posterior-superior" and np.allclose(h["space origin"], header["space origin"])
+    np.testing.assert_array_equal(data, lps > 0)  # the mask on the NRRD's own grid
+    nrrd.write(str(tmp_path / "bad.nrrd"), np.zeros((2, 2, 2, 3), np.float32))  # e.g. a time series
+    with pytest.raises(UsageError, match="bad.nrrd: expected a 2D or 3D NRRD volume, got 4 dimensions"):
+        read_image(tmp_path / "bad.nrrd")
+    (tmp_path / "junk.nrrd").write_text("not an nrrd")
+    with pytest.raises(UsageError, match="junk.nrrd: cannot be read as NRRD"):
+        read_image(tmp_path / "junk.nrrd")
+
+
+def test_overlay_shows_three_planes_through_the_labels_in_any_storage_order(tmp_path):
+    """The montage of a volume shows the same axial, coronal and sagittal planes (through the
+    label-weighted centre) whether the scan is stored RAS or LPS; a CT window comes from the plan."""
+    from data_owner.io import _three_planes
+    from data_owner.pipeline import display_window
+
+    rng = np.random.default_rng(3)
+    vol = rng.normal(size=(16, 14, 12))  # x, y, z (RAS)
+    lab = np.zeros(vol.shape, dtype=np.int64)
+    lab[9:12, 3:6, 6:9] = 1  # centre (10, 4, 7)
+    ras = _three_planes(np.moveaxis(vol, 2, 0), np.moveaxis(lab, 2, 0), np.diag([1.0, 1.0, 2.5, 1.0]))
+    lps = _three_planes(np.moveaxis(vol[::-1, ::-1], 2, 0), np.moveaxis(lab[::-1, ::-1], 2, 0),
+                        np.diag([-1.0, -1.0, 2.5, 1.0]))
+    assert [p[3] for p in ras] == ["axial 8/12", "coronal 5/14", "sagittal 11/16"]  # through the labels
+    for a, b in zip(ras, lps, strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+        assert a[1].any()
+    assert ras[1][2] == pytest.approx(2.5)  # coronal: 2.5 mm rows, 1 mm columns
+    png = write_overlay(tmp_path / "o.png", np.moveaxis(vol, 2, 0), np.moveaxis(lab, 2, 0), ["bg", "x"],
+                        "t", (-1.0, 1.0), np.diag([1.0, 1.0, 2.5, 1.0]))
+    assert png.stat().st_size > 1000
+
+    class P:
+        meta = {"preprocess": {"kind": "ct-window", "center": 40, "width": 400}}
+
+    assert display_window(P(), vol) == (-160.0, 240.0)  # type: ignore[arg-type]
+
+
+def _ct_study(d, study, series, vol, slope=0.01, intercept=-5.0):
+    """A CT series from N x H x W values (scanner units = pixels x slope + intercept)."""
+    d.mkdir(parents=True, exist_ok=True)
+    for k in range(len(vol)):
+        _dicom_slice(d / f"{series}-{k:03d}.dcm", 2.5 * k, np.rint((vol[k] - intercept) / slope), slope=slope,
+                     intercept=intercept, series=series, study=study)
+    return d
+
+
+@pytest.mark.skipif(__import__("tests.orthanc", fromlist=["x"]).orthanc_binary() is None
+                    or __import__("tests.orthanc", fromlist=["x"]).dicomweb_plugin() is None,
+                    reason="Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
+@pytest.mark.asyncio
+async def test_pacs_round_trip_through_the_real_service(tmp_path):
+    """A CT study in a real Orthanc is taken by StudyInstanceUID over DICOMweb, segmented through the
+    running service, and its DICOM SEG stored back into the same study: the SEG in Orthanc references
+    the series and decodes to the mask, which matches the plaintext model. ``--watch`` then segments
+    only the new study; a study with two image series is refused, naming both."""
+    import asyncio
+
+    import nibabel as nib
+    import pydicom
+    import torch
+    from dicomweb_client.api import DICOMwebClient
+
+    from blindseg.broker import EmbeddedBroker
+    from blindseg.config import PartyConfig
+    from blindseg.demo import LocalDeployment
+    from blindseg.errors import BlindsegError
+    from blindseg.models import load_named_model, test_image
+    from data_owner.dicomseg import read_seg_labels
+    from data_owner.windows import cut, plan_windows, stitch
+    from model_owner.client import deploy
+
+    from .orthanc import Orthanc
+
+    model, _, _ = load_named_model("ref-unet", 32)
+    vol = test_image(4, 40, seed=5)[:, 0]  # 4 slices of 40 x 40: windows over a slice larger than the model
+    a = _ct_study(tmp_path / "a", "1.2.826.1.1", "1.2.826.1.1.1", vol)
+    b = _ct_study(tmp_path / "b", "1.2.826.1.2", "1.2.826.1.2.1", vol[::-1].copy())
+    two = _ct_study(tmp_path / "c", "1.2.826.1.3", "1.2.826.1.3.1", vol[:2])
+    _ct_study(two, "1.2.826.1.3", "1.2.826.1.3.2", vol[2:])
+    broker = await EmbeddedBroker().start()
+    dep = LocalDeployment(tmp_path / "dep", broker.url, pool=2)
+    with Orthanc(tmp_path / "orthanc") as pacs:
+        try:
+            web = DICOMwebClient(url=pacs.dicomweb)
+            web.store_instances(datasets=[pydicom.dcmread(f) for f in sorted(a.iterdir())])
+            web.store_instances(datasets=[pydicom.dcmread(f) for f in sorted(two.iterdir())])
+            await asyncio.to_thread(dep.start)
+            await deploy(PartyConfig.load(dep.configs["model_owner"]), "ref-unet", "m", size=32, timeout=120)
+            rep = await dep.client("data_owner", "pacs", "--model", "m", "--pacs", pacs.dicomweb, "--study",
+                                   "1.2.826.1.1", "--out", str(tmp_path / "out"), "--quiet", timeout=300)
+            assert rep["pacs"]["instances"] == 4 and rep["voxels_segmented"] == 4 * 40 * 40
+            assert not list((tmp_path / "out").glob(".series-*"))  # the fetched copy is gone
+            segs = web.search_for_series("1.2.826.1.1", search_filters={"Modality": "SEG"})
+            assert len(segs) == 1  # in the same study
+            seg = web.retrieve_instance("1.2.826.1.1", segs[0]["0020000E"]["Value"][0],
+                                        rep["pacs"]["seg_sop_instance_uid"])
+            seg.save_as(tmp_path / "seg.dcm")
+            files = read_dicom_series(a)[1]["files"]
+            back = read_seg_labels(tmp_path / "seg.dcm", files)  # references exactly the source instances
+            labels = back["labels"][..., 0] if back["labels"].ndim == 4 else back["labels"]
+            nifti = np.moveaxis(np.asarray(nib.load(tmp_path / "out" / "mask.nii.gz").dataobj), 2, 0)
+            np.testing.assert_array_equal(labels, nifti)
+            w = plan_windows((40, 40), (32, 32), 0.25, 16)
+            x = read_dicom_series(a)[0]
+            with torch.no_grad():
+                want = stitch(torch.argmax(model(torch.from_numpy(cut(x, w))), 1).numpy(), w)
+            assert nifti.any() and (nifti == want).mean() >= 0.999
+            # two image series in one study: refused, both named
+            with pytest.raises(BlindsegError, match="holds 2 image series .1.2.826.1.3.1: CT"):
+                await dep.client("data_owner", "pacs", "--model", "m", "--pacs", pacs.dicomweb, "--study",
+                                 "1.2.826.1.3", "--out", str(tmp_path / "out3"), "--quiet", timeout=300)
+            # a watcher: the done study is skipped, the refused one logged, the new one segmented
+            web.store_instances(datasets=[pydicom.dcmread(f) for f in sorted(b.iterdir())])
+            rep = await dep.client("data_owner", "pacs", "--model", "m", "--pacs", pacs.dicomweb, "--watch",
+                                   "--max-studies", "1", "--interval", "0.5", "--out", str(tmp_path / "watch"),
+                                   "--quiet", timeout=300)
+            assert rep["pacs"]["study"] == "1.2.826.1.2"
+            assert [p.name for p in (tmp_path / "watch").iterdir()] == ["1.2.826.1.2"]
+            assert len(web.search_for_series("1.2.826.1.2", search_filters={"Modality": "SEG"})) == 1
+        finally:
+            dep.stop()
+            await broker.stop()
+
+
+def test_jobs_of_a_scan_are_all_the_same_size_and_fit_the_material_budget():
+    """One batch size per scan (one warm dealer pool): jobs x per-job covers every window with fewer
+    than one padding window per job; 'auto' stays within the per-server material budget."""
+    from blindseg.compiler import compile_model
+    from blindseg.layout import Layout
+    from blindseg.models import load_named_model
+    from data_owner.pipeline import AUTO_JOB_BYTES, job_sizes
+
+    model, samples, _ = load_named_model("ref-unet", 32)
+    plan = compile_model(model, (1, 32, 32), "mask", "auto", samples=samples).plan
+    for windows in (1, 5, 8, 9, 20, 236, 1000):
+        for batch in (1, 3, 8, 16):
+            jobs, per = job_sizes(windows, plan, batch)
+            assert per <= batch and jobs * per >= windows and jobs * per - windows < jobs
+    jobs, per = job_sizes(1000, plan, None)
+    assert Layout.of(plan, per).material_bytes() <= AUTO_JOB_BYTES
+    assert per == 16 or Layout.of(plan, per + 1).material_bytes() > AUTO_JOB_BYTES

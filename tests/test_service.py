@@ -14,7 +14,7 @@ import torch
 from blindseg.broker import EmbeddedBroker, Mosquitto
 from blindseg.compiler import compile_model
 from blindseg.config import PartyConfig
-from blindseg.crypto import HELLO, MAGIC, OVERHEAD, session_id, session_key
+from blindseg.crypto import HELLO, MAGIC, OVERHEAD, PRESENCE, session_id, session_key
 from blindseg.demo import LocalDeployment
 from blindseg.engine import run_compiled
 from blindseg.models import load_named_model
@@ -79,7 +79,9 @@ async def _full_job(tmp: Path, url: str) -> None:
         assert cost["server_bytes"][i] == sum(n for _, n in rounds) and len(rounds) == cost["rounds"]
 
     # the broker saw only hellos and sealed frames: no known plaintext inside, uniform bytes
-    assert captured and all(p[:4] in (MAGIC, HELLO) for _, p in captured)
+    assert captured and all(p[:4] in (MAGIC, HELLO, PRESENCE) for _, p in captured)
+    assert any(p[:4] == PRESENCE for _, p in captured)  # presence documents too are sealed
+    assert not any(b'"party"' in p or b"server0" in p[4:] for _, p in captured)  # nothing readable
     secrets = [np.ascontiguousarray(x).tobytes()[:64], mask.astype(np.int64).tobytes()[:64]]
     blob = b"".join(p for _, p in captured)
     assert not any(s in blob for s in secrets)

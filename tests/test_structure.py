@@ -50,6 +50,15 @@ def test_kind_dispatch_only_in_few_files() -> None:
     assert len(files) <= 3, files
 
 
+def test_version_is_the_package_version() -> None:
+    import tomllib
+
+    import blindseg
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert blindseg.__version__ == meta["project"]["version"]
+
+
 def test_server_process_loads_no_owner_code() -> None:
     code = ("import sys, server.service, server0; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('data_owner', 'model_owner', 'dealer')))")

@@ -137,6 +137,8 @@ class Layer(ABC):
     terminal: ClassVar[bool] = False
     #: items consumed by the offline precomputation (not expanded again online)
     offline_items: ClassVar[tuple[str, ...]] = ()
+    #: how many inputs an op of this kind takes (least, most); plan validation checks it
+    arity: ClassVar[tuple[int, int]] = (1, 1)
 
     def out_shape(self, op: Op, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
         """The output shape the op's inputs imply (None: not checkable here); validation compares."""

@@ -25,6 +25,7 @@ class Input(LocalLayer):
     """The job's input share (the runtime passes it as the op's only input)."""
 
     kind = "input"
+    arity = (0, 0)
 
     def local(self, party: int, op: Op, ins: list[np.ndarray]) -> np.ndarray:
         return ins[0]
@@ -53,6 +54,7 @@ class Output(LocalLayer):
 
 class Concat(LocalLayer):
     kind = "concat"
+    arity = (1, 1024)
 
     def out_shape(self, op: Op, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
         if len({s[1:] for s in in_shapes}) != 1:
@@ -70,6 +72,7 @@ class Concat(LocalLayer):
 
 class Add(LocalLayer):
     kind = "add"
+    arity = (2, 2)
 
     def out_shape(self, op: Op, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
         return in_shapes[0] if len(in_shapes) == 2 and in_shapes[0] == in_shapes[1] else None
