@@ -26,18 +26,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from netsim import Profile, profile, wrap
 from netsim import close as close_links
 
 from .channel import Control, Endpoint
 from .config import PartyConfig
-from .errors import ProtocolError, UsageError
+from .errors import ConnectionLost, ProtocolError, UsageError
 from .messages import Message, decode
 
 log = logging.getLogger("blindseg.node")
+T = TypeVar("T")
 
 
 class Transport(Protocol):
@@ -84,6 +85,28 @@ class Node:
         """This service's last presence document (a clean stop), where there is a broker."""
         if hasattr(self.transport, "goodbye"):
             await self.transport.goodbye(document)
+
+    async def guarded(self, coro: Awaitable[T], peers: Sequence[str]) -> T:
+        """Run ``coro``, failing it with ConnectionLost as soon as one of ``peers`` is gone (its goodbye,
+        or its presence silent: seconds, not a round timeout). Without presence (in memory), just run it."""
+        gone = getattr(self.transport, "gone", None)
+        task = asyncio.ensure_future(coro)
+        if gone is None:
+            return await task
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                for p in peers:
+                    why = gone(p)
+                    if why:
+                        raise ConnectionLost(f"{p} {why}")
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     def connected(self) -> bool:
         """Whether the transport holds a broker connection now (always true in memory)."""

@@ -167,6 +167,11 @@ class MqttTransport:
         self.presence: Callable[[str], dict[str, Any]] | None = None
         self.presence_interval = 2.0
         self._seals = {p: PresenceSeal(key, pk, deployment, me, p) for p, pk in peers.items()}
+        # peers' presence for this party: when each was last heard (fresh documents only), and a goodbye
+        self._read_seals = {p: PresenceSeal(key, pk, deployment, p, me) for p, pk in peers.items()}
+        self._heard: dict[str, float] = {}
+        self._goodbye: dict[str, str] = {}
+        self._heard_interval: dict[str, float] = {}
 
     def endpoint(self, peer: str) -> MqttEndpoint:
         try:
@@ -248,6 +253,7 @@ class MqttTransport:
                     socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),), timeout=self.connect_timeout,
                 ) as client:
                     await client.subscribe(topic_for(self.deployment, self.me, "+"), qos=1)
+                    await client.subscribe(status_topic(self.deployment, "+", self.me), qos=1)
                     self._client, self._lost = client, lost
                     self._connected.set()
                     self._ever_connected = True
@@ -259,7 +265,10 @@ class MqttTransport:
                     if self.presence is not None:
                         self._spawn(self._announce(client, lost))
                     async for msg in client.messages:
-                        self._on_message(str(msg.topic), msg.payload)  # type: ignore[arg-type]
+                        if str(msg.topic).count("/") == 4:
+                            self._on_presence(str(msg.topic), msg.payload, msg.retain)  # type: ignore[arg-type]
+                        else:
+                            self._on_message(str(msg.topic), msg.payload)  # type: ignore[arg-type]
             except (aiomqtt.MqttError, OSError, TimeoutError) as e:
                 if self._closing:
                     return
@@ -280,6 +289,41 @@ class MqttTransport:
                     lost.set_result(None)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    def _on_presence(self, topic: str, payload: bytes, retained: bool) -> None:
+        """A peer service's presence document for this party: a fresh one says it is alive; a goodbye
+        (fresh or retained) that it stopped."""
+        parts = topic.split("/")
+        seal = self._read_seals.get(parts[3]) if parts[:3] == ["blindseg", self.deployment, STATUS] else None
+        if seal is None or parts[4] != self.me:
+            return
+        try:
+            doc = json.loads(seal.open(topic, bytes(payload)))
+        except (ProtocolError, ValueError, TypeError):
+            self.reject(f"dropped presence document on {topic!r}: it does not authenticate")
+            return
+        peer = parts[3]
+        if not isinstance(doc, dict):
+            return
+        if not doc.get("up"):
+            self._goodbye[peer] = str(doc.get("reason", "stopped"))
+        elif not retained:
+            self._heard[peer] = time.monotonic()
+            self._goodbye.pop(peer, None)
+            if isinstance(doc.get("interval"), int | float):
+                self._heard_interval[peer] = float(doc["interval"])
+
+    def gone(self, peer: str) -> str | None:
+        """Why ``peer`` is gone (it said goodbye, or a service heard before has been silent for three of its
+        publishing intervals), or None. A peer that never published presence is never called gone."""
+        if peer in self._goodbye:
+            return f"stopped ({self._goodbye[peer]})"
+        last = self._heard.get(peer)
+        if last is None:
+            return None
+        silent = time.monotonic() - last
+        limit = 3 * self._heard_interval.get(peer, 2.0) + 2.0
+        return f"has not been heard for {silent:.0f} s (killed, hung or cut off)" if silent > limit else None
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         parts = topic.split("/")

@@ -145,7 +145,14 @@ class Client:
             outs = asyncio.gather(
                 *(self.node.tell(f"server{i}", Job(job, model, self.epochs[model], int(x.shape[0]), (xs,))) for i, xs in enumerate((x0, x1))),
                 *(self.node.link(f"server{i}").recv(f"{job}:output", self.timeout) for i in (0, 1)))
-            done, _ = await asyncio.wait({err, outs}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[arg-type,type-var]
+            # a server that stops or goes silent ends the job in seconds (its presence), not after job_timeout
+            both = asyncio.wait({err, outs}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[arg-type,type-var]
+            try:
+                done, _ = await self.node.guarded(both, ("server0", "server1"))
+            except ConnectionLost:
+                outs.cancel()
+                outs.add_done_callback(lambda f: f.cancelled() or f.exception())
+                raise
             if err in done:
                 outs.cancel()
                 outs.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning

@@ -11,6 +11,7 @@ up to 3 times. Server0 waits (never generates) when it has none, asking the deal
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 from typing import TYPE_CHECKING
 
@@ -163,15 +164,15 @@ class BundlePool:
         loop = asyncio.get_running_loop()
         wait = self.svc.settings.bundle_wait
         deadline = loop.time() + wait
-        asked = False
+        asked = -math.inf
         while True:
             ready = [b for b in self.store.ready(model, batch) if b not in self._reserved]
             if ready:
                 self._reserved.add(ready[0])  # concurrent jobs never pick the same bundle
                 return ready[0]
-            if not asked:
-                await self.svc.node.tell("dealer", Need(*ids.split(model), batch, 0))
-                asked = True
+            if loop.time() - asked > 2.0:  # asked again every 2 s: the bundle the dealer had in flight when we
+                await self.svc.node.tell("dealer", Need(*ids.split(model), batch, 0))  # asked may be void
+                asked = loop.time()  # (e.g. streamed to a server1 that restarted), then the dealer makes one more
             if loop.time() > deadline:
                 raise PreprocessingExhausted(f"no preprocessing bundle for model {model!r} (batch {batch}) "
                                              f"within {wait:.0f} s: is the dealer running?")

@@ -327,8 +327,8 @@ class ServerService:
         if job in self._jobs or self.store.job_seen(job):
             raise ProtocolError(f"duplicate job id {job}")
         self._jobs[job] = sender
-        try:
-            await self._run_job(sender, msg)
+        try:  # a peer that stops or goes silent fails the job in seconds, not after a round timeout
+            await self.node.guarded(self._run_job(sender, msg), [self.peer])
         finally:
             self._jobs.pop(job, None)
 

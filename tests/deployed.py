@@ -33,6 +33,18 @@ def reference_mask() -> tuple[np.ndarray, np.ndarray]:
         return x, torch.argmax(model(torch.from_numpy(x)), 1).numpy()
 
 
+def assert_faithful(mask: np.ndarray, logits: np.ndarray, margin: float = 0.02, overall: float = 0.995) -> None:
+    """The secure mask equals the float model's argmax on every pixel where the float model is decisive
+    (top-2 logit gap over ``margin``, more than ten times the fixed-point error of these models), and on
+    at least ``overall`` of all pixels (the rest sit on the decision boundary)."""
+    top = np.sort(logits, axis=1)
+    decisive = (top[:, -1] - top[:, -2]) > margin
+    want = logits.argmax(1)
+    wrong = int((mask[decisive] != want[decisive]).sum())
+    assert wrong == 0, f"{wrong} of {int(decisive.sum())} decisive pixels differ from the float model"
+    assert (mask == want).mean() >= overall, f"agreement {(mask == want).mean():.5f}"
+
+
 def role_log(dep: LocalDeployment, role: str) -> str:
     return (dep.root / "logs" / f"{role}.log").read_text()
 

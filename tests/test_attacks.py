@@ -156,8 +156,10 @@ async def test_tenants_are_isolated_on_a_real_mosquitto(tmp_path, reference) -> 
                         await cb.segment("m", x)
                 await asyncio.sleep(0.5)
                 listener.cancel()
-            # b's login saw only what is addressed to b (the refusal), never a's traffic
-            assert got and all(t.startswith("blindseg/demo/hospital-b/") for t in got)
+            # b's login saw only what is addressed to b (the refusal, presence sealed for b), never a's traffic
+            assert got and all(t.startswith("blindseg/demo/hospital-b/") or
+                               (t.startswith("blindseg/demo/status/") and t.endswith("/hospital-b")) for t in got)
+            assert not any("hospital-a" in t for t in got)
             # b cannot speak as a either: the ACL drops b's publish on a's topic before any server sees it (and
             # b's key could not make a's hello: test_hostile::test_handshake_is_authenticated_by_the_static_keys)
             forged = SecureLink(b.key, a.peers["server0"], b.key, "demo", "hospital-a", "server0")

@@ -221,3 +221,52 @@ def test_config_metrics_address_and_reserved_names_are_checked(tmp_path):
     with pytest.raises(UsageError, match="reserved"):
         init(tmp_path / "kit2", "ops", plain=True, broker_url="mqtt://127.0.0.1:1", tenants=("status",))
     assert np.isfinite(PartyConfig.load(paths["server0"]).pool_expiry)
+
+
+@NEEDS_MOSQUITTO[0]
+@NEEDS_MOSQUITTO[1]
+async def test_a_killed_server_fails_the_job_in_seconds_and_a_restart_heals_within_30_s(tmp_path):
+    """With the default 120 s round timeout: server1 SIGKILLed mid-job fails the data owner's job within
+    seconds, naming server1 (its presence fell silent); SIGKILL + immediate restart mid-job ends in a
+    correct mask within 30 s (the restart fails the old run's waits at once, the retry takes a new
+    bundle)."""
+    import os
+
+    import torch
+
+    from blindseg.errors import ConnectionLost, ProtocolError
+    from blindseg.models import load_named_model, test_image
+
+    size, batch = 64, 8
+    model, _, _ = load_named_model("ref-unet", size)
+    x = test_image(batch, size, seed=7).astype(np.float32)
+    with torch.no_grad():
+        want = torch.argmax(model(torch.from_numpy(x)), 1).numpy()
+    with Mosquitto(tmp_path) as broker:
+        dep = LocalDeployment(tmp_path / "dep", broker.url, pool=1)  # default timeouts
+        try:
+            await asyncio.to_thread(dep.start)
+            await deploy(PartyConfig.load(dep.configs["model_owner"]), "ref-unet", "m", size=size, timeout=180)
+            async with Client(PartyConfig.load(dep.configs["data_owner"])) as c:
+                await c.segment("m", x[:1])  # warm: every handshake done, presence heard
+                for restart in (False, True):
+                    online = asyncio.Event()
+                    job = asyncio.ensure_future(c.segment(
+                        "m", x, lambda op, n, phase, ev=online: phase == "online" and op >= 2 and ev.set(),
+                        retries=1 if restart else 0))
+                    await asyncio.wait_for(online.wait(), 120)
+                    os.kill(dep.procs["server1"].pid, signal.SIGKILL)
+                    t0 = time.monotonic()
+                    if restart:
+                        await asyncio.to_thread(dep.restart, "server1")
+                        mask, _ = await asyncio.wait_for(job, 60)
+                        took = time.monotonic() - t0
+                        assert took < 30 and (mask == want).mean() >= 0.99, took
+                    else:
+                        with pytest.raises((ConnectionLost, ProtocolError), match="server1"):
+                            await asyncio.wait_for(job, 60)
+                        took = time.monotonic() - t0
+                        assert took < 15, took  # presence: 3 intervals of 2 s + 2 s, not the 120 s round timeout
+                        await asyncio.to_thread(dep.restart, "server1")
+        finally:
+            dep.stop()
