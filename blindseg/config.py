@@ -19,6 +19,7 @@
     max_job_bytes = 17179869184       # servers: a plan or job needing more preprocessing material is refused
     metrics_address = "127.0.0.1:9461"  # services: Prometheus /metrics, /healthz, /readyz ("" = off, the default)
     pool_expiry = 3600                # servers: drop ready bundles of a batch size unused this long (seconds)
+    store_budget = 0                  # servers: most bytes of bundles on disk (0: as much as the disk allows)
 
     [peers]                           # public keys (hex) of the parties this one talks to
     server1 = "ab12..."
@@ -45,7 +46,7 @@ PARTIES = ("dealer", "server0", "server1", "model_owner", "data_owner")
 ROLES = ("dealer", "server0", "server1", "model_owner")  # fixed names; any other peer is a tenant (data owner)
 FIELDS = {"deployment", "party", "tenant", "broker", "username", "password_file", "ca_file", "key_file", "state_dir",
           "net", "round_timeout", "bundle_wait", "job_timeout", "key_expires", "max_job_bytes", "peers",
-          "metrics_address", "pool_expiry"}
+          "metrics_address", "pool_expiry", "store_budget"}
 
 
 @dataclass
@@ -65,6 +66,7 @@ class PartyConfig:
     max_job_bytes: int = 16 << 30
     metrics_address: str = ""  # host:port of the probes and metrics (services); "" = off
     pool_expiry: float = 3600.0  # servers: ready bundles of a batch size unused this long are dropped
+    store_budget: int = 0  # servers: most bytes of bundles on disk (0: as much as the disk allows)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.party
@@ -155,6 +157,9 @@ class PartyConfig:
         mjb = raw.get("max_job_bytes", 16 << 30)
         if not isinstance(mjb, int) or isinstance(mjb, bool) or mjb <= 0:
             raise UsageError(f"{p}: field 'max_job_bytes' must be a positive integer")
+        budget = raw.get("store_budget", 0)
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise UsageError(f"{p}: field 'store_budget' must be a number of bytes (0: no budget)")
         def seconds(name: str, default: float) -> float:
             v = raw.get(name, default)
             if not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v <= 86400:
@@ -171,4 +176,4 @@ class PartyConfig:
                            rel(str(field("state_dir", str, f"state/{party}"))), str(field("net", str, "none")),
                            seconds("round_timeout", 120.0), seconds("bundle_wait", 120.0), seconds("job_timeout", 600.0),
                            tenant if party == "data_owner" else party, mjb, metrics,
-                           seconds("pool_expiry", 3600.0))
+                           seconds("pool_expiry", 3600.0), budget)

@@ -47,5 +47,12 @@ class ConnectionLost(BlindsegError):
     """A peer or the transport stopped answering."""
 
 
+class StoreFull(BlindsegError):
+    """A server's bundle store cannot take more (its disk budget, or the disk itself); it heals when
+    jobs consume bundles or space returns."""
+
+    code = "store-full"
+
+
 class PreprocessingExhausted(BlindsegError):
     """No unused preprocessing bundle is available, or one was requested twice."""

@@ -355,11 +355,13 @@ class Use(Message):
 
 @dataclass(frozen=True, repr=False)
 class Ack(Message):
-    """server1 -> server0 (``<job>:ack:<k>``): the bundle is consumed (``ok``) or why it cannot be."""
+    """server1 -> server0 (``<job>:ack:<k>``): the bundle is consumed (``ok``) or why it cannot be;
+    then ``known``: the bundles of that deployment and batch server1 holds (ready or arriving)."""
 
     T = "ack"
     ok: bool
     why: str = ""
+    known: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, repr=False)

@@ -21,9 +21,9 @@ from typing import Any
 from blindseg import ids
 from blindseg.channel import Endpoint
 from blindseg.config import PartyConfig
-from blindseg.errors import BlindsegError, UsageError
+from blindseg.errors import BlindsegError, StoreFull, UsageError
 from blindseg.health import Health
-from blindseg.messages import Commit, Committed, Masks, Message, Need, PlanMsg, PoolRequest
+from blindseg.messages import Commit, Committed, Error, Masks, Message, Need, PlanMsg, PoolRequest
 from blindseg.node import Node
 from blindseg.plan import Plan, check_budget
 from blindseg.state import check_private, private_dir, write_private
@@ -66,6 +66,8 @@ class DealerService:
         self.dealer = Dealer()
         self.bundles_made = 0
         self._in_use: dict[str, dict[int, float]] = {}  # model -> batch size -> monotonic time last requested
+        self._full_until: dict[str, float] = {}  # model -> until when a server's store said it is full
+        self.full_backoff = 10.0  # seconds before bundles for a full store are tried again
         self.health = Health("dealer", node.deployment)
         self.health.info = self._status
         self.health.checks.append(lambda: None if self.node.connected() else "not connected to the broker")
@@ -171,6 +173,11 @@ class DealerService:
                      msg.ready, n)
             for _ in range(n):
                 self.request(*key)
+        elif isinstance(msg, Error) and sender in ("server0", "server1") and msg.code == StoreFull.code:
+            # the server refused the bundle and removed what it had of it; try again later, by ourselves
+            self._full_until[str(msg.model)] = time.monotonic() + self.full_backoff
+            log.warning("dealer: %s: %s; new bundles for %s wait %.0f s", sender, msg.error, msg.model,
+                        self.full_backoff)
         else:
             raise UsageError(f"unexpected {msg.T!r} from {sender}")
 
@@ -186,6 +193,10 @@ class DealerService:
                 model, epoch = ids.split(k)
                 if self.current.get(model) != epoch:
                     continue  # superseded by a redeploy while queued
+                wait = self._full_until.get(model, 0.0) - time.monotonic()
+                if wait > 0:  # a store is full: queue it again after the back-off (it heals by itself)
+                    asyncio.get_running_loop().call_later(wait, self.request, k, batch)
+                    continue
                 bid, secs = await stream_bundle(self.dealer, k, batch, self.node.link("server0"),
                                                 self.node.link("server1"))
                 self.dealer_seconds += secs

@@ -4,15 +4,16 @@ Agreement (both servers consume the same bundle, durably, before any opening): s
 its oldest ready bundle (``<job>:bundle:<k>``, with the requesting tenant); server1 consumes it if it has it ready for the
 same deployment, got the job from the same tenant, and
 acknowledges (``<job>:ack:<k>``); only then does server0 consume its own copy. A bundle server1
-cannot use (lost in a crash mid-transfer) is burnt at server0 too and the next one is proposed,
-up to 3 times. Server0 waits (never generates) when it has none, asking the dealer once.
+cannot use (lost in a crash mid-transfer, refused by a full store) is burnt at server0 too, and so
+is every other one server1 says it does not hold (its answer lists what it holds); the next one is
+proposed, up to 3 times. Server0 waits (never generates) when it has none, asking the dealer every 2 s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from blindseg import ids
@@ -82,6 +83,7 @@ class BundlePool:
                 if not ack.ok:
                     log.warning("server0: server1 cannot use bundle %s (%s); burning it", bid[:8], ack.why)
                     self._burn(bid, job)
+                    self._burn_missing(model, batch, ack.known, job)
                     continue
                 warm = self._warm.pop(bid, None)
                 return bid, core.begin(self.store, bid, job, warm), warm
@@ -104,11 +106,20 @@ class BundlePool:
             try:
                 prep = core.begin(self.store, bid, job, warm)
             except ProtocolError as e:
-                await peer.send(f"{job}:ack:{k}", Ack(False, str(e)).encode())
+                await peer.send(f"{job}:ack:{k}", Ack(False, str(e), self.store.known(model, batch)[-4096:]).encode())
                 continue
             await peer.send(f"{job}:ack:{k}", Ack(True).encode())
             return bid, prep, warm
         raise PreprocessingExhausted(f"job {job}: the servers could not agree on a usable bundle in 3 tries")
+
+    def _burn_missing(self, model: str, batch: int, known: list[str], job: str) -> None:
+        """server0: burn our unreserved ready bundles of (model, batch) that server1 does not hold."""
+        theirs = {b for b in known[:4096] if isinstance(b, str)}
+        missing = [b for b in self.unreserved(model, batch) if b not in theirs]
+        if missing:
+            log.warning("server0: server1 does not hold %d more of our bundles; burning them", len(missing))
+        for b in missing:
+            self._burn(b, job)
 
     def _drop_burnt(self, burnt: list[str], job: str) -> None:
         """server1: burn our ready copies of bundles server0 burnt (it never proposes them again; without

@@ -34,7 +34,7 @@ import numpy as np
 from blindseg import ids
 from blindseg.background import spawn
 from blindseg.config import PartyConfig
-from blindseg.errors import BlindsegError, ProtocolError, StaleEpoch, UsageError
+from blindseg.errors import BlindsegError, ProtocolError, StaleEpoch, StoreFull, UsageError
 from blindseg.health import Health
 from blindseg.layout import model_mask_shares
 from blindseg.messages import (
@@ -75,6 +75,7 @@ class ServerSettings:
     max_job_bytes: int = 16 << 30  # a plan or job needing more preprocessing material is refused
     pool_expiry: float = 3600.0  # ready bundles of a (model, batch size) unused this long are dropped
     metrics_address: str = ""  # host:port of /metrics, /healthz, /readyz; "" = off
+    store_budget: int = 0  # most bytes the bundle store may hold on disk (0: what the disk allows)
 
 
 class ServerService:
@@ -87,7 +88,7 @@ class ServerService:
         self.settings = settings or ServerSettings()
         self.tenants = tenants  # the data-owner identities this server has keys for
         private_dir(state_dir)
-        self.store = BundleStore(state_dir / "bundles")
+        self.store = BundleStore(state_dir / "bundles", self.settings.store_budget)
         self._deployed: dict[str, asyncio.Event] = {}  # model@epoch -> set while it is the current one
         self.models: dict[str, ServerCore] = {}  # model -> its committed deployment
         self.epochs: dict[str, str] = {}
@@ -118,7 +119,8 @@ class ServerService:
             raise UsageError(f"{cfg.path}: a server config needs party server0 or server1")
         return ServerService(int(cfg.party[-1]), Node.from_config(cfg), cfg.state_dir,
                              ServerSettings(cfg.round_timeout, cfg.bundle_wait, max_job_bytes=cfg.max_job_bytes,
-                                            pool_expiry=cfg.pool_expiry, metrics_address=cfg.metrics_address),
+                                            pool_expiry=cfg.pool_expiry, metrics_address=cfg.metrics_address,
+                                            store_budget=cfg.store_budget),
                              frozenset(cfg.tenants))
 
     def _event(self, key: str) -> asyncio.Event:
@@ -218,7 +220,7 @@ class ServerService:
         except (BlindsegError, TimeoutError) as e:
             self.health.failed(msg.T, e, getattr(msg, "job", None), sender)
             await self._refuse(sender, msg, str(e) if isinstance(e, BlindsegError) else f"{msg.T} timed out",
-                               e.code if isinstance(e, StaleEpoch) else "")
+                               e.code if isinstance(e, StaleEpoch | StoreFull) else "")
         except Exception as e:
             log.exception("%s: internal error handling %s from %s", self.name, msg.T, sender)
             self.health.failed(msg.T, e, getattr(msg, "job", None), sender)
@@ -226,7 +228,7 @@ class ServerService:
 
     async def _refuse(self, sender: str, msg: Message, reason: str, code: str = "") -> None:
         log.warning("%s: %s from %s: %s", self.name, msg.T, sender, reason)
-        if sender == "model_owner" or sender in self.tenants:
+        if sender == "model_owner" or sender in self.tenants or (sender == "dealer" and code == StoreFull.code):
             try:
                 await self.node.tell(sender, Error(reason, self.name, getattr(msg, "job", None),
                                                    getattr(msg, "model", None), code))

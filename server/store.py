@@ -27,7 +27,7 @@ from typing import BinaryIO
 import msgpack
 import numpy as np
 
-from blindseg.errors import ProtocolError, UsageError
+from blindseg.errors import ProtocolError, StoreFull, UsageError
 from blindseg.state import check_private, private_dir
 
 _SCHEMA = """
@@ -59,35 +59,48 @@ class BundleWriter:
         self.index: dict[int, list[IndexEntry]] = {}
 
     def put(self, op: int, arrays: list[np.ndarray]) -> None:
-        """Store ``arrays`` as op ``op``'s material (called once per op, in any order)."""
+        """Store ``arrays`` as op ``op``'s material (called once per op, in any order). A write the disk
+        cannot take raises StoreFull (the caller aborts the bundle)."""
         if self._f is None:
             raise UsageError("bundle writer is closed")
         if op in self.index:
             raise ProtocolError(f"bundle {self.bundle_id} has op {op} twice")
         entries: list[IndexEntry] = []
-        for a in arrays:
-            a = np.ascontiguousarray(a)
-            self._f.write(a.data)
-            entries.append((self._offset, a.dtype.str, tuple(a.shape)))
-            self._offset += a.nbytes
+        need = sum(np.asarray(a).nbytes for a in arrays)
+        self._store.check_room(need, f"bundle {self.bundle_id[:8]}", budget=False)
+        try:
+            for a in arrays:
+                a = np.ascontiguousarray(a)
+                self._f.write(a.data)
+                entries.append((self._offset, a.dtype.str, tuple(a.shape)))
+                self._offset += a.nbytes
+        except OSError as e:
+            raise StoreFull(f"{self._store.root}: cannot write bundle {self.bundle_id[:8]} ({e.strerror})") from None
         self.index[op] = entries
 
     def commit(self) -> None:
         """fsync the data, then mark the bundle ready (durable)."""
         if self._f is None:
             raise UsageError("bundle writer is closed")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        self._f = None
-        self._store._mark_ready(self.bundle_id, self.index)
-
-    def abort(self) -> None:
-        """Drop a partly received bundle (nothing half-written stays usable)."""
-        if self._f is not None:
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
             self._f.close()
             self._f = None
-        self._store._forget(self.bundle_id)
+            self._store._mark_ready(self.bundle_id, self.index)
+        except (OSError, sqlite3.OperationalError) as e:
+            raise StoreFull(f"{self._store.root}: cannot commit bundle {self.bundle_id[:8]} ({e})") from None
+
+    def abort(self) -> None:
+        """Drop a partly received bundle (nothing half-written stays usable); never fails itself, even on
+        a full disk (a row it cannot delete stays 'receiving', which nothing uses and the next start drops)."""
+        if self._f is not None:
+            with contextlib.suppress(OSError):
+                self._f.close()
+            self._f = None
+        self._path.unlink(missing_ok=True)
+        with contextlib.suppress(sqlite3.Error):
+            self._store._forget(self.bundle_id)
 
 
 @dataclass
@@ -121,8 +134,11 @@ class StoredBundle:
 class BundleStore:
     """sqlite-indexed, file-backed bundles for one server (see module docstring)."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    MIN_FREE = 64 << 20  # bytes the disk must keep free after a write (sqlite, logs, the models)
+
+    def __init__(self, root: str | Path, budget: int = 0) -> None:
+        """``budget``: the most bytes the store may hold on disk (0: as much as the disk allows)."""
+        self.root, self.budget = Path(root), budget
         private_dir(self.root)
         private_dir(self.root / "bundles")
         db = self.root / "bundles.sqlite"
@@ -147,9 +163,31 @@ class BundleStore:
             raise ProtocolError("bundle id must be 1-64 alphanumeric characters")
         return self.root / "bundles" / f"{bundle_id}.bin"
 
+    def check_room(self, nbytes: int, what: str, budget: bool = True) -> None:
+        """StoreFull if ``nbytes`` more would exceed the budget (if ``budget``) or leave the disk under
+        MIN_FREE."""
+        import shutil
+
+        if budget and self.budget and self.disk_bytes() + nbytes > self.budget:
+            raise StoreFull(f"{self.root}: {what} ({nbytes / 2**20:.1f} MiB) does not fit the store budget of "
+                            f"{self.budget / 2**20:.0f} MiB ({self.disk_bytes() / 2**20:.1f} MiB in use)")
+        free = shutil.disk_usage(self.root).free
+        if free - nbytes < self.MIN_FREE:
+            raise StoreFull(f"{self.root}: the disk is full ({free / 2**20:.1f} MiB free; {what} needs "
+                            f"{nbytes / 2**20:.1f} MiB and {self.MIN_FREE >> 20} MiB must stay free)")
+
+    def size_hint(self, model: str, batch: int) -> int:
+        """Bytes on disk of the newest ready bundle of (deployment, batch): what the next one will take."""
+        for bid in reversed(self.ready(model, batch)):
+            with contextlib.suppress(FileNotFoundError):
+                return self._file(bid).stat().st_size
+        return 0
+
     def writer(self, bundle_id: str, model: str, batch: int, party: int, seed: bytes) -> BundleWriter:
-        """Start receiving a new bundle; an id seen before (in any state) is refused."""
+        """Start receiving a new bundle; an id seen before (in any state) is refused, and one that would
+        not fit the budget (judged by the last bundle of its kind) or the disk is StoreFull."""
         path = self._file(bundle_id)
+        self.check_room(self.size_hint(model, batch), f"bundle {bundle_id[:8]}")
         try:
             self._db.execute(
                 "INSERT INTO bundles (id, model, batch, party, seed, state, created) VALUES (?, ?, ?, ?, ?, 'receiving', ?)",
@@ -157,7 +195,14 @@ class BundleStore:
             )
         except sqlite3.IntegrityError:
             raise ProtocolError(f"bundle {bundle_id} was already received; bundles are single-use") from None
-        return BundleWriter(self, bundle_id, path)
+        except sqlite3.OperationalError as e:
+            raise StoreFull(f"{self.root}: cannot record bundle {bundle_id[:8]} ({e})") from None
+        try:
+            return BundleWriter(self, bundle_id, path)
+        except OSError as e:
+            with contextlib.suppress(sqlite3.Error):
+                self._forget(bundle_id)
+            raise StoreFull(f"{self.root}: cannot create bundle {bundle_id[:8]} ({e.strerror})") from None
 
     def _mark_ready(self, bundle_id: str, index: dict[int, list[IndexEntry]]) -> None:
         blob = msgpack.packb({str(k): [[o, d, list(s)] for o, d, s in v] for k, v in index.items()})
@@ -187,6 +232,12 @@ class BundleStore:
             with contextlib.suppress(FileNotFoundError):  # a bundle dropped meanwhile
                 total += f.stat().st_size
         return total
+
+    def known(self, model: str, batch: int) -> list[str]:
+        """Ids of bundles of (deployment, batch) that are ready or still arriving."""
+        rows = self._db.execute("SELECT id FROM bundles WHERE model = ? AND batch = ? AND state IN "
+                                "('ready', 'receiving') ORDER BY created", (model, batch)).fetchall()
+        return [str(r[0]) for r in rows]
 
     def purge(self, model: str, keep: str) -> int:
         """Drop the ready bundles of ``model``'s deployments other than ``keep`` (a redeploy); returns how many."""

@@ -270,3 +270,117 @@ async def test_a_killed_server_fails_the_job_in_seconds_and_a_restart_heals_with
                         await asyncio.to_thread(dep.restart, "server1")
         finally:
             dep.stop()
+
+
+async def _services(tmp_path, pool: int, **settings):
+    from blindseg.channel import MemoryNetwork
+    from blindseg.compiler import compile_model
+    from blindseg.config import PARTIES
+    from blindseg.models import build_model, test_image
+    from blindseg.node import Node
+    from dealer.service import DealerService
+    from model_owner.client import deploy_compiled
+    from server.service import ServerService, ServerSettings
+
+    comp = compile_model(build_model("ref-unet", classes=2, seed=0), (1, 32, 32), "mask", "auto",
+                         samples=test_image(4, 32, seed=1))
+    mem = MemoryNetwork(PARTIES)
+    nodes = {p: Node(p, mem.transports[p]) for p in PARTIES}
+    servers = [ServerService(i, nodes[f"server{i}"], tmp_path / f"s{i}", ServerSettings(**settings)) for i in (0, 1)]
+    dealer = DealerService(nodes["dealer"], tmp_path / "dealer", pool=pool)
+    dealer.full_backoff = 0.5
+    tasks = [asyncio.create_task(s.serve()) for s in (*servers, dealer)]
+    return nodes, servers, dealer, tasks, comp, deploy_compiled
+
+
+async def _until(cond, what: str, timeout: float = 60.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if cond():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _consistent(store) -> None:
+    """No partial file and no half-received row: every bundle file belongs to a ready bundle."""
+    files = {f.stem for f in (store.root / "bundles").iterdir()}
+    rows = dict(store._db.execute("SELECT id, state FROM bundles").fetchall())
+    assert "receiving" not in rows.values()
+    assert files <= {b for b, st in rows.items() if st == "ready"}, files
+
+
+async def test_a_store_over_its_budget_refuses_bundles_cleanly_and_refills_when_space_returns(tmp_path) -> None:
+    """A store that may hold about two bundles: the dealer's further bundles are refused (StoreFull, the
+    dealer told and backing off), nothing partial stays; a job consumes one and the pool refills by
+    itself; the service kept serving throughout."""
+    from blindseg.models import test_image
+
+    nodes, servers, dealer, tasks, comp, deploy_compiled = await _services(tmp_path, pool=4)
+    try:
+        s1 = servers[1]
+        s1.store.budget = 1  # nothing fits until we know a bundle's size
+        key = f"m@{(await deploy_compiled(nodes['model_owner'], comp, 'm'))['epoch']}"
+        await _until(lambda: any(f["reason"] == "usage" or "budget" in f["error"] for f in s1.health.failures),
+                     "the first refusal")
+        assert any("does not fit the store budget" in f["error"] for f in s1.health.failures)
+        _consistent(s1.store)
+        s1.store.budget = 0
+        await _until(lambda: len(s1.store.ready(key, 1)) >= 1, "a bundle once the budget is lifted")
+        size = s1.store.size_hint(key, 1)
+        s1.store.budget = int(2.5 * size) + s1.store.disk_bytes() - size  # room for about one more
+        await _until(lambda: len(s1.store.ready(key, 1)) == 2 and dealer.bundles_made >= 4, "the store filled")
+        await asyncio.sleep(1.0)  # the dealer keeps trying and is refused: still 2, still consistent
+        assert len(s1.store.ready(key, 1)) == 2
+        _consistent(s1.store)
+        async with Client(nodes["data_owner"]) as c:  # the service serves from what it holds
+            mask, _ = await c.segment("m", test_image(1, 32, seed=3))
+        await _until(lambda: len(s1.store.ready(key, 1)) == 2, "the refill after the job freed space")
+        _consistent(s1.store)
+        assert s1.store.disk_bytes() <= s1.store.budget
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_full_disk_mid_bundle_leaves_nothing_partial_and_heals(tmp_path) -> None:
+    """A real full disk (a small tmpfs under server1's bundle store, root only): a write that hits
+    ENOSPC aborts the bundle, removes its file and row, tells the dealer; once space returns (a job
+    consumed bundles) new bundles arrive without a restart."""
+    import os
+
+    from blindseg.models import test_image
+
+    mnt = tmp_path / "s1" / "bundles"
+    mnt.mkdir(parents=True)
+    os.chmod(tmp_path / "s1", 0o700)
+    probe = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {probe.stderr.strip()}")
+    try:
+        from server.store import BundleStore
+
+        BundleStore.MIN_FREE, saved = 0, BundleStore.MIN_FREE  # let the disk itself run out
+        try:
+            nodes, servers, dealer, tasks, comp, deploy_compiled = await _services(tmp_path, pool=6)
+            s1 = servers[1]
+            key = f"m@{(await deploy_compiled(nodes['model_owner'], comp, 'm'))['epoch']}"
+            await _until(lambda: any("cannot" in f["error"] or "full" in f["error"] for f in s1.health.failures),
+                         "the disk to fill")
+            await asyncio.sleep(1.0)
+            held = len(s1.store.ready(key, 1))
+            assert 1 <= held < 6
+            _consistent(s1.store)
+            async with Client(nodes["data_owner"]) as c:
+                for k in range(2):
+                    await c.segment("m", test_image(1, 32, seed=k))
+            await _until(lambda: dealer.bundles_made >= held + 3, "bundles after space returned")
+            _consistent(s1.store)
+        finally:
+            BundleStore.MIN_FREE = saved
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
