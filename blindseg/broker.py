@@ -134,6 +134,18 @@ class _QuietQueue(asyncio.Queue):  # type: ignore[type-arg]
         await super().put(_QuietBroadcast(item) if isinstance(item, dict) else item)
 
 
+class _SnapshotDict(dict):  # type: ignore[type-arg]
+    """amqtt 0.12 iterates its subscription map with awaits inside the loop (retained messages on
+    connect, broadcasts) while other clients subscribe: "dictionary changed size during iteration"
+    kills a connecting client's session. Iterating a snapshot is what it means."""
+
+    def __iter__(self) -> Any:
+        return iter(list(super().keys()))
+
+    def items(self) -> Any:
+        return list(super().items())
+
+
 class EmbeddedBroker:
     """amqtt in this process (the zero-install default). Anonymous, loopback by default."""
 
@@ -155,6 +167,8 @@ class EmbeddedBroker:
         self._broker = Broker(config)
         if isinstance(getattr(self._broker, "_broadcast_queue", None), asyncio.Queue):
             self._broker._broadcast_queue = _QuietQueue()  # see _QuietBroadcast
+        if type(getattr(self._broker, "_subscriptions", None)) is dict:
+            self._broker._subscriptions = _SnapshotDict(self._broker._subscriptions)  # see _SnapshotDict
         await self._broker.start()
         return self
 

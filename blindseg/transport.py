@@ -252,8 +252,8 @@ class MqttTransport:
                     tls_context=self.broker.tls_context(), max_inflight_messages=64,
                     socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),), timeout=self.connect_timeout,
                 ) as client:
-                    await client.subscribe(topic_for(self.deployment, self.me, "+"), qos=1)
-                    await client.subscribe(status_topic(self.deployment, "+", self.me), qos=1)
+                    await client.subscribe([(topic_for(self.deployment, self.me, "+"), 1),  # inbox; presence for us
+                                            (status_topic(self.deployment, "+", self.me), 1)])
                     self._client, self._lost = client, lost
                     self._connected.set()
                     self._ever_connected = True
