@@ -103,6 +103,12 @@ class _Inbox:
             if not fut.done():
                 fut.set_exception(err)
 
+    def fail_waiting(self, err: BaseException) -> None:
+        """Fail every waiting receive with ``err`` (early frames stay)."""
+        for fut in list(self.waiting.values()):
+            if not fut.done():
+                fut.set_exception(err)
+
     async def take(self, label: str, timeout: float | None) -> Frame:
         if label in self.early:
             frame, _ = self.early.pop(label)

@@ -54,6 +54,7 @@ from .errors import ConnectionLost, ProtocolError, UnknownSession, UsageError
 log = logging.getLogger("blindseg.transport")
 
 CHUNK = 1 << 20
+WINDOW = 4 << 20  # unacknowledged bytes a sender may have in flight before it waits for the broker's acks
 MAX_FRAME = 1 << 30
 CHUNK_HEAD = 2 + 24  # label length + frame id, index, count, frame length (plus the label)
 
@@ -172,6 +173,9 @@ class MqttTransport:
         self._heard: dict[str, float] = {}
         self._goodbye: dict[str, str] = {}
         self._heard_interval: dict[str, float] = {}
+        # pipelined publishes (frames): in flight -> bytes; a round does not wait for its own acks
+        self._inflight: dict[asyncio.Future[Any], int] = {}
+        self._inflight_bytes = 0
 
     def endpoint(self, peer: str) -> MqttEndpoint:
         try:
@@ -287,6 +291,7 @@ class MqttTransport:
                 self._client = None
                 if not lost.done():
                     lost.set_result(None)
+                self._drop_inflight()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -340,6 +345,45 @@ class MqttTransport:
         self.rejected.append(reason)
         del self.rejected[:-1000]
         log.warning("%s: %s", self.me, reason)
+
+    def _drop_inflight(self) -> None:
+        """The connection ended with frames unacknowledged: they may be lost, so every receive waiting on
+        a peer fails now (its answer may never come) instead of after a round timeout."""
+        if not self._inflight:
+            return
+        n = len(self._inflight)
+        for pub in list(self._inflight):
+            pub.cancel()
+        err = ConnectionLost(f"the broker connection dropped with {n} frames in flight")
+        for ep in self.endpoints.values():
+            ep.inbox.fail_waiting(err)
+
+    def _published(self, pub: asyncio.Future[Any]) -> None:
+        self._inflight_bytes -= self._inflight.pop(pub, 0)
+        if not pub.cancelled() and pub.exception() is not None:
+            log.warning("%s: a publish failed (%s)", self.me, pub.exception())
+
+    async def send_pipelined(self, topic: str, payloads: list[bytearray]) -> None:
+        """Publish at QoS 1 in order without waiting for each acknowledgement: the broker's acks are
+        awaited only while more than WINDOW bytes are unacknowledged (back-pressure for bulk), so a
+        round's small frames never wait for the round trip to the broker. A connection that ends
+        with frames in flight fails the waiting receives (:meth:`_drop_inflight`)."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), self.connect_timeout)
+        except TimeoutError:
+            raise ConnectionLost(f"not connected to the broker for {self.connect_timeout} s") from None
+        client, lost = self._client, self._lost
+        if client is None or lost is None or lost.done():
+            raise ConnectionLost("broker connection dropped")
+        for m in payloads:
+            pub = asyncio.ensure_future(client.publish(topic, m, qos=1, timeout=math.inf))  # tasks start in order
+            self._inflight[pub] = len(m)
+            self._inflight_bytes += len(m)
+            pub.add_done_callback(self._published)
+            while self._inflight_bytes > WINDOW and not lost.done():
+                await asyncio.wait([*self._inflight, lost], return_when=asyncio.FIRST_COMPLETED)
+            if lost.done():
+                raise ConnectionLost("broker connection dropped while publishing")
 
     async def publish(self, topic: str, payload: bytes | bytearray) -> None:
         """Publish at QoS 1 and wait for the broker's acknowledgement; ConnectionLost if the connection
@@ -410,7 +454,7 @@ class MqttEndpoint(Endpoint):
         async with self._lock:  # one frame's chunks stay contiguous on the topic
             self._frame_id += 1
             msgs = seal_chunks(self.secure, self._out, label, self._frame_id, frame, self.t.chunk)
-            await asyncio.gather(*(self.t.publish(self._out, m) for m in msgs))
+            await self.t.send_pipelined(self._out, msgs)
         return sum(len(m) for m in msgs)
 
     async def recv(self, label: str, timeout: float | None = None) -> Frame:
