@@ -363,11 +363,8 @@ class MqttTransport:
         if not pub.cancelled() and pub.exception() is not None:
             log.warning("%s: a publish failed (%s)", self.me, pub.exception())
 
-    async def send_pipelined(self, topic: str, payloads: list[bytearray]) -> None:
-        """Publish at QoS 1 in order without waiting for each acknowledgement: the broker's acks are
-        awaited only while more than WINDOW bytes are unacknowledged (back-pressure for bulk), so a
-        round's small frames never wait for the round trip to the broker. A connection that ends
-        with frames in flight fails the waiting receives (:meth:`_drop_inflight`)."""
+    async def _connection(self) -> tuple[aiomqtt.Client, asyncio.Future[None]]:
+        """The live client and the future its end resolves (waiting up to connect_timeout for one)."""
         try:
             await asyncio.wait_for(self._connected.wait(), self.connect_timeout)
         except TimeoutError:
@@ -375,6 +372,14 @@ class MqttTransport:
         client, lost = self._client, self._lost
         if client is None or lost is None or lost.done():
             raise ConnectionLost("broker connection dropped")
+        return client, lost
+
+    async def send_pipelined(self, topic: str, payloads: list[bytearray]) -> None:
+        """Publish at QoS 1 in order without waiting for each acknowledgement: the broker's acks are
+        awaited only while more than WINDOW bytes are unacknowledged (back-pressure for bulk), so a
+        round's small frames never wait for the round trip to the broker. A connection that ends
+        with frames in flight fails the waiting receives (:meth:`_drop_inflight`)."""
+        client, lost = await self._connection()
         for m in payloads:
             pub = asyncio.ensure_future(client.publish(topic, m, qos=1, timeout=math.inf))  # tasks start in order
             self._inflight[pub] = len(m)
@@ -388,13 +393,7 @@ class MqttTransport:
     async def publish(self, topic: str, payload: bytes | bytearray) -> None:
         """Publish at QoS 1 and wait for the broker's acknowledgement; ConnectionLost if the connection
         drops first (a publish in flight when the broker goes away would otherwise wait forever)."""
-        try:
-            await asyncio.wait_for(self._connected.wait(), self.connect_timeout)
-        except TimeoutError:
-            raise ConnectionLost(f"not connected to the broker for {self.connect_timeout} s") from None
-        client, lost = self._client, self._lost
-        if client is None or lost is None or lost.done():
-            raise ConnectionLost("broker connection dropped")
+        client, lost = await self._connection()
         pub = asyncio.ensure_future(client.publish(topic, payload, qos=1, timeout=math.inf))
         try:
             await asyncio.wait((pub, lost), return_when=asyncio.FIRST_COMPLETED)
