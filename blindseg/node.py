@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -140,13 +141,46 @@ class Node:
                 log.warning("%s: dropped control message from %s: %s", self.party, sender, e)
 
 
+class _UtcFormatter(logging.Formatter):
+    """Log lines in UTC with the offset written out (parties run in different clouds and zones)."""
+
+    converter = time.gmtime  # type: ignore[assignment]
+
+    def __init__(self, as_json: bool) -> None:
+        super().__init__("%(asctime)s %(name)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S+0000")
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.as_json:
+            return super().format(record)
+        import json
+
+        doc = {"time": self.formatTime(record, self.datefmt), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        if record.exc_info:
+            doc["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def configure_logging(as_json: bool | None = None) -> None:
+    """INFO to stderr in UTC; one JSON object per line when ``as_json`` (default: the environment
+    variable ``BLINDSEG_LOG_FORMAT=json``), for log shippers."""
+    import os
+
+    if as_json is None:
+        as_json = os.environ.get("BLINDSEG_LOG_FORMAT", "").lower() == "json"
+    handler = logging.StreamHandler()
+    handler.setFormatter(_UtcFormatter(as_json))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.getLogger("mqtt").setLevel(logging.ERROR)
+
+
 def run_service(coro: Any) -> int:
     """Run a role's main coroutine until interrupted; user errors exit 2 without a traceback."""
     from .errors import BlindsegError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        datefmt="%Y-%m-%dT%H:%M:%S%z")  # with the time zone: parties run in different clouds
-    logging.getLogger("mqtt").setLevel(logging.ERROR)
+    configure_logging()
+
     async def main() -> None:
         import signal
 

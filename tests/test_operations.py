@@ -384,3 +384,16 @@ async def test_a_full_disk_mid_bundle_leaves_nothing_partial_and_heals(tmp_path)
             await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_logs_are_utc_one_line_and_optionally_json(capsys) -> None:
+    import logging
+
+    from blindseg.node import _UtcFormatter
+
+    rec = logging.LogRecord("blindseg.server", logging.WARNING, __file__, 1, "server0: %s", ("disk full",), None)
+    rec.created = 0.0  # 1970-01-01T00:00:00 UTC whatever this host's zone
+    assert _UtcFormatter(False).format(rec) == "1970-01-01T00:00:00+0000 blindseg.server WARNING server0: disk full"
+    doc = json.loads(_UtcFormatter(True).format(rec))
+    assert doc == {"time": "1970-01-01T00:00:00+0000", "level": "WARNING", "logger": "blindseg.server",
+                   "message": "server0: disk full"}
