@@ -62,15 +62,7 @@ def run_bench(model_name: str, size: int, batch: int = 1, classes: int = 2, seed
 
 def _server_peak_rss(dep: Any) -> int:
     """Peak resident memory (VmHWM) of the service processes, bytes (the largest one)."""
-    peak = 0
-    for p in dep.procs.values():
-        try:
-            for line in open(f"/proc/{p.pid}/status"):
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
-        except OSError:
-            pass
-    return peak
+    return max(_role_peak_rss(dep).values(), default=0)
 
 
 @contextlib.asynccontextmanager
@@ -123,6 +115,64 @@ async def run_load_bench(model_name: str, size: int, jobs: int = 8) -> dict[str,
     return {"model": model_name, "size": size, "transport": "mqtt", "broker": "mosquitto", "concurrent_jobs": jobs,
             "wall_seconds": wall, "jobs_per_minute": jobs / wall * 60, "min_pixel_agreement": min(agree),
             "server_peak_rss_bytes": rss}
+
+
+def _role_peak_rss(dep: Any) -> dict[str, int]:
+    """Peak resident memory (VmHWM) of each service process, bytes."""
+    out = {}
+    for role, p in dep.procs.items():
+        try:
+            for line in open(f"/proc/{p.pid}/status"):
+                if line.startswith("VmHWM:"):
+                    out[role] = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return out
+
+
+async def run_cold_start(model_name: str = "ref-unet", size: int = 128, batch: int = 4) -> dict[str, Any]:
+    """Issue #14's cold-start figures through a private Mosquitto: the deploy, the first job right after
+    it, the first job of a new batch size, and the next one of that size (each: seconds, of them
+    waiting for a bundle)."""
+    from data_owner.client import Client
+
+    from .config import PartyConfig
+
+    out: dict[str, Any] = {"model": model_name, "size": size}
+    t = time.perf_counter()
+    async with _service(model_name, size, pool=2) as dep:
+        out["start_and_deploy_seconds"] = time.perf_counter() - t
+        async with Client(PartyConfig.load(dep.configs["data_owner"])) as c:
+            for name, n in (("first_job", 1), (f"first_job_of_batch_{batch}", batch), (f"next_job_of_batch_{batch}", batch)):
+                t = time.perf_counter()
+                _, cost = await c.segment("bench", test_image(n, size, seed=n).astype(np.float32))
+                out[name] = {"seconds": time.perf_counter() - t, "waiting_for_bundle_seconds": cost["wait_seconds"],
+                             "online_seconds": cost["online_seconds"]}
+    return out
+
+
+async def run_scan_bench(slices: int, side: int, model_name: str = "ref-unet", size: int = 128) -> dict[str, Any]:
+    """Issue #12's scan figure on a synthetic NIfTI volume (``slices`` x ``side``²): ``python -m data_owner
+    segment`` through the real service (private Mosquitto); wall, coverage, waiting, bytes, RSS per role."""
+    import tempfile
+    from pathlib import Path
+
+    import nibabel as nib
+
+    vol = np.stack([test_image(1, side, seed=k)[0, 0] for k in range(slices)], axis=2).astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="blindseg-scan-") as tmp:
+        nib.save(nib.Nifti1Image(vol, np.diag([0.7, 0.7, 2.5, 1.0])), Path(tmp) / "scan.nii.gz")
+        async with _service(model_name, size, pool=2) as dep:
+            t0 = time.perf_counter()
+            rep = await dep.client("data_owner", "segment", "--model", "bench", "--input", str(Path(tmp) / "scan.nii.gz"),
+                                   "--out", str(Path(tmp) / "out"), "--quiet", timeout=86400)
+            wall = time.perf_counter() - t0
+            rss = _role_peak_rss(dep)
+    keep = ("slices", "jobs", "windows_per_job", "windows_per_slice", "voxels", "voxels_segmented", "online_seconds",
+            "wait_seconds", "offline_seconds", "online_bytes_per_server", "offline_bytes_per_server")
+    return {"model": model_name, "window": size, "image": [slices, side, side], **{k: rep[k] for k in keep},
+            "wall_seconds": wall, "waiting_fraction": rep["wait_seconds"] / max(rep["wall_seconds"], 1e-9),
+            "peak_rss_bytes": rss}
 
 
 async def run_mqtt_bench(model_name: str, size: int, net: str = "none", repeats: int = 3) -> dict[str, Any]:

@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--jobs", type=int, default=1, help="with --transport mqtt: this many concurrent jobs (load test)")
     b.add_argument("--zoo", action="store_true",
                    help="issue #11's table: MONAI U-Nets and layer mixes (compiles?, agreement, logit error, cost)")
+    b.add_argument("--cold-start", action="store_true",
+                   help="issue #14: deploy, first job, first job of a new batch size (private Mosquitto)")
+    b.add_argument("--scan", default=None, metavar="SLICES,SIDE",
+                   help="issue #12: a synthetic SLICES x SIDE^2 NIfTI through `python -m data_owner segment` "
+                        "(windows of --size)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     d = sub.add_parser("demo", help="the five roles as processes on loopback: deploy, segment a real slice")
     d.add_argument("--net", default="none", help="none | lan | wan | '<latency ms>,<Mbit/s>'")
@@ -112,6 +117,21 @@ def main(argv: list[str] | None = None) -> int:
 
             rows = run_model_table(args.size if args.size != 128 else 64)
             print(json.dumps(rows) if args.json else format_model_table(rows))
+            return 0
+        if args.cmd == "bench" and (args.cold_start or args.scan):
+            import asyncio
+
+            from .bench import run_cold_start, run_scan_bench
+
+            if args.scan:
+                try:
+                    slices, side = (int(v) for v in args.scan.split(","))
+                except ValueError:
+                    raise BlindsegError(f"--scan takes SLICES,SIDE (e.g. 16,256), not {args.scan!r}") from None
+                r = asyncio.run(run_scan_bench(slices, side, args.model, args.size))
+            else:
+                r = asyncio.run(run_cold_start(args.model, args.size))
+            print(json.dumps(r, indent=None if args.json else 1))
             return 0
         if args.cmd == "bench":
             if args.size < 16 or args.size % 16:

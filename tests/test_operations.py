@@ -303,12 +303,15 @@ async def _until(cond, what: str, timeout: float = 60.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _consistent(store) -> None:
-    """No partial file and no half-received row: every bundle file belongs to a ready bundle."""
+async def _consistent(store) -> None:
+    """No partial file and no half-received row left behind: once the bundles in transfer have arrived
+    (or failed and been removed), every bundle file belongs to a ready bundle."""
+    def rows() -> dict:
+        return dict(store._db.execute("SELECT id, state FROM bundles").fetchall())
+
+    await _until(lambda: "receiving" not in rows().values(), "the bundles in transfer to settle", 30)
     files = {f.stem for f in (store.root / "bundles").iterdir()}
-    rows = dict(store._db.execute("SELECT id, state FROM bundles").fetchall())
-    assert "receiving" not in rows.values()
-    assert files <= {b for b, st in rows.items() if st == "ready"}, files
+    assert files <= {b for b, st in rows().items() if st == "ready"}, files
 
 
 async def test_a_store_over_its_budget_refuses_bundles_cleanly_and_refills_when_space_returns(tmp_path) -> None:
@@ -325,7 +328,7 @@ async def test_a_store_over_its_budget_refuses_bundles_cleanly_and_refills_when_
         await _until(lambda: any(f["reason"] == "usage" or "budget" in f["error"] for f in s1.health.failures),
                      "the first refusal")
         assert any("does not fit the store budget" in f["error"] for f in s1.health.failures)
-        _consistent(s1.store)
+        await _consistent(s1.store)
         s1.store.budget = 0
         await _until(lambda: len(s1.store.ready(key, 1)) >= 1, "a bundle once the budget is lifted")
         size = s1.store.size_hint(key, 1)
@@ -333,11 +336,11 @@ async def test_a_store_over_its_budget_refuses_bundles_cleanly_and_refills_when_
         await _until(lambda: len(s1.store.ready(key, 1)) == 2 and dealer.bundles_made >= 4, "the store filled")
         await asyncio.sleep(1.0)  # the dealer keeps trying and is refused: still 2, still consistent
         assert len(s1.store.ready(key, 1)) == 2
-        _consistent(s1.store)
+        await _consistent(s1.store)
         async with Client(nodes["data_owner"]) as c:  # the service serves from what it holds
             mask, _ = await c.segment("m", test_image(1, 32, seed=3))
         await _until(lambda: len(s1.store.ready(key, 1)) == 2, "the refill after the job freed space")
-        _consistent(s1.store)
+        await _consistent(s1.store)
         assert s1.store.disk_bytes() <= s1.store.budget
     finally:
         for t in tasks:
@@ -373,12 +376,12 @@ async def test_a_full_disk_mid_bundle_leaves_nothing_partial_and_heals(tmp_path)
             await asyncio.sleep(1.0)
             held = len(s1.store.ready(key, 1))
             assert 1 <= held < 6
-            _consistent(s1.store)
+            await _consistent(s1.store)
             async with Client(nodes["data_owner"]) as c:
                 for k in range(2):
                     await c.segment("m", test_image(1, 32, seed=k))
             await _until(lambda: dealer.bundles_made >= held + 3, "bundles after space returned")
-            _consistent(s1.store)
+            await _consistent(s1.store)
         finally:
             BundleStore.MIN_FREE = saved
             for t in tasks:
