@@ -140,7 +140,7 @@ async def segment_scan(client: Client, model: str, raw: np.ndarray, meta: dict[s
               "display_window": list(window),
               "wall_seconds": time.perf_counter() - t0,
               "online_seconds": sum(c["online_seconds"] for c in costs),
-              "wait_seconds": sum(c["wait_seconds"] for c in costs),
+              "wait_seconds": sum(c["wait_seconds"] for c in costs),  # part of online_seconds: before first rounds
               "rounds": sum(c["rounds"] for c in costs),
               "online_bytes_per_server": max(sum(c["server_bytes"][i] for c in costs) for i in (0, 1)),
               "offline_bytes_per_server": max(sum(c["offline_bytes"][i] for c in costs) for i in (0, 1)),
