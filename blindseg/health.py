@@ -87,7 +87,7 @@ class Health:
         self.errors = Counter("blindseg_errors", "failed requests and jobs, by reason", ["reason"], registry=r)
         self.failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
         self.checks: list[Callable[[], str | None]] = []  # each: None when fine, else why not ready
-        self.info: Callable[[], dict[str, Any]] = dict  # the role's own part of the document
+        self.info: Callable[[str], dict[str, Any]] = lambda reader: {}  # the role's part, for that reader
         self.refresh: Callable[[], None] = lambda: None  # update gauges before a scrape
         self.interval = 2.0  # seconds between presence documents
 
@@ -115,7 +115,7 @@ class Health:
 
         failures = [f for f in self.failures if reader in ROLES or reader == "" or f["from"] == reader]
         try:
-            info = self.info()
+            info = self.info(reader)
         except Exception as e:  # the document must never take the service down
             info = {"info_error": e.__class__.__name__}
         return {"party": self.party, "deployment": self.deployment, "up": True, "version": __version__,

@@ -99,7 +99,7 @@ class DealerService:
                                 for k, (plan, s0, s1) in self.dealer.models().items()}}
         write_private(self.state, json.dumps(data).encode())
 
-    def _status(self) -> dict[str, Any]:
+    def _status(self, reader: str) -> dict[str, Any]:
         pending: dict[str, dict[str, int]] = {}
         for (k, b), n in sorted(self._pending.items()):
             if n:

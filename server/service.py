@@ -178,10 +178,18 @@ class ServerService:
             await asyncio.gather(*(tell(j, t) for j, t in list(self._jobs.items())))
 
     # ---------------------------------------------------------- operations
-    def _status(self) -> dict[str, Any]:
-        """This server's part of its presence document (``blindseg status``)."""
-        pool = self.store.summary()
-        return {"models": dict(self.epochs), "staged": sorted(self._staged),
+    def _status(self, reader: str) -> dict[str, Any]:
+        """This server's part of its presence document (``blindseg status``); a tenant sees only the
+        models it may use."""
+        from blindseg.config import ROLES
+
+        def shown(key: str) -> bool:
+            allowed = self._allowed.get(key, [])
+            return reader in ROLES or not allowed or reader in allowed
+
+        pool = {k: v for k, v in self.store.summary().items() if shown(k)}
+        return {"models": {m: e for m, e in self.epochs.items() if shown(ids.key(m, e))},
+                "staged": sorted(k for k in self._staged if reader in ROLES),
                 "pool": {k: {str(b): n for b, n in sorted(v.items())} for k, v in sorted(pool.items())},
                 "jobs_running": len(self._jobs), "store_bytes": self.store.disk_bytes(),
                 "pool_expiry_seconds": self.settings.pool_expiry}

@@ -160,6 +160,16 @@ async def test_tenants_are_isolated_on_a_real_mosquitto(tmp_path, reference) -> 
             assert got and all(t.startswith("blindseg/demo/hospital-b/") or
                                (t.startswith("blindseg/demo/status/") and t.endswith("/hospital-b")) for t in got)
             assert not any("hospital-a" in t for t in got)
+            # b's status view: the servers up, no model it may not use, nothing of a's
+            import json
+
+            from blindseg.status import collect
+
+            view = await collect(b, 3.0)
+            assert {p: view[p]["state"] for p in view} == {"server0": "up", "server1": "up"}
+            assert view["server0"]["models"] == {} and view["server0"]["pool"] == {}
+            assert "hospital-a" not in json.dumps(view)
+            assert any("not an allowed tenant" in f["error"] for f in view["server0"]["recent_failures"])
             # b cannot speak as a either: the ACL drops b's publish on a's topic before any server sees it (and
             # b's key could not make a's hello: test_hostile::test_handshake_is_authenticated_by_the_static_keys)
             forged = SecureLink(b.key, a.peers["server0"], b.key, "demo", "hospital-a", "server0")
