@@ -255,6 +255,7 @@ RestartSec=2
 KillSignal=SIGTERM
 TimeoutStopSec=30
 ReadWritePaths={install_dir}/state/{role}
+Environment=NUMBA_CACHE_DIR={install_dir}/state/{role}/numba-cache
 {_HARDENING}
 
 [Install]

@@ -188,7 +188,8 @@ def test_the_broker_folder_is_relocatable_and_systemd_units_are_hardened(tmp_pat
         unit = (tmp_path / "kit" / "systemd" / f"blindseg-{role}.service").read_text()
         assert f"ExecStart=/srv/bs/venv/bin/python -m {role} --config /srv/bs/configs/{role}.toml" in unit
         for line in ("Restart=on-failure", "KillSignal=SIGTERM", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                     f"ReadWritePaths=/srv/bs/state/{role}", "PrivateTmp=yes"):
+                     f"ReadWritePaths=/srv/bs/state/{role}", "PrivateTmp=yes",
+                     f"Environment=NUMBA_CACHE_DIR=/srv/bs/state/{role}/numba-cache"):  # compiled kernels kept
             assert line in unit.splitlines(), line
         cfg = PartyConfig.load(tmp_path / "kit" / "configs" / f"{role}.toml")
         assert cfg.metrics_address.startswith("127.0.0.1:")  # loopback by default
