@@ -47,6 +47,10 @@ class ConnectionLost(BlindsegError):
     """A peer or the transport stopped answering."""
 
 
+class PeerRestarted(ConnectionLost):
+    """A peer's new run voided the frames of its old one (its new hello arrived)."""
+
+
 class StoreFull(BlindsegError):
     """A server's bundle store cannot take more (its disk budget, or the disk itself); it heals when
     jobs consume bundles or space returns."""

@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from .background import spawn
 from .channel import Control, Endpoint, Frame, _Inbox
 from .crypto import HELLO, OVERHEAD, PresenceSeal, SecureLink
-from .errors import ConnectionLost, ProtocolError, UnknownSession, UsageError
+from .errors import ConnectionLost, PeerRestarted, ProtocolError, UnknownSession, UsageError
 
 log = logging.getLogger("blindseg.transport")
 
@@ -529,7 +529,7 @@ class MqttEndpoint(Endpoint):
             self._partial, self._last_in = None, 0
             if had:
                 log.info("%s: %s restarted (new session); its earlier frames are void", self.t.me, self.peer)
-                self.inbox.fail_all(ConnectionLost(f"{self.peer} restarted"))
+                self.inbox.fail_all(PeerRestarted(f"{self.peer} restarted"))
             skew = self.secure.skew
             if abs(skew) > self.t.max_skew:
                 log.warning("%s: clock of %s is %.0f s %s this host's (nothing depends on it, but logs and key "

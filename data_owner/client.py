@@ -21,7 +21,7 @@ import numpy as np
 from blindseg import intensity
 from blindseg.channel import Frame
 from blindseg.config import PartyConfig
-from blindseg.errors import ConnectionLost, ProtocolError, StaleEpoch
+from blindseg.errors import ConnectionLost, PeerRestarted, ProtocolError, StaleEpoch
 from blindseg.layout import Layout
 from blindseg.messages import Error, GetPlan, Job, Message, Output, PlanInfo, Progress, expect
 from blindseg.node import Node
@@ -108,10 +108,17 @@ class Client:
 
         ``retries``: on a failed job, try again with fresh shares and a fresh bundle (always safe: a
         failed attempt revealed only openings masked by a bundle that is never used again)."""
-        attempt, refreshed = 0, False
+        attempt, refreshed, restarts = 0, False, 0
         while True:
             try:
                 return await self._segment_once(model, raw, progress)
+            except PeerRestarted as e:
+                # the restart voided this attempt's frames (e.g. a retry that raced the restarted server's new
+                # session): with retries allowed, try again on the new session, up to 3 times, uncounted
+                if retries == 0 or restarts >= 3:
+                    raise
+                restarts += 1
+                log.warning("job failed (%s); retrying on its new session", e)
             except StaleEpoch as e:  # the model was redeployed since we fetched its plan: once, with the new one
                 if refreshed:
                     raise
