@@ -318,6 +318,11 @@ class MqttTransport:
             if isinstance(doc.get("interval"), int | float):
                 self._heard_interval[peer] = float(doc["interval"])
 
+    def saw(self, peer: str) -> None:
+        """An authenticated message from ``peer`` arrived: it is alive (for peers that publish presence)."""
+        if peer in self._heard and peer not in self._goodbye:
+            self._heard[peer] = time.monotonic()
+
     def gone(self, peer: str) -> str | None:
         """Why ``peer`` is gone (it said goodbye, or a service heard before has been silent for three of its
         publishing intervals), or None. A peer that never published presence is never called gone."""
@@ -473,6 +478,7 @@ class MqttEndpoint(Endpoint):
             self._maybe_rehello()  # the peer talks to a run of ours that is gone (or we missed its hello)
             raise
         self.counters.bytes_received += len(message)
+        self.t.saw(self.peer)  # any authenticated chunk proves the peer alive (a long bulk frame too)
         if len(body) < CHUNK_HEAD:
             raise ProtocolError("chunk is too short")
         (ll,) = struct.unpack(">H", body[:2])
