@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,7 @@ class ServerService:
         self.dealer_seconds = 0.0
         self._last_used: dict[tuple[str, int], float] = {}  # (model@epoch, batch) -> monotonic time of its last job
         self._started = time.monotonic()
+        self._store_view: tuple[float, dict[str, dict[int, int]], int] = (-math.inf, {}, 0)
         self.health = Health(self.name, node.deployment)
         self.health.info, self.health.refresh = self._status, self._refresh_metrics
         self.health.checks.append(lambda: None if self.node.connected() else "not connected to the broker")
@@ -187,11 +189,15 @@ class ServerService:
             allowed = self._allowed.get(key, [])
             return reader in ROLES or not allowed or reader in allowed
 
-        pool = {k: v for k, v in self.store.summary().items() if shown(k)}
+        now = time.monotonic()
+        if now - self._store_view[0] > 1.0:  # one store scan per publishing round, not one per reader
+            self._store_view = (now, self.store.summary(), self.store.disk_bytes())
+        _, summary, disk = self._store_view
+        pool = {k: v for k, v in summary.items() if shown(k)}
         return {"models": {m: e for m, e in self.epochs.items() if shown(ids.key(m, e))},
                 "staged": sorted(k for k in self._staged if reader in ROLES),
                 "pool": {k: {str(b): n for b, n in sorted(v.items())} for k, v in sorted(pool.items())},
-                "jobs_running": len(self._jobs), "store_bytes": self.store.disk_bytes(),
+                "jobs_running": len(self._jobs), "store_bytes": disk,
                 "pool_expiry_seconds": self.settings.pool_expiry}
 
     def _refresh_metrics(self) -> None:
