@@ -58,6 +58,17 @@ def mosquitto_config(port: int, bind: str = "127.0.0.1", *, tls: dict[str, str] 
     return "\n".join(lines) + "\n"
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM, up to ``grace`` seconds for a clean exit, then SIGKILL (a child this process started)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -101,13 +112,8 @@ class Mosquitto:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 5)
         self.proc = None
 
     def __enter__(self) -> Mosquitto:

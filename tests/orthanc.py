@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from blindseg.broker import free_port
+from blindseg.broker import free_port, stop_process
 
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
 
@@ -57,9 +57,5 @@ class Orthanc:
                 time.sleep(0.2)
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
