@@ -60,12 +60,17 @@ def test_cost_model_predicts_a_shaped_run_within_15_percent():
     model = build_model("ref-unet", classes=2, seed=1)
     x = np.random.default_rng(0).normal(size=(1, 1, 32, 32)).astype(np.float32)
     comp = compile_model(model, (1, 32, 32), "mask", "auto", samples=x)
-    # the unshaped time is the compute part of the prediction: take the median of three runs (shared machine)
-    bases = sorted((asyncio.run(run_compiled(comp, x)) for _ in range(3)), key=lambda r: r.stats["online_seconds"])
-    base = bases[1]
     prof = profile("10,100")  # 10 ms one way, 100 Mbit/s: the network dominates, as on a WAN
-    shaped = asyncio.run(run_compiled(comp, x, net=prof))
-    pred = predict_online(base.stats["online_seconds"], base.stats["round_log"], prof, base.stats["io_frames"])
-    assert np.array_equal(base.mask, shaped.mask)
-    assert abs(pred - shaped.stats["online_seconds"]) <= 0.15 * shaped.stats["online_seconds"], (pred, shaped.stats)
-    assert shaped.stats["online_seconds"] > base.stats["online_seconds"] + 162 * prof.latency * 0.9
+    # the unshaped time is the compute part of the prediction; on a shared machine it drifts, so run
+    # unshaped and shaped in interleaved pairs and compare the medians of prediction and measurement
+    preds, took = [], []
+    for _ in range(3):
+        base = asyncio.run(run_compiled(comp, x))
+        shaped = asyncio.run(run_compiled(comp, x, net=prof))
+        assert np.array_equal(base.mask, shaped.mask)
+        preds.append(predict_online(base.stats["online_seconds"], base.stats["round_log"], prof,
+                                    base.stats["io_frames"]))
+        took.append(shaped.stats["online_seconds"])
+    pred, measured = float(np.median(preds)), float(np.median(took))
+    assert abs(pred - measured) <= 0.15 * measured, (preds, took)
+    assert min(took) > 162 * prof.latency * 0.9
