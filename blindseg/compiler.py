@@ -17,11 +17,21 @@ from typing import Any
 import numpy as np
 
 from .errors import UnsupportedLayerError, UsageError
-from .layers import ArgmaxParams, InterpParams, LinearParams, PoolParams, RescaleParams, UpsampleParams, layer_of
+from .layers import (
+    ArgmaxParams,
+    InterpParams,
+    LinearParams,
+    NormParams,
+    PoolParams,
+    RescaleParams,
+    UpsampleParams,
+    layer_of,
+)
 from .linalg import conv_out_shape
 from .plan import DEFAULT_ARITIES, Compiled, Op, Plan, apply_head, calibrate, downsampling, float_forward
 
-SUPPORTED = ("Conv2d/3d (padding numeric, 'same' or 'valid'), ConvTranspose2d/3d, BatchNorm2d/3d, ReLU, LeakyReLU, PReLU "
+SUPPORTED = ("Conv2d/3d (padding numeric, 'same' or 'valid'), ConvTranspose2d/3d, BatchNorm2d/3d, InstanceNorm2d/3d, "
+             "GroupNorm, ReLU, LeakyReLU, PReLU "
              "(one slope), Dropout/Identity (removed), MaxPool2d/3d, AvgPool2d/3d, Upsample / F.interpolate (nearest, "
              "integer scale; bilinear by 2/4/8, align_corners=False), torch.cat (channels), add, Sigmoid / Softmax as the final op, argmax")
 
@@ -233,11 +243,39 @@ def _head(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     return _Val(v.idx, pending=v.pending, head=kind)
 
 
+def _norm(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
+    """InstanceNorm / GroupNorm: a secure ``norm`` op (per sample and group), then the affine, if any,
+    as a secret per-channel 1x1 conv. An InstanceNorm with running statistics is a BatchNorm."""
+    import torch.nn as nn
+
+    x = _need(x, node)
+    what = f"{type(mod).__name__} {_desc(node)}"
+    if isinstance(mod, nn.GroupNorm):
+        groups, c = int(mod.num_groups), int(mod.num_channels)
+    else:
+        if mod.track_running_stats and mod.running_mean is not None:
+            return _batchnorm(L, node, mod, x)
+        groups = c = int(mod.num_features)
+    src = L.settle(x)
+    shp = L.shape(src)
+    if len(shp) < 3:
+        raise UnsupportedLayerError(f"{what}: normalisation needs spatial dimensions, the input is {shp}")
+    if shp[0] != c:
+        raise UsageError(f"{what} expects {c} channels, the input has {shp[0]}")
+    idx = L.add("norm", (src,), shp, _name(node), NormParams(groups=groups, eps=float(mod.eps)))
+    if not mod.affine:
+        return _Val(idx)
+    gamma = mod.weight.detach().double().numpy()
+    beta = mod.bias.detach().double().numpy().copy()
+    aff = L.add("conv", (idx,), shp, _name(node) + ".affine", LinearParams(kernel=(1,) * (len(shp) - 1)))
+    L.weights[aff] = (np.diag(gamma).reshape(c, c, *(1,) * (len(shp) - 1)).copy(), beta)
+    return _Val(aff, pending=True)
+
+
 def _refuse_norm(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     raise UnsupportedLayerError(
-        f"{type(mod).__name__} {_desc(node)}: instance and group normalisation need a secure per-channel mean, "
-        "variance and reciprocal square root, which blindseg does not implement yet; use BatchNorm (norm='batch' "
-        "in MONAI) or fold the normalisation into the preceding conv")
+        f"{type(mod).__name__} {_desc(node)}: normalisation over other axes than (channel group, spatial) is not "
+        "supported (InstanceNorm2d/3d, GroupNorm and BatchNorm are)")
 
 
 def _pad(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
@@ -381,8 +419,8 @@ def _module_rows() -> dict[type, Lower]:
         nn.Softmax: _head}
     rows.update({nn.Conv3d: _conv, nn.ConvTranspose3d: _conv, nn.BatchNorm3d: _batchnorm, nn.MaxPool3d: _maxpool,
                  nn.AvgPool3d: _avgpool})
-    for n in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm,
-              nn.LocalResponseNorm):
+    rows.update({nn.InstanceNorm2d: _norm, nn.InstanceNorm3d: _norm, nn.GroupNorm: _norm})
+    for n in (nn.InstanceNorm1d, nn.LayerNorm, nn.LocalResponseNorm):
         rows[n] = _refuse_norm
     return rows
 

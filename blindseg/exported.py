@@ -102,6 +102,21 @@ def module_graph(ep: Any) -> tuple[Any, Any]:
                     bn.weight.copy_(attr(a[1]))
                     bn.bias.copy_(attr(a[2]))
             env[n] = module(bn.eval(), prefix(a[3]), a[0])
+        elif t == aten.instance_norm.default and a[5]:  # use_input_stats (else running statistics: a BatchNorm)
+            w = attr(a[1]) if a[1] is not None else None
+            c = int(a[0].meta["val"].shape[1])
+            cls = nn.InstanceNorm3d if a[0].meta["val"].dim() == 5 else nn.InstanceNorm2d
+            inorm = cls(c, eps=float(a[7]), affine=w is not None)
+            if w is not None:
+                _load(inorm, w, attr(a[2]))
+            env[n] = module(inorm, prefix(a[1]) if w is not None else n.name, a[0])
+        elif t == aten.group_norm.default:
+            w = attr(a[2]) if arg(a, 2, None) is not None else None
+            gnorm = nn.GroupNorm(int(a[1]), int(a[0].meta["val"].shape[1]), eps=float(arg(a, 4, 1e-5)),
+                                 affine=w is not None)
+            if w is not None:
+                _load(gnorm, w, attr(a[3]))
+            env[n] = module(gnorm, prefix(a[2]) if w is not None else n.name, a[0])
         elif t == operator.getitem and a[0] in env and a[1] == 0:  # (out, saved mean, saved var)[0], pool indices
             env[n] = env[a[0]]
         elif t == aten.prelu.default:

@@ -261,7 +261,9 @@ def calibrate(comp: Compiled, samples: np.ndarray | None, frac_bits: int | str) 
                 f"frac_bits={f} overflows the 32-bit ring at {', '.join(bad[:3])} "
                 "(observed ranges exceed 2^29 before truncation); use a smaller f or 'auto'"
             )
-    cal = Calibration(f, fw, maxabs)
+    stats = {i: st for i, op in enumerate(plan.ops)
+             if (st := op.layer.observe(op, [vals[j] for j in op.inputs], vals[i])) is not None}
+    cal = Calibration(f, fw, maxabs, stats)
     new_ops = tuple(replace(op, params=op.layer.calibrate(op, i, cal, plan.ops)) for i, op in enumerate(plan.ops))
     axes = (0, *range(2, samples.ndim))
     lo, hi = samples.min(axis=axes), samples.max(axis=axes)

@@ -20,6 +20,9 @@ Material kinds:
 - ``select`` (ReLU, max, argmax): bits of r (random, 32 rows), rho (random bit),
   multi-AND masks per circuit level (random); r-bit pair products, mask
   products, r, u, v, rho, rho*u, rho*v (derived).
+- ``sign`` ([x >= 0] as an arithmetic share): ``select``'s items without u, v, rho*u, rho*v.
+- ``mul`` (product of two secrets, the second broadcast against the first): A, B (random),
+  C = A * B (derived). ``square``: A (random), C = A^2 (derived).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class Item:
 class MatSpec:
     """One protocol instance's material: kind, sizes and its items (random first, then derived)."""
 
-    kind: str  # "beaver" | "trunc" | "select"
+    kind: str  # "beaver" | "trunc" | "select" | "sign" | "mul" | "square"
     n: int  # elements (select/trunc)
     shift: int
     items: tuple[Item, ...]
@@ -96,6 +99,26 @@ def select_spec(n: int, shift: int, circuit: Circuit) -> MatSpec:
     return MatSpec("select", n, shift, tuple(items))
 
 
+def sign_spec(n: int, circuit: Circuit) -> MatSpec:
+    nw = nwords(n)
+    items = [Item("rbits", "bool", (32, nw), False), Item("rho", "bool", (nw,), False)]
+    items += [Item(f"mask{k}", "bool", (lv.nvars, nw), False) for k, lv in enumerate(circuit.levels)]
+    items.append(Item("rpairs", "bool", (circuit.groups, nw), True))
+    items += [Item(f"prod{k}", "bool", (len(lv.subsets), nw), True) for k, lv in enumerate(circuit.levels)]
+    items += [Item("r", "arith", (n,), True), Item("rho_a", "arith", (n,), True)]
+    return MatSpec("sign", n, 0, tuple(items))
+
+
+def mul_spec(shape: tuple[int, ...], other: tuple[int, ...]) -> MatSpec:
+    """Beaver triple for x * y with x of ``shape`` and y of ``other`` (broadcast against x)."""
+    return MatSpec("mul", 0, 0, (Item("A", "arith", shape, False), Item("B", "arith", other, False),
+                                 Item("C", "arith", shape, True)))
+
+
+def square_spec(shape: tuple[int, ...]) -> MatSpec:
+    return MatSpec("square", 0, 0, (Item("A", "arith", shape, False), Item("C", "arith", shape, True)))
+
+
 def tournament(count: int) -> list[int]:
     """Pairs compared at each level of a max tournament over ``count`` candidates."""
     levels = []
@@ -124,21 +147,28 @@ def corrections_of(specs: tuple[MatSpec, ...] | list[MatSpec], party: int) -> li
 
 
 def derive_material(ms: MatSpec, rand: dict[str, np.ndarray], circ: Circuit) -> dict[str, np.ndarray]:
-    """Plain values of the derived items of a ``trunc`` or ``select`` spec from its random items
-    (``beaver`` needs the op's bilinear function: the linear layer derives it)."""
+    """Plain values of the derived items of a ``trunc``, ``select``, ``sign``, ``mul`` or ``square`` spec
+    from its random items (``beaver`` needs the op's bilinear function: the linear layer derives it)."""
+    if ms.kind == "mul":
+        return {"C": rand["A"] * rand["B"]}
+    if ms.kind == "square":
+        return {"C": rand["A"] * rand["A"]}
     s = ms.shift
     r = rand["r"] if ms.kind == "trunc" else unslice(rand["rbits"], ms.n)
     u = np.uint32(0) - ((r & np.uint32(0x7FFFFFFF)) >> np.uint32(s))
     msb = r >> np.uint32(31)  # v's items carry msb(r) mod 2^(s+1); the server shifts by 31 - s
     if ms.kind == "trunc":
         return {"u": u, "v": msb}
-    if ms.kind != "select":
+    if ms.kind not in ("select", "sign"):
         raise UsageError(f"material kind {ms.kind!r} has no generic derivation")
     rb = rand["rbits"]
     out = {"rpairs": rb[0:30:2] & rb[1:30:2]}
     for k, level in enumerate(circ.levels):
         out[f"prod{k}"] = mask_products(level, rand[f"mask{k}"])
     rho = unslice(rand["rho"], ms.n)
+    if ms.kind == "sign":
+        out.update(r=r, rho_a=rho)
+        return out
     out.update(r=r, u=u, v=msb, rho_a=rho, rho_u=rho * u, rho_v=rho * msb)
     return out
 

@@ -24,6 +24,12 @@ Costs are per server and per element unless stated; ``L`` = circuit levels
 - :func:`leaky`: LeakyReLU as ReLU plus a second truncation of the negative part. 3 + L rounds.
 - :func:`tournament_max`: max(a, b) = b + ReLU(a - b) per level (max-pool 2x2: 2 levels,
   3 comparisons per output).
+- :func:`mul` (product of two secrets, y broadcast against x): open D = x - A, E = y - B (1 round,
+  4 B per element of each); xy = C + D*B + A*E + D*E. :func:`square`: open D = x - A (1 round, 4 B);
+  x^2 = C + 2*D*A + D^2.
+- :func:`drelu`: [x >= 0] as an arithmetic share: the opening of c, the borrow circuit, then
+  e = b ^ rho opened; b = e + rho - 2*e*rho. 2 + L rounds, 4 B + ``opened_bits`` bits + 1 bit.
+- :func:`parallel`: independent protocols in lockstep, their openings of a round sent together.
 - :func:`argmax`: values lifted to x * 2^bits + (K - 1 - k), tournament of
   max; the low ``bits`` of the maximum are the label. Only those bits leave.
 """
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -144,6 +151,64 @@ def leaky(party: int, z: np.ndarray, mats: list[Material], s: int, q: int, g: in
     pos, t = yield from select_value(party, z, mats[0], s, circ)
     low = yield from trunc(party, (t - pos) * np.uint32(q & 0xFFFFFFFF), mats[1], g)
     return pos + low
+
+
+def mul(party: int, x: np.ndarray, y: np.ndarray, mat: Material) -> Proto:
+    """x * y for two secrets (y broadcast against x): Beaver with a fresh triple. 1 round."""
+    (d, e), _ = yield Open(arith=[x - mat["A"], y - mat["B"]])
+    z = mat["C"] + d * mat["B"] + mat["A"] * e
+    if party == 0:
+        z += d * e
+    return z
+
+
+def square(party: int, x: np.ndarray, mat: Material) -> Proto:
+    """x^2 from a square pair (A, A^2). 1 round, 4 B per element."""
+    (d,), _ = yield Open(arith=[x - mat["A"]])
+    z = mat["C"] + np.uint32(2) * d * mat["A"]
+    if party == 0:
+        z += d * d
+    return z
+
+
+def drelu(party: int, z: np.ndarray, mat: Material, circ: cc.Circuit) -> Proto:
+    """Arithmetic shares of [z >= 0] for z in [-2^30, 2^30). 2 + L rounds."""
+    shape = z.shape
+    (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], 0)])
+    ge = yield from sign_bits(party, c, mat, circ)
+    _, (ew,) = yield Open(boolean=[ge ^ mat["rho"]])
+    e = unslice(ew, z.size)
+    out = (np.uint32(1) - (e << np.uint32(1))) * mat["rho_a"]
+    if party == 0:
+        out += e
+    return out.reshape(shape)
+
+
+def parallel(*protos: Proto) -> Generator[Open, Opened, list[np.ndarray]]:
+    """Run independent protocols side by side: each round opens what every unfinished one asks for
+    (one message), so the rounds are those of the longest, not their sum."""
+    results: list[Any] = [None] * len(protos)
+    pending: dict[int, Open] = {}
+    for k, g in enumerate(protos):
+        try:
+            pending[k] = next(g)
+        except StopIteration as stop:
+            results[k] = stop.value
+    while pending:
+        merged = Open([a for o in pending.values() for a in o.arith], [b for o in pending.values() for b in o.boolean])
+        arith, boolean = yield merged
+        ia = ib = 0
+        nxt: dict[int, Open] = {}
+        for k, o in pending.items():
+            part = (arith[ia : ia + len(o.arith)], boolean[ib : ib + len(o.boolean)])
+            ia += len(o.arith)
+            ib += len(o.boolean)
+            try:
+                nxt[k] = protos[k].send(part)
+            except StopIteration as stop:
+                results[k] = stop.value
+        pending = nxt
+    return results
 
 
 def tournament_max(party: int, cands: list[np.ndarray], mats: list[Material], circ: cc.Circuit) -> Proto:

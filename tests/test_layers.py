@@ -45,7 +45,7 @@ def _cases() -> list[tuple[str, tuple[int, ...], dict, int]]:
 
 
 def test_every_registered_kind_is_covered() -> None:
-    assert {c[0] for c in _cases()} | {"input"} == set(REGISTRY)
+    assert {c[0] for c in _cases()} | {"input", "norm"} == set(REGISTRY)  # norm: tests/test_norm.py
 
 
 @pytest.mark.parametrize("kind,shape,params,tol", _cases(), ids=lambda v: str(v))

@@ -72,13 +72,55 @@ def test_monai_unet_with_prelu() -> None:
     _check(_trained(UNet(2, 1, 2, (8, 16), (2,), num_res_units=1, norm="batch", act="prelu")))
 
 
-def test_monai_defaults_and_attention_are_refused_with_the_reason() -> None:
-    from monai.networks.nets import AttentionUnet, BasicUNet, UNet
+def test_monai_unet_defaults_instance_norm_and_prelu() -> None:
+    """MONAI's defaults (InstanceNorm without affine, PReLU): the secure group norm end to end."""
+    from monai.networks.nets import UNet
+
+    net = _trained(UNet(2, 1, 3, (8, 16, 32), (2, 2), num_res_units=2), classes=3)
+    assert any(isinstance(m, nn.InstanceNorm2d) for m in net.modules())
+    _check(net)
+
+
+def test_monai_basicunet_defaults_via_torch_export() -> None:
+    """BasicUNet defaults: InstanceNorm with affine (a secret per-channel 1x1 conv after the norm), LeakyReLU."""
+    from monai.networks.nets import BasicUNet
+
+    _check(_trained(BasicUNet(2, 1, 2, features=(8, 8, 16, 32, 64, 8))))
+
+
+class _GroupNormNet(nn.Module):
+    """GroupNorm with affine in 2 groups of channels, a residual add and an InstanceNorm with running stats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.g1 = nn.GroupNorm(2, 8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.i2 = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.g1(self.c1(x)))
+        return self.head(torch.relu(self.i2(self.c2(a)) + a))
+
+
+def test_groupnorm_and_instance_norm_with_running_stats() -> None:
+    net = _trained(_GroupNormNet())
+    with torch.no_grad():
+        net.i2.running_mean.uniform_(-0.2, 0.2)
+        net.i2.running_var.uniform_(0.5, 1.5)
+    comp = compile_model(net, (1, 32, 32), "mask", "auto", samples=synthetic(8, 32, seed=6))
+    assert [op.kind for op in comp.plan.ops].count("norm") == 1  # running statistics: folded as a BatchNorm
+    _check(net)
+
+
+def test_attention_and_layernorm_are_refused_with_the_reason() -> None:
+    from monai.networks.nets import AttentionUnet
 
     x = synthetic(4, 32, seed=1)
-    for net, why in ((UNet(2, 1, 2, (8, 16), (2,), num_res_units=1), "InstanceNorm2d .* secure per-channel mean"),
-                     (BasicUNet(2, 1, 2, features=(8, 8, 16, 32, 64, 8)), "InstanceNorm2d"),
-                     (AttentionUnet(2, 1, 2, (8, 16), (2,)), "multiplying two activations")):
+    for net, why in ((AttentionUnet(2, 1, 2, (8, 16), (2,)), "multiplying two activations"),
+                     (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.LayerNorm([4, 32, 32]), nn.Conv2d(4, 2, 1)),
+                      "LayerNorm .*other axes")):
         with pytest.raises(UnsupportedLayerError, match=why):
             compile_model(net.eval(), (1, 32, 32), "mask", "auto", samples=x)
 
@@ -250,10 +292,11 @@ def test_bilinear_upsampling_is_exact_and_matches_torch() -> None:
                       (1, 8, 8), "mask", "auto", samples=synthetic(2, 8, seed=1))
 
 
-def test_monai_unet_3d() -> None:
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_monai_unet_3d(norm: str) -> None:
     """A 3D MONAI UNet on a 1 x 1 x 32^3 volume: Conv3d / ConvTranspose3d (exact ring kernels, checked
-    against a slow Python-int reference in test_ring_linalg), BatchNorm3d folded, 3D max-pool-free
-    strided convs; the secure mask agrees with the float model."""
+    against a slow Python-int reference in test_ring_linalg), BatchNorm3d folded or InstanceNorm3d
+    (secure), 3D max-pool-free strided convs; the secure mask agrees with the float model."""
     from monai.networks.nets import UNet
 
     def vol(seed: int) -> np.ndarray:
@@ -266,7 +309,7 @@ def test_monai_unet_3d() -> None:
         return (v + 0.1 * r.normal(size=v.shape))[None, None]
 
     torch.manual_seed(0)
-    net = UNet(3, 1, 2, (8, 16, 32), (2, 2), num_res_units=1, norm="batch").eval()
+    net = UNet(3, 1, 2, (8, 16, 32), (2, 2), num_res_units=1, norm=norm).eval()
     x, cal = vol(1), np.concatenate([vol(s) for s in range(2, 8)])
     res = secure_segment(net, x, calibration=cal)
     with torch.no_grad():

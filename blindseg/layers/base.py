@@ -117,11 +117,12 @@ class DealContext:
 @dataclass
 class Calibration:
     """Scales chosen by calibration: activation scale f, weight bits per weighted op, observed
-    float ranges per op (max |value|)."""
+    float ranges per op (max |value|), and what layers observed beyond that (:meth:`Layer.observe`)."""
 
     f: int
     fw: dict[int, int]
     maxabs: list[float]
+    stats: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 class Layer(ABC):
@@ -180,6 +181,11 @@ class Layer(ABC):
     def input_headroom(self, op: Op) -> int:
         """Extra bits this op needs above its input's range (argmax lifts values by the class bits)."""
         return 0
+
+    def observe(self, op: Op, ins: list[np.ndarray], out: np.ndarray) -> dict[str, float] | None:
+        """Statistics of the float values on the calibration samples this layer's scales need beyond
+        max |output| (default: none)."""
+        return None
 
     def calibrate(self, op: Op, i: int, cal: Calibration, ops: tuple[Op, ...]) -> Params:
         """The op's parameters once scales are chosen (default: unchanged)."""
