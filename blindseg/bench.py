@@ -247,7 +247,7 @@ def format_report(r: dict[str, Any]) -> str:
 def _zoo(size: int) -> list[tuple[str, Any, tuple[int, ...]]]:
     """The real U-Nets people use (MONAI) and layer mixes from issue #11, with their input shapes."""
     import torch.nn as nn
-    from monai.networks.nets import BasicUNet, UNet
+    from monai.networks.nets import AttentionUnet, BasicUNet, UNet
 
     class UpLeakyGroup(nn.Module):
         def __init__(self, norm: str) -> None:
@@ -288,6 +288,7 @@ def _zoo(size: int) -> list[tuple[str, Any, tuple[int, ...]]]:
         ("MONAI BasicUNet defaults", BasicUNet(2, 1, 3, features=(16, 16, 32, 64, 128, 16)), s2),
         ("MONAI BasicUNet BATCH/RELU (compiled via torch.export)",
          BasicUNet(2, 1, 3, features=(16, 16, 32, 64, 128, 16), norm="batch", act="relu"), s2),
+        ("MONAI AttentionUnet (sigmoid gates x * psi)", AttentionUnet(2, 1, 3, (16, 32, 64), (2, 2)), s2),
         ("U-Net: Upsample + LeakyReLU + GroupNorm", UpLeakyGroup("group"), s2),
         ("U-Net: Upsample + LeakyReLU + BatchNorm", UpLeakyGroup("batch"), s2),
         ("Sigmoid-head binary U-Net (MONAI UNet + sigmoid)", SigmoidBinary(), s2),
@@ -380,3 +381,41 @@ def format_model_table(rows: list[dict[str, Any]]) -> str:
                        f"{r['online_seconds']:.2f} | {r['online_mb_per_server']:.1f} | {r['rounds']} | "
                        f"{r['offline_mb_per_server']:.1f} |")
     return "\n".join(out)
+
+
+def run_norm_cost(seed: int = 0) -> list[dict[str, Any]]:
+    """Issue #11: the secure group norm alone (a torch InstanceNorm / GroupNorm compiled as a model with
+    logits output, run through the in-process services): rounds, online and offline bytes per element
+    and per group, and its error against torch on the same input (in LSB of the plan's scale f)."""
+    import torch
+    import torch.nn as nn
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name, mod, shape in (("InstanceNorm2d, 16 x 128^2", nn.InstanceNorm2d(16), (16, 128, 128)),
+                             ("GroupNorm(4 groups), 16 x 128^2", nn.GroupNorm(4, 16, affine=False), (16, 128, 128)),
+                             ("InstanceNorm3d, 8 x 32^3", nn.InstanceNorm3d(8), (8, 32, 32, 32))):
+        spread = rng.uniform(0.1, 2.0, size=(1, shape[0]) + (1,) * (len(shape) - 1))
+        offset = rng.uniform(-1, 1, size=spread.shape)
+        cal = rng.normal(size=(4, *shape)) * spread + offset
+        x = rng.normal(size=(1, *shape)) * spread + offset
+        comp = compile_model(mod, shape, "logits", "auto", samples=cal)
+        res = asyncio.run(run_compiled(comp, x))
+        f = comp.plan.frac_bits
+        xq = np.rint(x * 2**f) / 2**f
+        with torch.no_grad():
+            want_q = mod(torch.as_tensor(xq)).numpy()
+            want = mod(torch.as_tensor(x)).numpy()
+        layer = next(L for L in res.stats["layers"] if L["kind"] == "norm")
+        groups = int(comp.plan.ops[1].params.groups)
+        elems = int(np.prod(shape))
+        rows.append({"layer": name, "frac_bits": f, "rounds": layer["rounds"],
+                     "online_bytes_per_server": layer["online_bytes"],
+                     "online_bytes_per_element": layer["online_bytes"] / elems,
+                     "offline_bytes_per_server": layer["offline_bytes"],
+                     "offline_bytes_per_element": layer["offline_bytes"] / elems, "groups": groups,
+                     "max_error_lsb_vs_torch_same_input": float(np.max(np.abs(res.logits - want_q)) * 2**f),
+                     "mean_error_lsb_vs_torch_same_input": float(np.mean(np.abs(res.logits - want_q)) * 2**f),
+                     "max_error_vs_float_input": float(np.max(np.abs(res.logits - want))),
+                     "online_seconds": layer["online_seconds"]})
+    return rows

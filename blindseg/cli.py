@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--jobs", type=int, default=1, help="with --transport mqtt: this many concurrent jobs (load test)")
     b.add_argument("--zoo", action="store_true",
                    help="issue #11's table: MONAI U-Nets and layer mixes (compiles?, agreement, logit error, cost)")
+    b.add_argument("--norm", action="store_true",
+                   help="issue #11: the secure instance / group norm alone: rounds, bytes, error against torch")
     b.add_argument("--cold-start", action="store_true",
                    help="issue #14: deploy, first job, first job of a new batch size (private Mosquitto)")
     b.add_argument("--scan", default=None, metavar="SLICES,SIDE",
@@ -117,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
 
             rows = run_model_table(args.size if args.size != 128 else 64)
             print(json.dumps(rows) if args.json else format_model_table(rows))
+            return 0
+        if args.cmd == "bench" and args.norm:
+            from .bench import run_norm_cost
+
+            print(json.dumps(run_norm_cost(), indent=None if args.json else 1))
             return 0
         if args.cmd == "bench" and (args.cold_start or args.scan):
             import asyncio

@@ -24,15 +24,17 @@ from .layers import (
     NormParams,
     PoolParams,
     RescaleParams,
+    SigmoidParams,
     UpsampleParams,
     layer_of,
 )
+from .layers.rescale import MAX_SLOPE
 from .linalg import conv_out_shape
 from .plan import DEFAULT_ARITIES, Compiled, Op, Plan, apply_head, calibrate, downsampling, float_forward
 
 SUPPORTED = ("Conv2d/3d (padding numeric, 'same' or 'valid'), ConvTranspose2d/3d, BatchNorm2d/3d, InstanceNorm2d/3d, "
              "GroupNorm, ReLU, LeakyReLU, PReLU "
-             "(one slope), Dropout/Identity (removed), MaxPool2d/3d, AvgPool2d/3d, Upsample / F.interpolate (nearest, "
+             "(one slope in [-8, 8]), Dropout/Identity (removed), MaxPool2d/3d, AvgPool2d/3d, Upsample / F.interpolate (nearest, "
              "integer scale; bilinear by 2/4/8, align_corners=False), torch.cat (channels), add, Sigmoid / Softmax as the final op, argmax")
 
 
@@ -72,6 +74,7 @@ class _Lowering:
         self.vals: dict[str, _Val] = {}
         self.input_shape = input_shape
         self.head: str | None = None
+        self.sigmoids: dict[int, int] = {}  # value index -> its secure sigmoid op
 
     def param(self, node: Any) -> Any:
         """A parameter the graph reads with get_attr (e.g. F.prelu's weight)."""
@@ -98,12 +101,26 @@ class _Lowering:
             return self.add("rescale", (v.idx,), self.shape(v.idx), act, RescaleParams(act=act, slope=slope))
         return v.idx
 
-    def arg(self, node: Any) -> _Val:
+    def arg(self, node: Any, keep_head: bool = False) -> _Val:
+        """The traced value of a graph node; a sigmoid that something else reads becomes a secure one."""
         import torch.fx as fx
 
         if not isinstance(node, fx.Node) or node.name not in self.vals:
             raise UnsupportedLayerError(f"unsupported argument {node!r} (only tensors from the graph are allowed)")
-        return self.vals[node.name]
+        v = self.vals[node.name]
+        return v if keep_head or v.head is None else self.inner_head(v, node)
+
+    def inner_head(self, v: _Val, node: Any) -> _Val:
+        """A sigmoid inside the network (an attention gate): the secure piecewise-linear sigmoid."""
+        if v.head != "sigmoid":
+            raise UnsupportedLayerError(f"{_desc(node)}: a softmax is supported only as the model's final op "
+                                        "(inside the network it would need a secure exp)")
+        if v.idx not in self.sigmoids:
+            src = self.settle(_Val(v.idx, pending=v.pending))
+            self.sigmoids[v.idx] = self.add("sigmoid", (src,), self.shape(src), f"{node.name}.sigmoid",
+                                            SigmoidParams())
+        self.head = None
+        return _Val(self.sigmoids[v.idx])
 
 
 def _name(node: Any) -> str:
@@ -222,8 +239,9 @@ def _prelu(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     slope = float(w[0])
     if slope == 0.0:
         return _Val(L.settle(_need(x, node), "relu"))
-    if not -1.0 <= slope <= 1.0:
-        raise UnsupportedLayerError(f"PReLU {_desc(node)}: slope {slope:.4g} outside [-1, 1] is not supported")
+    if not -MAX_SLOPE <= slope <= MAX_SLOPE:
+        raise UnsupportedLayerError(f"PReLU {_desc(node)}: slope {slope:.4g} outside [-{MAX_SLOPE:g}, "
+                                    f"{MAX_SLOPE:g}] is not supported")
     return _Val(L.settle(_need(x, node), "leaky", slope))
 
 
@@ -288,11 +306,23 @@ def _pad(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     return _need(x, node)
 
 
-def _refuse_mul(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
-    raise UnsupportedLayerError(
-        f"{_desc(node)}: multiplying two activations (e.g. AttentionUnet's gates, sigmoid(psi) * x) needs a secure "
-        "sigmoid and a secure product of secrets, which blindseg does not implement; use a U-Net without "
-        "attention gates")
+def _mul(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
+    """x * g for two activations (AttentionUnet's x * sigmoid(psi)): a secure product; g has x's channels
+    or one (broadcast). A product with a constant is refused (fold it into the conv before it)."""
+    import torch.fx as fx
+
+    if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        raise UnsupportedLayerError(f"{_desc(node)}: only the product of two tensors from the graph is supported "
+                                    f"(got {[type(a).__name__ for a in node.args]}); fold a constant factor into the "
+                                    "conv before it")
+    a, b = (L.settle(L.arg(t)) for t in node.args)
+    if L.shape(a)[0] == 1 and L.shape(b)[0] > 1:
+        a, b = b, a
+    sa, sb = L.shape(a), L.shape(b)
+    if sa[1:] != sb[1:] or sb[0] not in (1, sa[0]):
+        raise UnsupportedLayerError(f"{_desc(node)}: multiplied tensors of shapes {sa} and {sb}: only equal shapes, "
+                                    "or one channel broadcast over the other's, are supported")
+    return _Val(L.add("mul", (a, b), sa, _name(node)), pending=True)
 
 
 def _identity(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
@@ -367,8 +397,8 @@ def _upsample(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
         raise UnsupportedLayerError(f"{_desc(node)}: linear upsampling by {s}: only 2, 4 or 8 are supported")
     p = InterpParams(s)
     idx = L.add("interp", (src,), shape, _name(node), p)
-    bits = layer_of("interp").scale_bits(L.ops[idx])
-    return _Val(L.add("rescale", (idx,), shape, _name(node) + ".rescale", RescaleParams(shift=bits)))
+    bits = layer_of("interp").scale_bits(L.ops[idx])  # the rescale removes them (rule linear: calibration)
+    return _Val(L.add("rescale", (idx,), shape, _name(node) + ".rescale", RescaleParams(shift=bits, rule="linear")))
 
 
 def _cat(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
@@ -433,8 +463,8 @@ def _function_rows() -> dict[Any, Lower]:
             "contiguous": _identity, F.max_pool2d: _maxpool, F.avg_pool2d: _avgpool, F.interpolate: _upsample,
             torch.cat: _cat, operator.add: _add, torch.add: _add, "add": _add, operator.iadd: _add,
             torch.argmax: _argmax, "argmax": _argmax, torch.sigmoid: _head, F.sigmoid: _head, "sigmoid": _head,
-            torch.softmax: _head, F.softmax: _head, "softmax": _head, F.prelu: _prelu, operator.mul: _refuse_mul,
-            torch.mul: _refuse_mul, "mul": _refuse_mul, F.pad: _pad}
+            torch.softmax: _head, F.softmax: _head, "softmax": _head, F.prelu: _prelu, operator.mul: _mul,
+            torch.mul: _mul, "mul": _mul, F.pad: _pad}
 
 
 def compile_model(
@@ -571,7 +601,7 @@ def _lower(L: _Lowering, gm: Any, output: str) -> _Val:
             out = node.args[0]
             if isinstance(out, (tuple, list)):
                 raise UnsupportedLayerError("models with several outputs are not supported")
-            final = L.arg(out)
+            final = L.arg(out, keep_head=True)
             break
         mod = L.modules[node.target] if node.op == "call_module" else None
         row = mods.get(type(mod)) if mod is not None else (
@@ -579,7 +609,8 @@ def _lower(L: _Lowering, gm: Any, output: str) -> _Val:
         if row is None:
             what = f"{type(mod).__name__} at '{node.target}'" if mod is not None else _desc(node)
             raise UnsupportedLayerError(f"unsupported op {what}; supported: {SUPPORTED}")
-        x = L.arg(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        x = (L.arg(node.args[0], keep_head=row is _argmax) if node.args and isinstance(node.args[0], fx.Node)
+             else None)
         L.vals[node.name] = row(L, node, mod, x)
     if final is None:
         raise UnsupportedLayerError("model graph has no output")

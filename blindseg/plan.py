@@ -73,6 +73,23 @@ class Plan:
     meta: dict[str, Any] = field(default_factory=dict)
     arities: tuple[int, ...] = DEFAULT_ARITIES  # the comparison circuit's tree (dealer and servers must agree)
     width: int = CIRCUIT_WIDTH
+    #: fraction bits of every op's value, chosen by calibration (empty: one scale ``frac_bits`` for every
+    #: activation, the plans before per-value scales)
+    scales: tuple[int, ...] = ()
+
+    def scale(self, i: int) -> int:
+        """Fraction bits of op ``i``'s value (a linear op's: its input's plus its weight bits)."""
+        if self.scales:
+            return self.scales[i]
+        op = self.ops[i]
+        if op.layer.weighted:
+            return self.frac_bits + int(op.params.fw)
+        return self.frac_bits + op.layer.scale_bits(op)
+
+    @property
+    def output_scale(self) -> int:
+        """Fraction bits of what the data owner receives (logits output)."""
+        return self.scale(len(self.ops) - 1)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -95,7 +112,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ops": [o.to_dict() for o in self.ops], "frac_bits": self.frac_bits, "output": self.output,
-                "meta": self.meta, "circuit": {"width": self.width, "arities": list(self.arities)}}
+                "meta": self.meta, "circuit": {"width": self.width, "arities": list(self.arities)},
+                "scales": list(self.scales)}
 
     @staticmethod
     def from_dict(d: Any) -> Plan:
@@ -106,7 +124,7 @@ class Plan:
             circ = d.get("circuit", {})
             plan = Plan(ops, int(d["frac_bits"]), str(d["output"]), dict(d.get("meta", {})),
                         tuple(int(a) for a in circ.get("arities", DEFAULT_ARITIES)),
-                        int(circ.get("width", CIRCUIT_WIDTH)))
+                        int(circ.get("width", CIRCUIT_WIDTH)), tuple(int(v) for v in d.get("scales", ())))
         except UsageError as exc:  # a layer refused its parameters
             raise UsageError(f"malformed plan: {exc}") from None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
@@ -147,6 +165,8 @@ def validate(plan: Plan) -> None:
         raise UsageError(f"plan frac_bits {plan.frac_bits} outside 1..20")
     if plan.width != CIRCUIT_WIDTH or not plan.arities or any(not 2 <= a <= 8 for a in plan.arities):
         raise UsageError(f"plan circuit (width {plan.width}, arities {plan.arities}) is not supported")
+    if plan.scales and (len(plan.scales) != len(plan.ops) or any(not -16 <= v <= 48 for v in plan.scales)):
+        raise UsageError(f"plan scales must be one fraction-bit count in -16..48 per op ({len(plan.ops)})")
     ndim = len(plan.ops[0].shape)
     for i, op in enumerate(plan.ops):
         if i and not op.inputs:
@@ -201,8 +221,134 @@ def float_forward(comp: Compiled, x: np.ndarray) -> list[np.ndarray]:
     return [np.asarray(v.numpy()) for v in vals]
 
 
+SCALE_RANGE = (-8, 16)  # fraction bits an activation may get
+MIN_BITS = 4.0  # significant bits the scarcest activation or weight must keep
+
+
+def scale_groups(plan: Plan) -> list[int]:
+    """Values that must share one scale (a ``join`` layer's inputs and output), as a group id per op;
+    -1 for ``derived`` values (a conv's output: its input's scale plus its weight bits) and for a join
+    that reads one directly (an argmax or output straight after the head conv)."""
+    parent = list(range(len(plan.ops)))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    derived = [False] * len(plan.ops)
+    for i, op in enumerate(plan.ops):
+        derived[i] = op.layer.scale_mode == "derived"
+        if op.layer.scale_mode == "join":
+            late = [j for j in op.inputs if derived[j]]
+            if late and len(op.inputs) > 1:
+                raise UsageError(f"plan op {i} ({op.kind}) reads op {late[0]}'s value before it is rescaled")
+            if late:  # the conv's scale; its fw leaves the headroom this op needs
+                derived[i] = True
+                continue
+            for j in op.inputs:
+                parent[find(j)] = find(i)
+    return [-1 if derived[i] else find(i) for i in range(len(plan.ops))]
+
+
+def _headroom(plan: Plan) -> list[int]:
+    """Bits above a value's range its consumers need (argmax lifts by the class bits; +1 for the
+    differences every comparison takes)."""
+    out = [1] * len(plan.ops)
+    for op in plan.ops:
+        for j in op.inputs:
+            out[j] = max(out[j], 1 + op.layer.input_headroom(op))
+    return out
+
+
+def _lg(m: float) -> int:
+    return math.ceil(math.log2(max(m, 1e-9)))
+
+
+def choose_scales(plan: Plan, weights: dict[int, tuple[np.ndarray, np.ndarray | None]], maxabs: list[float],
+                  stats: dict[int, dict[str, float]]) -> tuple[list[int], dict[int, int]]:
+    """Per-value fraction bits and per-conv weight bits from the calibrated ranges.
+
+    Each group of values that must share a scale (:func:`scale_groups`) gets the scale s that
+    maximises the scarcest significant bits among its values (s + log2 max|value|) and the weights
+    of the convs reading it (fw + log2 max|w|), under: every value and its consumers' headroom below
+    2^29, every conv output (s + fw) below 2^29, fw <= MAX_FW, and what a layer's protocol caps
+    (:meth:`Layer.scale_caps`: a group norm's products). A value with a range of 1000 thus keeps
+    fewer fraction bits than one of range 1, and no single layer sets the precision of all.
+    """
+    ops = plan.ops
+    group = scale_groups(plan)
+    head = _headroom(plan)
+    cap: dict[int, int] = {g: SCALE_RANGE[1] for g in set(group) if g >= 0}
+    bits: dict[int, float] = {g: math.inf for g in cap}  # log2 of the group's smallest largest-value
+    convs: dict[int, list[tuple[int, int, float]]] = {g: [] for g in cap}  # (op, limit on s + fw, log2 max|w|)
+    for i, op in enumerate(ops):
+        for j, lim in op.layer.scale_caps(op, i, maxabs, stats).items():
+            if group[j] >= 0:
+                cap[group[j]] = min(cap[group[j]], lim)
+        if group[i] >= 0:
+            if maxabs[i] > 0:
+                cap[group[i]] = min(cap[group[i]], MARGIN_LOG2 - head[i] - _lg(maxabs[i]))
+                bits[group[i]] = min(bits[group[i]], math.log2(maxabs[i]))
+            continue
+        g = group[op.inputs[0]]
+        if g < 0:  # a join reading a conv's value directly: the conv's limit includes its headroom
+            continue
+        if op.layer.weighted:
+            wmax = float(np.max(np.abs(weights[i][0]))) if weights[i][0].size else 1.0
+            convs[g].append((i, MARGIN_LOG2 - head[i] - _lg(maxabs[i]), math.log2(max(wmax, 1e-9))))
+        else:  # interp / window sums: their own fraction bits on top of the input's
+            cap[g] = min(cap[g], MARGIN_LOG2 - head[i] - op.layer.scale_bits(op) - _lg(maxabs[i]))
+    scale_of: dict[int, int] = {}
+    fw: dict[int, int] = {}
+    for g in cap:
+        top = min(cap[g], SCALE_RANGE[1])
+        best: tuple[float, int] | None = None
+        for sc in range(SCALE_RANGE[0], top + 1):
+            score = min([sc + (bits[g] if bits[g] != math.inf else 0.0)]
+                        + [min(MAX_FW, lim - sc) + wb for _, lim, wb in convs[g]])
+            if best is None or score >= best[0]:
+                best = (score, sc)
+        if best is None or best[0] < MIN_BITS:
+            where = ops[g].name or ops[g].kind
+            raise ScaleOverflowError(
+                f"no fixed-point scale fits the 32-bit ring at {where} (largest observed |value| "
+                f"{max(maxabs):.3g}; fewer than {MIN_BITS:g} significant bits would remain)")
+        scale_of[g] = best[1]
+        for i, lim, _ in convs[g]:
+            fw[i] = min(MAX_FW, lim - best[1])
+    return _derive_scales(plan, group, scale_of, fw), fw
+
+
+def _derive_scales(plan: Plan, group: list[int], scale_of: dict[int, int], fw: dict[int, int]) -> list[int]:
+    out: list[int] = []
+    for i, op in enumerate(plan.ops):
+        if group[i] >= 0:
+            out.append(scale_of[group[i]])
+        else:
+            out.append(op.layer.value_scale(op, [out[j] for j in op.inputs], fw.get(i, 0)))
+    return out
+
+
+def _uniform_scales(plan: Plan, f: int, maxabs: list[float]) -> tuple[list[int], dict[int, int]]:
+    """One scale f for every activation and fw = f for every conv (``frac_bits=<int>``), checked."""
+    group = scale_groups(plan)
+    head = _headroom(plan)
+    fw = {i: f for i in plan.weighted_ops()}
+    scales = _derive_scales(plan, group, {g: f for g in set(group) if g >= 0}, fw)
+    bad = [op.name or op.kind for i, op in enumerate(plan.ops)
+           if maxabs[i] > 0 and scales[i] + head[i] + _lg(maxabs[i]) > MARGIN_LOG2]
+    if bad:
+        raise ScaleOverflowError(
+            f"frac_bits={f} overflows the 32-bit ring at {', '.join(bad[:3])} "
+            "(observed ranges exceed 2^29 before truncation); use a smaller f or 'auto'")
+    return scales, fw
+
+
 def calibrate(comp: Compiled, samples: np.ndarray | None, frac_bits: int | str) -> Compiled:
-    """Choose f and per-op ``fw`` so every observed pre-truncation value stays below 2^29."""
+    """Choose every value's scale and every conv's ``fw`` so each observed pre-truncation value stays
+    below 2^29 (:func:`choose_scales`; ``frac_bits=<int>``: one scale for all, as before)."""
     plan = comp.plan
     if samples is None:
         raise UsageError("calibration needs sample inputs (N x C x spatial...)")
@@ -214,64 +360,24 @@ def calibrate(comp: Compiled, samples: np.ndarray | None, frac_bits: int | str) 
     vals = float_forward(comp, samples)
     maxabs = [float(np.max(np.abs(v))) if v.size and op.layer is not layer_of("argmax") else 0.0
               for op, v in zip(plan.ops, vals, strict=True)]
-    act_max = max([maxabs[i] for i, o in enumerate(plan.ops) if o.layer.activation] + [1e-9])
-    lin = plan.weighted_ops()
-    headroom = {i: 0 for i in range(len(plan.ops))}
-    for op in plan.ops:
-        for j in op.inputs:
-            headroom[j] = max(headroom[j], op.layer.input_headroom(op))
-
-    def fws(f: int) -> dict[int, int]:
-        out = {}
-        for i in lin:
-            extra = headroom[i] + 1  # +1: differences of two values in comparisons
-            m = max(maxabs[i], 1e-9)
-            out[i] = min(MAX_FW, MARGIN_LOG2 - extra - f - math.ceil(math.log2(m)))
-        return out
-
-    scaled = [(maxabs[i], op.layer.scale_bits(op)) for i, op in enumerate(plan.ops) if op.layer.scale_bits(op)]
-
-    def act_ok(f: int) -> bool:
-        return act_max * 2.0 ** (f + 1) < 2.0**MARGIN_LOG2 and all(m * 2.0 ** (f + 1 + g) < 2.0**MARGIN_LOG2
-                                                                  for m, g in scaled)
-
+    stats = {i: st for i, op in enumerate(plan.ops)
+             if (st := op.layer.observe(op, [vals[j] for j in op.inputs], vals[i])) is not None}
     if frac_bits == "auto":
-        best = None
-        for f in range(4, 17):
-            if not act_ok(f):
-                continue
-            fw = fws(f)
-            score = min([f, *fw.values()])
-            if best is None or score >= best[0]:
-                best = (score, f, fw)
-        if best is None or best[0] < 4:
-            raise ScaleOverflowError(
-                f"no fixed-point scale fits the 32-bit ring for this model (largest observed |value| {max(maxabs):.3g})"
-            )
-        _, f, fw = best
+        scales, fw = choose_scales(plan, comp.weights, maxabs, stats)
     else:
         if not isinstance(frac_bits, int) or not 1 <= frac_bits <= 20:
             raise UsageError(f"frac_bits must be 'auto' or an int in 1..20, got {frac_bits!r}")
-        f = frac_bits
-        fw = {i: f for i in lin}
-        limits = fws(f)
-        bad = [plan.ops[i].name for i in lin if limits[i] < f] + ([] if act_ok(f) else ["activations"])
-        if bad:
-            raise ScaleOverflowError(
-                f"frac_bits={f} overflows the 32-bit ring at {', '.join(bad[:3])} "
-                "(observed ranges exceed 2^29 before truncation); use a smaller f or 'auto'"
-            )
-    stats = {i: st for i, op in enumerate(plan.ops)
-             if (st := op.layer.observe(op, [vals[j] for j in op.inputs], vals[i])) is not None}
-    cal = Calibration(f, fw, maxabs, stats)
+        scales, fw = _uniform_scales(plan, frac_bits, maxabs)
+    f = scales[0]
+    cal = Calibration(f, fw, maxabs, stats, scales)
     new_ops = tuple(replace(op, params=op.layer.calibrate(op, i, cal, plan.ops)) for i, op in enumerate(plan.ops))
     axes = (0, *range(2, samples.ndim))
     lo, hi = samples.min(axis=axes), samples.max(axis=axes)
     input_range = {"lo": [float(v) for v in lo], "hi": [float(v) for v in hi],
                    "margin": float(plan.meta.get("input_margin", INPUT_MARGIN)),
                    "clip": bool(plan.meta.get("clip_input", False))}
-    new_plan = replace(plan, ops=new_ops, frac_bits=f, meta={**plan.meta, "calibration_max_abs": max(maxabs),
-                                                             "input_range": input_range})
+    new_plan = replace(plan, ops=new_ops, frac_bits=f, scales=tuple(scales),
+                       meta={**plan.meta, "calibration_max_abs": max(maxabs), "input_range": input_range})
     validate(new_plan)
     return Compiled(new_plan, comp.weights)
 
@@ -280,7 +386,7 @@ def calibrate(comp: Compiled, samples: np.ndarray | None, frac_bits: int | str) 
 
 
 def encode_weights(comp: Compiled) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
-    """Fixed-point weights (scale fw) and biases (scale f + fw) as ring elements."""
+    """Fixed-point weights (scale fw) and biases (the conv output's scale: its input's + fw) as ring elements."""
     from .ring import encode
 
     out = {}
@@ -289,7 +395,7 @@ def encode_weights(comp: Compiled) -> dict[int, tuple[np.ndarray, np.ndarray | N
         fw = int(op.params.fw)
         out[i] = (
             encode(wt, fw, f"weights of {op.name}"),
-            encode(b, comp.plan.frac_bits + fw, f"bias of {op.name}") if b is not None else None,
+            encode(b, comp.plan.scale(i), f"bias of {op.name}") if b is not None else None,
         )
     return out
 

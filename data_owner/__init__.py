@@ -91,5 +91,5 @@ def reconstruct(plan: Plan, out0: np.ndarray, out1: np.ndarray) -> np.ndarray:
         if labels.min() < 0:
             raise UsageError("reconstructed labels are out of range: the output shares are inconsistent")
         return labels
-    return apply_head(plan.meta.get("head"), decode(out0 + out1, plan.frac_bits))
+    return apply_head(plan.meta.get("head"), decode(out0 + out1, plan.output_scale))
 

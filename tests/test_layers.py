@@ -41,6 +41,8 @@ def _cases() -> list[tuple[str, tuple[int, ...], dict, int]]:
     out += [("argmax", (2, k, 3, 5), {"classes": k, "bits": (k - 1).bit_length()}, 0) for k in (2, 3, 5)]
     out.append(("argmax", (2, 1, 3, 5), {"classes": 2, "bits": 1, "zero_first": True}, 0))  # sigmoid head
     out.append(("output", (1, 2, 3, 3), {}, 0))
+    out += [("sigmoid", shp, {"s_in": 8, "s_out": 12, "g": 20}, 1) for shp in [(1, 2, 5, 7), (1, 1, 3, 4, 5)]]
+    out += [("mul", shp, {}, 0) for shp in [(1, 2, 5, 7), (2, 3, 8, 6), (1, 2, 4, 5, 6)]]
     return out
 
 
@@ -52,10 +54,12 @@ def test_every_registered_kind_is_covered() -> None:
 def test_layer_matches_its_reference(rng: np.random.Generator, kind: str, shape: tuple[int, ...], params: dict,
                                      tol: int) -> None:
     layer = REGISTRY[kind]
-    n_in = 2 if kind in ("add", "concat") else 1
+    n_in = 2 if kind in ("add", "concat", "mul") else 1
     bound = LIM >> (int(params.get("mul", 1)).bit_length() if kind == "rescale" else 0)
     if kind == "argmax":
         bound = 1 << 24
+    if kind == "mul":  # the product of two values, each at its own scale, stays below 2^28
+        bound = 1 << 13
     if kind == "interp":  # its output carries scale_bits more fraction bits (calibration leaves room for them)
         bound = LIM >> REGISTRY[kind].scale_bits(Op(kind, (0,), shape[1:], params))
     if params.get("act") == "leaky":  # calibration keeps q * |negative part| below 2^29

@@ -114,13 +114,28 @@ def test_groupnorm_and_instance_norm_with_running_stats() -> None:
     _check(net)
 
 
-def test_attention_and_layernorm_are_refused_with_the_reason() -> None:
-    from monai.networks.nets import AttentionUnet
+def test_layernorm_softmax_inside_and_constant_products_are_refused_with_the_reason() -> None:
+    class InnerSoftmax(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(1, 2, 3, padding=1)
+            self.d = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.d(torch.softmax(self.c(x), 1))
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(x) * 0.5
 
     x = synthetic(4, 32, seed=1)
-    for net, why in ((AttentionUnet(2, 1, 2, (8, 16), (2,)), "multiplying two activations"),
-                     (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.LayerNorm([4, 32, 32]), nn.Conv2d(4, 2, 1)),
-                      "LayerNorm .*other axes")):
+    for net, why in ((nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.LayerNorm([4, 32, 32]), nn.Conv2d(4, 2, 1)),
+                      "LayerNorm .*other axes"), (InnerSoftmax(), "softmax is supported only as the model's final op"),
+                     (Scaled(), "product of two tensors from the graph")):
         with pytest.raises(UnsupportedLayerError, match=why):
             compile_model(net.eval(), (1, 32, 32), "mask", "auto", samples=x)
 

@@ -7,6 +7,8 @@ input       :mod:`.local`         the image share at scale f
 conv, convt :mod:`.linear`        exact ring (transposed) conv, Beaver with fixed model masks
 rescale     :mod:`.rescale`       truncation, optionally fused with ReLU / LeakyReLU
 norm        :mod:`.norm`          instance / group normalisation (secure mean, variance, rsqrt)
+sigmoid     :mod:`.gate`          sigmoid inside the network (piecewise linear by ReLUs)
+mul         :mod:`.gate`          product of two activations (attention gates)
 maxpool     :mod:`.pool`          tournament of comparisons
 avgsum      :mod:`.local`         window sum (the next rescale divides)
 concat, add :mod:`.local`         channel concat / elementwise add
@@ -28,6 +30,7 @@ from types import MappingProxyType
 from ..errors import UsageError
 from .argmax import Argmax, ArgmaxParams
 from .base import Calibration, DealContext, Layer, LocalLayer, NoParams, OpMaterial, Params, Runtime, windows
+from .gate import Mul, Sigmoid, SigmoidParams
 from .linear import Linear, LinearParams, ModelShare
 from .local import Add, AvgSum, Concat, Input, Interp, InterpParams, Output, Upsample, UpsampleParams
 from .norm import Norm, NormParams
@@ -35,7 +38,7 @@ from .pool import MaxPool, PoolParams
 from .rescale import Rescale, RescaleParams
 
 REGISTRY: Mapping[str, Layer] = MappingProxyType({layer.kind: layer for layer in (
-    Input(), Linear("conv", transposed=False), Linear("convt", transposed=True), Rescale(), Norm(), MaxPool(), AvgSum(),
+    Input(), Linear("conv", transposed=False), Linear("convt", transposed=True), Rescale(), Norm(), Sigmoid(), Mul(), MaxPool(), AvgSum(),
     Concat(), Add(), Upsample(), Interp(), Argmax(), Output(),
 )})
 
@@ -50,4 +53,4 @@ def layer_of(kind: str) -> Layer:
 
 __all__ = ["REGISTRY", "Argmax", "ArgmaxParams", "Calibration", "DealContext", "Layer", "Linear", "LinearParams",
            "LocalLayer", "ModelShare", "NoParams", "Norm", "NormParams", "OpMaterial", "Params", "PoolParams", "Rescale", "RescaleParams",
-           "Runtime", "Upsample", "UpsampleParams", "InterpParams", "layer_of", "windows"]
+           "Runtime", "SigmoidParams", "Upsample", "UpsampleParams", "InterpParams", "layer_of", "windows"]

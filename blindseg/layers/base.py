@@ -116,13 +116,18 @@ class DealContext:
 
 @dataclass
 class Calibration:
-    """Scales chosen by calibration: activation scale f, weight bits per weighted op, observed
-    float ranges per op (max |value|), and what layers observed beyond that (:meth:`Layer.observe`)."""
+    """Scales chosen by calibration: the input's scale f, weight bits per weighted op, observed float
+    ranges per op (max |value|), what layers observed beyond that (:meth:`Layer.observe`), and every
+    op's value scale (fraction bits; empty: f for every activation)."""
 
     f: int
     fw: dict[int, int]
     maxabs: list[float]
     stats: dict[int, dict[str, float]] = field(default_factory=dict)
+    scales: list[int] = field(default_factory=list)
+
+    def scale(self, i: int) -> int:
+        return self.scales[i] if self.scales else self.f
 
 
 class Layer(ABC):
@@ -140,6 +145,9 @@ class Layer(ABC):
     offline_items: ClassVar[tuple[str, ...]] = ()
     #: how many inputs an op of this kind takes (least, most); plan validation checks it
     arity: ClassVar[tuple[int, int]] = (1, 1)
+    #: how the value's fraction bits are set: ``join`` (the same as every input's), ``source`` (chosen by
+    #: calibration; the op converts), ``derived`` (the input's plus the op's own bits: fw or scale_bits)
+    scale_mode: ClassVar[str] = "join"
 
     def out_shape(self, op: Op, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
         """The output shape the op's inputs imply (None: not checkable here); validation compares."""
@@ -174,9 +182,21 @@ class Layer(ABC):
     def forward(self, op: Op, ins: list[torch.Tensor], weights: Any) -> torch.Tensor:
         """The float64 result (what calibration observes; for weighted ops, before rescaling)."""
 
+    def value_scale(self, op: Op, in_scales: list[int], fw: int) -> int:
+        """Fraction bits of a ``derived`` value (or a join reading one) from its inputs': a conv adds its
+        weight bits, an interp its own bits."""
+        if self.weighted:
+            return in_scales[0] + fw
+        return in_scales[0] + (self.scale_bits(op) if self.scale_mode == "derived" else 0)
+
     def scale_bits(self, op: Op) -> int:
         """Fraction bits this op's output carries above f (public weights; the next rescale removes them)."""
         return 0
+
+    def scale_caps(self, op: Op, i: int, maxabs: list[float], stats: dict[int, dict[str, float]]) -> dict[int, int]:
+        """The most fraction bits this op's protocol allows on its inputs or output, by value index
+        (default: none beyond every value's own range)."""
+        return {}
 
     def input_headroom(self, op: Op) -> int:
         """Extra bits this op needs above its input's range (argmax lifts values by the class bits)."""

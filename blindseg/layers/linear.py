@@ -59,6 +59,7 @@ class ModelShare:
 
 class Linear(Layer):
     """``conv`` (exact ring conv2d / conv3d) or ``convt`` (exact ring conv_transpose2d / 3d)."""
+    scale_mode = "derived"
 
     params = LinearParams
     activation = False

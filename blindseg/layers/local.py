@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 class Input(LocalLayer):
     """The job's input share (the runtime passes it as the op's only input)."""
+    scale_mode = "source"
 
     kind = "input"
     arity = (0, 0)
@@ -86,6 +87,7 @@ class Add(LocalLayer):
 
 class AvgSum(LocalLayer):
     """k^d window sums; a following ``rescale`` (rule ``window`` or a power-of-two shift) divides."""
+    scale_mode = "derived"
 
     kind = "avgsum"
     params = PoolParams
@@ -151,6 +153,7 @@ class Interp(LocalLayer):
     as integer weights -- the output carries ``g = d * log2(2 * scale)`` extra fraction bits, removed
     by the following ``rescale`` (one truncation, 1 round). Weights are PyTorch's own (its
     interpolation applied to unit vectors), so the float forward is ``F.interpolate`` exactly."""
+    scale_mode = "derived"
 
     kind = "interp"
     params = InterpParams

@@ -3,8 +3,8 @@
 ``act``: ``none`` (truncation only: 1 round, 4 B), ``relu`` (select: 2 + L rounds, one opening shared
 with the truncation), ``leaky`` (LeakyReLU(t) = ReLU(t) + slope * (t - ReLU(t)), the slope as
 q / 2^g with a second truncation: 3 + L rounds). ``rule`` says how calibration sets the shift:
-``fixed`` (as given), ``linear`` (the input's weight bits fw: back to scale f after a conv),
-``window`` (divide by ``divisor`` at scale f: mul = round(2^f / divisor)). The float forward divides
+``fixed`` (a power-of-two ``divisor``, plus any change of scale), ``linear`` (from the input's scale, e.g.
+a conv's s + fw, to this value's), ``window`` (divide by ``divisor``: mul = round(2^k / divisor)). The float forward divides
 by ``divisor`` (an average pool's window size).
 """
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 ACTS = ("none", "relu", "leaky")
 RULES = ("fixed", "linear", "window")
 MAX_SLOPE_BITS = 12
+MAX_SLOPE = 8.0
 MARGIN_LOG2 = 29
 
 
@@ -47,10 +48,10 @@ class RescaleParams(Params):
     def __post_init__(self) -> None:
         check(self.act in ACTS, f"rescale act {self.act!r} must be one of {ACTS}")
         check(self.rule in RULES, f"rescale rule {self.rule!r} must be one of {RULES}")
-        check(0 <= self.shift <= 24 and 1 <= self.mul < 1 << 16 and self.divisor >= 1,
+        check(0 <= self.shift <= 24 and 1 <= self.mul < 1 << 24 and self.divisor >= 1,
               f"rescale shift {self.shift} / mul {self.mul} / divisor {self.divisor} out of range")
-        check(self.act != "leaky" or (-1.0 <= self.slope <= 1.0 and self.slope != 0.0),
-              f"LeakyReLU / PReLU slope {self.slope} must be in [-1, 1] and not 0")
+        check(self.act != "leaky" or (-MAX_SLOPE <= self.slope <= MAX_SLOPE and self.slope != 0.0),
+              f"LeakyReLU / PReLU slope {self.slope} must be in [-{MAX_SLOPE:g}, {MAX_SLOPE:g}] and not 0")
         check(0 <= self.slope_bits <= MAX_SLOPE_BITS, f"slope_bits {self.slope_bits} outside 0..{MAX_SLOPE_BITS}")
 
     @property
@@ -60,6 +61,7 @@ class RescaleParams(Params):
 
 
 class Rescale(Layer):
+    scale_mode = "source"
     kind = "rescale"
     params = RescaleParams
 
@@ -106,14 +108,24 @@ class Rescale(Layer):
         return v
 
     def calibrate(self, op: Op, i: int, cal: Calibration, ops: tuple[Op, ...]) -> Params:
+        """From the input value's scale to this op's: ``linear`` shift by the difference (a conv's fw, an
+        interp's bits, and any change of scale), ``fixed`` also divides by a power-of-two ``divisor``,
+        ``window`` multiplies by round(2^k / divisor) first. A negative shift is an exact multiply."""
         p: RescaleParams = op.params
-        if p.rule == "linear":
-            p = replace(p, shift=int(cal.fw[op.inputs[0]]))
-        elif p.rule == "window":
-            p = replace(p, shift=cal.f, mul=round(2**cal.f / p.divisor))
-        if p.act == "leaky":  # |q * (t - ReLU(t))| < 2^29 with t at scale f (q < 0 for a negative slope)
+        s_in, s_out = cal.scale(op.inputs[0]), cal.scale(i)
+        if p.rule == "window":
+            m_in = max(cal.maxabs[op.inputs[0]], 1e-9)
+            k = s_in  # the multiplier's precision, lowered until the product fits
+            while k > 0 and m_in * 2.0 ** (s_in + k + s_out - s_in) / p.divisor >= 2.0**MARGIN_LOG2:
+                k -= 1
+            p = replace(p, shift=k, mul=max(1, round(2.0 ** (k + s_out - s_in) / p.divisor)))
+        else:
+            base = p.divisor.bit_length() - 1 if p.rule == "fixed" else 0
+            shift = base + s_in - s_out
+            p = replace(p, shift=max(shift, 0), mul=1 << max(-shift, 0))
+        if p.act == "leaky":  # |q * (t - ReLU(t))| < 2^29 with t at the output's scale (q < 0 for a negative slope)
             m = max(cal.maxabs[op.inputs[0]] / p.divisor * abs(p.slope), 1e-9)
-            g = min(MAX_SLOPE_BITS, MARGIN_LOG2 - 1 - cal.f - math.ceil(math.log2(m)))
+            g = min(MAX_SLOPE_BITS, MARGIN_LOG2 - 1 - s_out - math.ceil(math.log2(m)))
             if g < 4:
                 raise ScaleOverflowError(f"{op.name}: LeakyReLU slope has only {g} bits left in the 32-bit ring")
             p = replace(p, slope_bits=g)
