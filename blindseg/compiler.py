@@ -290,6 +290,38 @@ def _norm(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     return _Val(aff, pending=True)
 
 
+def _norm_fn(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
+    """F.group_norm / F.instance_norm (what tracing a bare norm module gives): as the module would be."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    x = _need(x, node)
+    c = L.shape(x.idx)[0]
+
+    def arg(i: int, key: str, default: Any) -> Any:
+        return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
+
+    def tensor(v: Any) -> Any:
+        return None if v is None else L.param(v)
+
+    if node.target is F.group_norm:
+        w, b = tensor(arg(2, "weight", None)), tensor(arg(3, "bias", None))
+        m: Any = nn.GroupNorm(int(arg(1, "num_groups", 1)), c, eps=float(arg(4, "eps", 1e-5)), affine=w is not None)
+    else:
+        if not arg(5, "use_input_stats", True):
+            raise UnsupportedLayerError(f"{_desc(node)}: F.instance_norm with running statistics: use a "
+                                        "BatchNorm (it is the same affine)")
+        w, b = tensor(arg(3, "weight", None)), tensor(arg(4, "bias", None))
+        m = (nn.InstanceNorm3d if len(L.shape(x.idx)) == 4 else nn.InstanceNorm2d)(
+            c, eps=float(arg(7, "eps", 1e-5)), affine=w is not None)
+    if w is not None:
+        with torch.no_grad():
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+    return _norm(L, node, m, x)
+
+
 def _refuse_norm(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     raise UnsupportedLayerError(
         f"{type(mod).__name__} {_desc(node)}: normalisation over other axes than (channel group, spatial) is not "
@@ -464,7 +496,8 @@ def _function_rows() -> dict[Any, Lower]:
             torch.cat: _cat, operator.add: _add, torch.add: _add, "add": _add, operator.iadd: _add,
             torch.argmax: _argmax, "argmax": _argmax, torch.sigmoid: _head, F.sigmoid: _head, "sigmoid": _head,
             torch.softmax: _head, F.softmax: _head, "softmax": _head, F.prelu: _prelu, operator.mul: _mul,
-            torch.mul: _mul, "mul": _mul, F.pad: _pad}
+            torch.mul: _mul, "mul": _mul, F.pad: _pad,
+            F.group_norm: _norm_fn, F.instance_norm: _norm_fn}
 
 
 def compile_model(
