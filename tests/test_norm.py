@@ -80,3 +80,20 @@ def test_norm_out_of_range_group_is_still_normalised(rng: np.random.Generator) -
     got, _ = _secure(op, xq, rng)
     want = F.group_norm(torch.as_tensor(xq / 2**f), 2, eps=1e-5).numpy()
     assert np.max(np.abs(got / 2**f - want)) <= 4 * 2.0**-f
+
+
+def test_a_bare_norm_module_compiles_through_its_functional_form() -> None:
+    """Tracing nn.GroupNorm itself gives F.group_norm (with the affine as graph parameters)."""
+    from blindseg import secure_segment
+
+    torch.manual_seed(0)
+    mod = torch.nn.GroupNorm(2, 4)
+    with torch.no_grad():
+        mod.weight.uniform_(0.5, 1.5)
+        mod.bias.uniform_(-0.5, 0.5)
+    rng = np.random.default_rng(3)
+    cal = rng.normal(size=(4, 4, 16, 16)) * rng.uniform(0.2, 2.0, size=(1, 4, 1, 1))
+    res = secure_segment(mod, cal[:1], output="logits", calibration=cal)
+    with torch.no_grad():
+        want = mod(torch.as_tensor(cal[:1], dtype=torch.float32)).numpy()
+    assert np.max(np.abs(res.logits - want)) < 0.01
