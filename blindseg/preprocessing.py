@@ -87,12 +87,18 @@ def trunc_spec(n: int, shift: int) -> MatSpec:
     )
 
 
-def select_spec(n: int, shift: int, circuit: Circuit) -> MatSpec:
+def _circuit_items(n: int, circuit: Circuit) -> list[Item]:
+    """The comparison's items: r's bits and rho (random), multi-AND masks (random), their products (derived)."""
     nw = nwords(n)
     items = [Item("rbits", "bool", (32, nw), False), Item("rho", "bool", (nw,), False)]
     items += [Item(f"mask{k}", "bool", (lv.nvars, nw), False) for k, lv in enumerate(circuit.levels)]
     items.append(Item("rpairs", "bool", (circuit.groups, nw), True))
     items += [Item(f"prod{k}", "bool", (len(lv.subsets), nw), True) for k, lv in enumerate(circuit.levels)]
+    return items
+
+
+def select_spec(n: int, shift: int, circuit: Circuit) -> MatSpec:
+    items = _circuit_items(n, circuit)
     w = msb_width(shift)
     items += [Item(name, "arith", (n,), True, w if name in ("v", "rho_v") else 32)
               for name in ("r", "u", "v", "rho_a", "rho_u", "rho_v")]
@@ -100,12 +106,7 @@ def select_spec(n: int, shift: int, circuit: Circuit) -> MatSpec:
 
 
 def sign_spec(n: int, circuit: Circuit) -> MatSpec:
-    nw = nwords(n)
-    items = [Item("rbits", "bool", (32, nw), False), Item("rho", "bool", (nw,), False)]
-    items += [Item(f"mask{k}", "bool", (lv.nvars, nw), False) for k, lv in enumerate(circuit.levels)]
-    items.append(Item("rpairs", "bool", (circuit.groups, nw), True))
-    items += [Item(f"prod{k}", "bool", (len(lv.subsets), nw), True) for k, lv in enumerate(circuit.levels)]
-    items += [Item("r", "arith", (n,), True), Item("rho_a", "arith", (n,), True)]
+    items = _circuit_items(n, circuit) + [Item("r", "arith", (n,), True), Item("rho_a", "arith", (n,), True)]
     return MatSpec("sign", n, 0, tuple(items))
 
 
