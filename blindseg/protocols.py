@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from . import circuit as cc
-from .bits import bitslice, unslice
+from .bits import bitslice, select_output, unslice
 from .preprocessing import Material, tournament
 
 
@@ -123,19 +123,10 @@ def select_value(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circ
                  ) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
     """(ReLU(z >> s), z >> s): the ReLU and the truncated value it selects from, same rounds as :func:`select`."""
     shape = z.shape
-    n = z.size
     (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], s)])
     ge = yield from sign_bits(party, c, mat, circ)
     _, (ew,) = yield Open(boolean=[ge ^ mat["rho"]])
-    e = unslice(ew, n)
-    t, k = _public_part(c, s)
-    one_m2e = np.uint32(1) - (e << np.uint32(1))
-    v, rho_v = _msb_term(mat["v"], s), _msb_term(mat["rho_v"], s)
-    value = mat["u"] + k * v
-    out = e * value + one_m2e * (t * mat["rho_a"] + mat["rho_u"] + k * rho_v)
-    if party == 0:
-        out += e * t
-        value += t
+    out, value = select_output(party, c, ew, mat, s)  # e*value + (1-2e)(t*rho + rho*u + k*rho*v), fused
     return out.reshape(shape), value.reshape(shape)
 
 
