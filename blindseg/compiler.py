@@ -30,7 +30,7 @@ from .layers import (
 )
 from .layers.rescale import MAX_SLOPE
 from .linalg import conv_out_shape
-from .plan import DEFAULT_ARITIES, Compiled, Op, Plan, apply_head, calibrate, downsampling, float_forward
+from .plan import DEFAULT_ARITIES, Compiled, Op, Plan, apply_head, calibrate, downsampling, iter_forward
 
 SUPPORTED = ("Conv2d/3d (padding numeric, 'same' or 'valid'), ConvTranspose2d/3d, BatchNorm2d/3d, InstanceNorm2d/3d, "
              "GroupNorm, ReLU, LeakyReLU, PReLU "
@@ -686,37 +686,49 @@ def verify_compile(model: Any, gm: Any, L: _Lowering, comp: Compiled, samples: n
     xs = np.asarray(samples, np.float64)[:8]
     rng = np.random.default_rng(0)
     perturbed = xs * 1.1 + 0.05 * (float(xs.std()) or 1.0) * rng.standard_normal(xs.shape)
-    class _Record(fx.Interpreter):
-        acts: dict[str, Any]
+    checked = {node.name: v for node in gm.graph.nodes if (v := L.vals.get(node.name)) is not None
+               and not v.pending and not v.argmaxed and node.op != "placeholder"}
+    wanted = {v.idx for v in checked.values()}
+
+    class _Check(fx.Interpreter):
+        """Runs the traced graph and compares each traced value with the plan's as soon as both exist;
+        the plan's forward advances alongside and both drop values after their last use."""
+
+        def __init__(self, x: np.ndarray) -> None:
+            super().__init__(g64)
+            self.plan = iter_forward(comp, x)
+            self.done = 0  # plan ops computed so far
+            self.kept: dict[int, np.ndarray] = {}
+            self.diverged: tuple[Any, float] | None = None
 
         def run_node(self, n: Any) -> Any:
             r = super().run_node(n)
-            self.acts[n.name] = r
+            v = checked.get(n.name)
+            if v is None or self.diverged is not None or not isinstance(r, torch.Tensor):
+                return r
+            while self.done <= v.idx:
+                i, _, out = next(self.plan)
+                self.done = i + 1
+                if i in wanted:
+                    self.kept[i] = out
+            got = self.kept.pop(v.idx, None)  # None: an identity's value, compared at its own node
+            if got is not None:
+                ok, err = _close(apply_head(v.head, got) if v.head is not None else got, r.numpy())
+                if not ok:
+                    self.diverged = (n, err)
             return r
 
     for what, x in (("the calibration samples", xs), ("perturbed samples", perturbed)):
         t = torch.as_tensor(x)
-        rec = _Record(g64)
-        acts: dict[str, Any] = {}
-        rec.acts = acts
+        check = _Check(x)
         with torch.no_grad():
             want = m64(t)
-            traced = rec.run(t)
+            traced = check.run(t)
         if not isinstance(want, torch.Tensor) or not _close(traced.numpy(), want.numpy())[0]:
             raise TraceMismatch(f"{_TRACED_ANOTHER} (on {what}: max difference "
                                 f"{_close(traced.numpy(), want.numpy())[1]:.3g})")
-        vals = float_forward(comp, x)
-        for node in gm.graph.nodes:
-            v = L.vals.get(node.name)
-            if v is None or v.pending or v.argmaxed or node.op == "placeholder" or not isinstance(acts.get(node.name),
-                                                                                                 torch.Tensor):
-                continue
-            ref = acts[node.name].numpy()
-            got = vals[v.idx]
-            if v.head is not None:
-                got = apply_head(v.head, got)
-            ok, err = _close(got, ref)
-            if not ok:
-                raise UnsupportedLayerError(
-                    f"the compiled plan diverges from the model at {_desc(node)} on {what} (max difference "
-                    f"{err:.3g}): refusing to compile a different function")
+        if check.diverged is not None:
+            node, err = check.diverged
+            raise UnsupportedLayerError(
+                f"the compiled plan diverges from the model {_desc(node)} on {what} (max difference "
+                f"{err:.3g}): refusing to compile a different function")

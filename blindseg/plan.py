@@ -15,6 +15,7 @@ The compiler (torch model -> plan) is :mod:`blindseg.compiler`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -212,13 +213,28 @@ def apply_head(head: str | None, logits: np.ndarray) -> np.ndarray:
 
 def float_forward(comp: Compiled, x: np.ndarray) -> list[np.ndarray]:
     """Float64 forward of a plan (the ground truth calibration observes). Pre-rescale values for linear ops."""
+    return [out for _, _, out in iter_forward(comp, x)]
+
+
+def iter_forward(comp: Compiled, x: np.ndarray) -> Iterator[tuple[int, list[np.ndarray], np.ndarray]]:
+    """The float64 forward op by op, as (index, inputs, output), each value dropped after its last reader:
+    memory is the live set (a U-Net's skip connections), not every value of the model (a 512^2 model's
+    values at float64 are gigabytes)."""
     import torch
 
-    vals: list[Any] = []
-    for i, op in enumerate(comp.plan.ops):
+    ops = comp.plan.ops
+    last = {j: i for i, op in enumerate(ops) for j in op.inputs}
+    vals: dict[int, Any] = {}
+    for i, op in enumerate(ops):
         ins = [vals[j] for j in op.inputs] or [torch.as_tensor(np.asarray(x, dtype=np.float64))]
-        vals.append(op.layer.forward(op, ins, comp.weights.get(i)))
-    return [np.asarray(v.numpy()) for v in vals]
+        out = op.layer.forward(op, ins, comp.weights.get(i))
+        vals[i] = out
+        yield i, [np.asarray(v.numpy()) for v in ins], np.asarray(out.numpy())
+        for j in set(op.inputs):
+            if last[j] == i:
+                del vals[j]
+        if last.get(i) is None:
+            del vals[i]
 
 
 SCALE_RANGE = (-8, 16)  # fraction bits an activation may get
@@ -361,11 +377,13 @@ def calibrate(comp: Compiled, samples: np.ndarray | None, frac_bits: int | str) 
         raise UsageError(f"calibration samples must be N x {plan.input_shape}, got {samples.shape}")
     if not np.all(np.isfinite(samples)):
         raise UsageError("calibration samples contain NaN or infinite values")
-    vals = float_forward(comp, samples)
-    maxabs = [float(np.max(np.abs(v))) if v.size and op.layer is not layer_of("argmax") else 0.0
-              for op, v in zip(plan.ops, vals, strict=True)]
-    stats = {i: st for i, op in enumerate(plan.ops)
-             if (st := op.layer.observe(op, [vals[j] for j in op.inputs], vals[i])) is not None}
+    maxabs: list[float] = []
+    stats: dict[int, dict[str, float]] = {}
+    for i, ins, out in iter_forward(comp, samples):
+        op = plan.ops[i]
+        maxabs.append(float(np.max(np.abs(out))) if out.size and op.layer is not layer_of("argmax") else 0.0)
+        if (st := op.layer.observe(op, ins, out)) is not None:
+            stats[i] = st
     if frac_bits == "auto":
         scales, fw = choose_scales(plan, comp.weights, maxabs, stats)
     else:

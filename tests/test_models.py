@@ -7,6 +7,8 @@ agreement must be high."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -344,3 +346,17 @@ def test_geometry_option_is_validated() -> None:
     for bad in ("RRS:1,1,1", "RAS:1,1", "RAS:0,1,1", "RAS", "RAX:1,1,1"):
         with pytest.raises(UsageError):
             parse_geometry(bad)
+
+
+def test_a_lowering_that_computes_another_function_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify_compile compares every traced value with the plan's float forward (streamed, value by
+    value): a lowering bug (here ReLU lowered as LeakyReLU 0.5) is named, never deployed."""
+    import blindseg.compiler as C
+
+    def wrong(L: Any, node: Any, mod: Any, x: Any) -> Any:
+        return C._Val(L.settle(x, "leaky", 0.5))
+
+    monkeypatch.setattr(C, "_relu", wrong)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    with pytest.raises(UnsupportedLayerError, match="diverges from the model at '1' on the calibration samples"):
+        compile_model(net, (1, 16, 16), "mask", "auto", samples=synthetic(4, 16, seed=1))
