@@ -419,3 +419,76 @@ def run_norm_cost(seed: int = 0) -> list[dict[str, Any]]:
                      "max_error_vs_float_input": float(np.max(np.abs(res.logits - want))),
                      "online_seconds": layer["online_seconds"]})
     return rows
+
+
+async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net: str = "wan",
+                              repeats: int = 3) -> dict[str, Any]:
+    """Issue #13: the real service through a real Mosquitto, every party behind its own shaped relay
+    (its access link to the broker, ``netsim.relay``), for each broker placement: the measured online
+    time beside netsim's prediction (:func:`netsim.predict_placed`: the same jobs with the relays
+    unshaped, plus one two-hop message per round). Medians of ``repeats`` jobs each."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    from data_owner.client import Client
+    from model_owner.client import deploy
+    from netsim import PLACEMENTS, PROFILES, placement, predict_placed, profile
+    from netsim.relay import ShapedRelay
+
+    from .broker import Mosquitto
+    from .config import PartyConfig
+    from .demo import LocalDeployment
+    from .models import load_named_model
+
+    x = test_image(1, size)
+    model, samples, _ = load_named_model(model_name, size)
+    comp = compile_model(model, tuple(x.shape[1:]), "mask", "auto", samples=samples)  # type: ignore[arg-type]
+    local = await run_compiled(comp, x)
+    logs, io = local.stats["round_log"], local.stats["io_frames"]
+    prof = profile(net)
+    out: dict[str, Any] = {"model": model_name, "size": size, "net": prof.name, "repeats": repeats,
+                           "rounds": local.stats["rounds"], "placements": []}
+    with tempfile.TemporaryDirectory(prefix="blindseg-placement-") as tmp, Mosquitto(tmp) as broker:
+        dep = LocalDeployment(Path(tmp) / "dep", broker.url, "none", pool=1)
+        relays = {role: ShapedRelay(broker.port) for role in dep.configs}
+        for role, relay in relays.items():
+            await relay.start()
+            path = dep.configs[role]
+            path.write_text(re.sub(r'^broker = ".*"$', f'broker = "mqtt://127.0.0.1:{relay.port}"', path.read_text(),
+                                   flags=re.M))
+        try:
+            await asyncio.to_thread(dep.start)
+            await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "bench", size=size)
+            async with Client(PartyConfig.load(dep.configs["data_owner"])) as client:
+                await client.plan("bench")
+                done = 0
+
+                async def median_online() -> float:
+                    nonlocal done
+                    runs = []
+                    for _ in range(repeats):
+                        await dep.wait_bundles(count=done + 1)
+                        _, cost = await client.segment("bench", x.astype(np.float32))
+                        runs.append(cost["online_seconds"])
+                        done += 1
+                    return float(np.median(runs))
+
+                base = await median_online()
+                out["unshaped_online_seconds"] = base
+                for where in PLACEMENTS:
+                    pl = placement(where, prof)
+                    for role, relay in relays.items():
+                        relay.profile = pl.link(role) if role != "dealer" else PROFILES["none"]
+                    measured = await median_online()
+                    predicted = predict_placed(base, logs, pl, io)
+                    out["placements"].append({"placement": pl.name, "measured_online_seconds": measured,
+                                              "predicted_online_seconds": predicted,
+                                              "predicted_over_measured": predicted / measured})
+                    for relay in relays.values():
+                        relay.profile = PROFILES["none"]
+        finally:
+            dep.stop()
+            for relay in relays.values():
+                await relay.close()
+    return out

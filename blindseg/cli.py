@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--jobs", type=int, default=1, help="with --transport mqtt: this many concurrent jobs (load test)")
     b.add_argument("--zoo", action="store_true",
                    help="issue #11's table: MONAI U-Nets and layer mixes (compiles?, agreement, logit error, cost)")
+    b.add_argument("--placement", action="store_true",
+                   help="issue #13: the service behind shaped relays per party, broker at server0 / a third site, "
+                        "measured vs predicted (--net profile, default wan; --size, default 32)")
     b.add_argument("--norm", action="store_true",
                    help="issue #11: the secure instance / group norm alone: rounds, bytes, error against torch")
     b.add_argument("--cold-start", action="store_true",
@@ -119,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
 
             rows = run_model_table(args.size if args.size != 128 else 64)
             print(json.dumps(rows) if args.json else format_model_table(rows))
+            return 0
+        if args.cmd == "bench" and args.placement:
+            import asyncio
+
+            from .bench import run_placement_bench
+
+            r = asyncio.run(run_placement_bench(args.model, args.size if args.size != 128 else 32,
+                                                args.net if args.net != "none" else "wan"))
+            print(json.dumps(r, indent=None if args.json else 1))
             return 0
         if args.cmd == "bench" and args.norm:
             from .bench import run_norm_cost

@@ -162,3 +162,52 @@ def predict_online(unshaped_seconds: float, logs: list[list[tuple[str, int]]], p
     for n in list(round_bytes(logs).values()) + list(extra_frames):
         t += prof.latency + prof.transfer_seconds(n) + prof.jitter / 2
     return t
+
+
+CHUNK = 1 << 20  # the MQTT transport's largest frame chunk (bytes), forwarded whole by the broker
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the broker sits: each party's access link to it (both directions; a party not named has
+    none). A message from a to b crosses a's link, then b's: the broker forwards each chunk once it has
+    all of it, so the slower link carries the whole message and the faster one only its last chunk."""
+
+    name: str
+    links: tuple[tuple[str, Profile], ...]
+
+    def link(self, party: str) -> Profile:
+        return dict(self.links).get(party, PROFILES["none"])
+
+    def message_seconds(self, a: str, b: str, nbytes: int, chunk: int = CHUNK) -> float:
+        pa, pb = self.link(a), self.link(b)
+        last = min(chunk, nbytes)
+        return (pa.latency + pb.latency + (pa.jitter + pb.jitter) / 2
+                + max(pa.transfer_seconds(nbytes), pb.transfer_seconds(nbytes))
+                + min(pa.transfer_seconds(last), pb.transfer_seconds(last)))
+
+PLACEMENTS = ("server0", "third")
+
+
+def placement(where: str, prof: Profile) -> Placement:
+    """``server0``: the broker beside server0 (server1 and the data owner reach it over ``prof``);
+    ``third``: at a third site (every party over ``prof``)."""
+    if where == "server0":
+        return Placement(f"broker at server0, {prof.name}", (("server1", prof), ("data_owner", prof)))
+    if where == "third":
+        return Placement(f"broker at a third site, {prof.name}",
+                         (("server0", prof), ("server1", prof), ("data_owner", prof)))
+    raise UsageError(f"broker placement {where!r}: use one of {', '.join(PLACEMENTS)}")
+
+
+def predict_placed(unshaped_seconds: float, logs: list[list[tuple[str, int]]], where: Placement,
+                   io_frames: list[int] = ()) -> float:  # type: ignore[assignment]
+    """Online time with the broker at ``where``: the unshaped service run plus, per round, one
+    server0 -> server1 message through the broker (:meth:`Placement.message_seconds`), and per input /
+    output frame one data owner <-> server message."""
+    t = unshaped_seconds
+    for n in round_bytes(logs).values():
+        t += where.message_seconds("server0", "server1", n)
+    for n in io_frames:
+        t += where.message_seconds("data_owner", "server1", n)
+    return t

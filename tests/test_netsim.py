@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,3 +76,42 @@ def test_cost_model_predicts_a_shaped_run_within_15_percent():
     pred, measured = float(np.median(preds)), float(np.median(took))
     assert abs(pred - measured) <= 0.15 * measured, (preds, took)
     assert min(took) > 162 * prof.latency * 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+                    reason="the mosquitto binary is not installed on this machine")
+def test_broker_placement_prediction_matches_a_relayed_deployment() -> None:
+    """The real service through a real Mosquitto, each party behind a shaped relay (its access link):
+    with the broker beside server0 a round crosses one slow link, at a third site two; the two-hop
+    prediction is within 15% of both measurements."""
+    from blindseg.bench import run_placement_bench
+
+    r = asyncio.run(run_placement_bench("ref-unet", 32, "10,100", repeats=3))
+    near, third = r["placements"]
+    for p in (near, third):
+        assert abs(p["predicted_over_measured"] - 1) <= 0.15, p
+    assert third["measured_online_seconds"] > near["measured_online_seconds"] + 0.9 * 162 * 0.010
+
+
+async def test_relay_delays_and_paces_bytes() -> None:
+    from netsim.relay import ShapedRelay
+
+    got = asyncio.get_running_loop().create_future()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.readexactly(1_000_000)
+        got.set_result((time.perf_counter(), len(data)))
+        writer.close()
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    async with ShapedRelay(server.sockets[0].getsockname()[1], profile("30,80")) as relay:
+        _, w = await asyncio.open_connection("127.0.0.1", relay.port)
+        t0 = time.perf_counter()
+        w.write(bytes(1_000_000))
+        await w.drain()
+        arrived, n = await asyncio.wait_for(got, 10)
+        w.close()
+    server.close()
+    want = 1_000_000 * 8 / 80e6 + 0.030  # 100 ms of wire time, then 30 ms of latency
+    assert n == 1_000_000 and want * 0.95 <= arrived - t0 < want * 1.2 + 0.01
