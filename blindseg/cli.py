@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="issue #11's table: MONAI U-Nets and layer mixes (compiles?, agreement, logit error, cost)")
     b.add_argument("--placement", action="store_true",
                    help="issue #13: the service behind shaped relays per party, broker at server0 / a third site, "
-                        "measured vs predicted (--net profile, default wan; --size, default 32)")
+                        "measured vs predicted (--net profile, default wan)")
     b.add_argument("--norm", action="store_true",
                    help="issue #11: the secure instance / group norm alone: rounds, bytes, error against torch")
     b.add_argument("--cold-start", action="store_true",
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from .bench import run_placement_bench
 
-            r = asyncio.run(run_placement_bench(args.model, args.size if args.size != 128 else 32,
+            r = asyncio.run(run_placement_bench(args.model, args.size,
                                                 args.net if args.net != "none" else "wan"))
             print(json.dumps(r, indent=None if args.json else 1))
             return 0
