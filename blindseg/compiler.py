@@ -204,10 +204,15 @@ def _batchnorm(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
         L.weights[x.idx] = (wt * scale.reshape(shape), b0 * scale + shift)
         return x
     src = L.settle(x)
+    if len(L.shape(src)) - 1 not in (2, 3):
+        raise UnsupportedLayerError(f"{_desc(node)}: BatchNorm on {len(L.shape(src)) - 1} spatial dimensions")
+    return _channel_affine(L, src, _name(node), scale, shift)
+
+
+def _channel_affine(L: _Lowering, src: int, name: str, scale: np.ndarray, shift: np.ndarray) -> _Val:
+    """x * scale[c] + shift[c] with secret parameters: a 1x1 conv with a diagonal weight."""
     c, *sp = L.shape(src)
-    if len(sp) not in (2, 3):
-        raise UnsupportedLayerError(f"{_desc(node)}: BatchNorm on {len(sp)} spatial dimensions")
-    idx = L.add("conv", (src,), L.shape(src), _name(node), LinearParams(kernel=(1,) * len(sp)))
+    idx = L.add("conv", (src,), L.shape(src), name, LinearParams(kernel=(1,) * len(sp)))
     L.weights[idx] = (np.diag(scale).reshape(c, c, *(1,) * len(sp)).copy(), shift)
     return _Val(idx, pending=True)
 
@@ -283,11 +288,8 @@ def _norm(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
     idx = L.add("norm", (src,), shp, _name(node), NormParams(groups=groups, eps=float(mod.eps)))
     if not mod.affine:
         return _Val(idx)
-    gamma = mod.weight.detach().double().numpy()
-    beta = mod.bias.detach().double().numpy().copy()
-    aff = L.add("conv", (idx,), shp, _name(node) + ".affine", LinearParams(kernel=(1,) * (len(shp) - 1)))
-    L.weights[aff] = (np.diag(gamma).reshape(c, c, *(1,) * (len(shp) - 1)).copy(), beta)
-    return _Val(aff, pending=True)
+    return _channel_affine(L, idx, _name(node) + ".affine", mod.weight.detach().double().numpy(),
+                           mod.bias.detach().double().numpy().copy())
 
 
 def _norm_fn(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:

@@ -116,7 +116,7 @@ class Rescale(Layer):
         if p.rule == "window":
             m_in = max(cal.maxabs[op.inputs[0]], 1e-9)
             k = s_in  # the multiplier's precision, lowered until the product fits
-            while k > 0 and m_in * 2.0 ** (s_in + k + s_out - s_in) / p.divisor >= 2.0**MARGIN_LOG2:
+            while k > 0 and m_in * 2.0 ** (k + s_out) / p.divisor >= 2.0**MARGIN_LOG2:  # x * mul, x at s_in
                 k -= 1
             p = replace(p, shift=k, mul=max(1, round(2.0 ** (k + s_out - s_in) / p.divisor)))
         else:
