@@ -34,7 +34,7 @@ from .plan import DEFAULT_ARITIES, Compiled, Op, Plan, apply_head, calibrate, do
 
 SUPPORTED = ("Conv2d/3d (padding numeric, 'same' or 'valid'), ConvTranspose2d/3d, BatchNorm2d/3d, InstanceNorm2d/3d, "
              "GroupNorm, ReLU, LeakyReLU, PReLU "
-             "(one slope in [-8, 8]), Dropout/Identity (removed), MaxPool2d/3d, AvgPool2d/3d, Upsample / F.interpolate (nearest, "
+             "(slopes in [-8, 8], one or per channel), Dropout/Identity (removed), MaxPool2d/3d, AvgPool2d/3d, Upsample / F.interpolate (nearest, "
              "integer scale; bilinear by 2/4/8, align_corners=False), torch.cat (channels), add, Sigmoid / Softmax as the final op, argmax")
 
 
@@ -92,13 +92,14 @@ class _Lowering:
     def shape(self, idx: int) -> tuple[int, ...]:
         return self.ops[idx].shape
 
-    def settle(self, v: _Val, act: str = "none", slope: float = 0.0) -> int:
+    def settle(self, v: _Val, act: str = "none", slope: float = 0.0, slopes: tuple[float, ...] = ()) -> int:
         """Rescale a pending linear output back to scale f (fusing an activation if asked)."""
         if v.pending:
             return self.add("rescale", (v.idx,), self.shape(v.idx), self.ops[v.idx].name + ".rescale",
-                            RescaleParams(act=act, rule="linear", slope=slope))
+                            RescaleParams(act=act, rule="linear", slope=slope, slopes=slopes))
         if act != "none":
-            return self.add("rescale", (v.idx,), self.shape(v.idx), act, RescaleParams(act=act, slope=slope))
+            return self.add("rescale", (v.idx,), self.shape(v.idx), act,
+                            RescaleParams(act=act, slope=slope, slopes=slopes))
         return v.idx
 
     def arg(self, node: Any, keep_head: bool = False) -> _Val:
@@ -236,18 +237,21 @@ def _leaky(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
 
 
 def _prelu(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
-    """PReLU with one slope (or all channels equal): its slope is public, as LeakyReLU's."""
+    """PReLU, one slope or one per channel: the slopes are public, as LeakyReLU's."""
     w = (mod.weight if mod is not None else L.param(node.args[1])).detach().double().numpy().ravel()
-    if w.size and not np.all(w == w[0]):
-        raise UnsupportedLayerError(f"PReLU {_desc(node)}: one slope per channel is not supported (the slopes "
-                                    f"differ across its {w.size} channels); use num_parameters=1")
+    if np.any(np.abs(w) > MAX_SLOPE):
+        raise UnsupportedLayerError(f"PReLU {_desc(node)}: slope {float(np.max(np.abs(w))):.4g} outside "
+                                    f"[-{MAX_SLOPE:g}, {MAX_SLOPE:g}] is not supported")
+    x = _need(x, node)
+    if w.size > 1 and not np.all(w == w[0]):
+        c = L.shape(x.idx)[0]
+        if w.size != c:
+            raise UsageError(f"PReLU {_desc(node)} has {w.size} slopes for {c} channels")
+        return _Val(L.settle(x, "leaky", slopes=tuple(float(v) for v in w)))
     slope = float(w[0])
     if slope == 0.0:
-        return _Val(L.settle(_need(x, node), "relu"))
-    if not -MAX_SLOPE <= slope <= MAX_SLOPE:
-        raise UnsupportedLayerError(f"PReLU {_desc(node)}: slope {slope:.4g} outside [-{MAX_SLOPE:g}, "
-                                    f"{MAX_SLOPE:g}] is not supported")
-    return _Val(L.settle(_need(x, node), "leaky", slope))
+        return _Val(L.settle(x, "relu"))
+    return _Val(L.settle(x, "leaky", slope))
 
 
 def _head(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:

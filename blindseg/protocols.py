@@ -136,11 +136,12 @@ def select(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit) -
     return out
 
 
-def leaky(party: int, z: np.ndarray, mats: list[Material], s: int, q: int, g: int, circ: cc.Circuit) -> Proto:
-    """LeakyReLU(z >> s) with public slope q / 2^g: p + trunc(q * (t - p), g), p = ReLU(t), t = z >> s.
-    3 + L rounds; 4 B per element more than ReLU (the second truncation)."""
+def leaky(party: int, z: np.ndarray, mats: list[Material], s: int, q: int | np.ndarray, g: int,
+          circ: cc.Circuit) -> Proto:
+    """LeakyReLU(z >> s) with public slope q / 2^g (one, or an array broadcast over z: PReLU per channel):
+    p + trunc(q * (t - p), g), p = ReLU(t), t = z >> s. 3 + L rounds; 4 B per element more than ReLU."""
     pos, t = yield from select_value(party, z, mats[0], s, circ)
-    low = yield from trunc(party, (t - pos) * np.uint32(q & 0xFFFFFFFF), mats[1], g)
+    low = yield from trunc(party, (t - pos) * (np.asarray(q) & 0xFFFFFFFF).astype(np.uint32), mats[1], g)
     return pos + low
 
 

@@ -31,6 +31,8 @@ def _cases() -> list[tuple[str, tuple[int, ...], dict, int]]:
         out += [("rescale", shp, {"shift": s, "act": a, **({"slope": 0.1, "slope_bits": 8} if a == "leaky" else {})},
                  2 if a == "leaky" else 1) for s in (0, 7) for a in ("none", "relu", "leaky")]
         out += [("rescale", shp, {"shift": 4, "mul": 3, "act": "none"}, 1)]
+        out += [("rescale", shp, {"shift": s, "act": "leaky", "slopes": [0.25, 0.5, 0.75][: shp[1]], "slope_bits": 8}, 2)
+                for s in (0, 7)]  # PReLU, one slope per channel (negative and > 1: tests/test_models.py)
     out += [("conv", (1, 2, 4, 5, 6), {"kernel": [3, 3, 3], "stride": s, "padding": p, "fw": 6}, 0)
             for s, p in ((1, 1), (2, 0))]  # 3D
     out.append(("convt", (2, 2, 3, 4, 3), {"kernel": [2, 2, 2], "stride": 2, "fw": 6}, 0))

@@ -74,6 +74,23 @@ def test_monai_unet_with_prelu() -> None:
     _check(_trained(UNet(2, 1, 2, (8, 16), (2,), num_res_units=1, norm="batch", act="prelu")))
 
 
+def test_prelu_with_one_slope_per_channel() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.a1 = nn.Conv2d(1, 8, 3, padding=1), nn.PReLU(8)
+            self.c2, self.a2 = nn.Conv2d(8, 8, 3, padding=1), nn.PReLU(8)
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.a2(self.c2(self.a1(self.c1(x)))))
+
+    net = _trained(Net())
+    with torch.no_grad():  # clearly different slopes, one negative
+        net.a1.weight.copy_(torch.linspace(-0.5, 1.5, 8))
+    _check(net)
+
+
 def test_monai_unet_defaults_instance_norm_and_prelu() -> None:
     """MONAI's defaults (InstanceNorm without affine, PReLU): the secure group norm end to end."""
     from monai.networks.nets import UNet

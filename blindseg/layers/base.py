@@ -69,6 +69,9 @@ def _coerce(owner: str, name: str, typ: str, v: Any) -> Any:
     elif typ.startswith("tuple[int"):
         ok = isinstance(v, list | tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
         v = tuple(v) if ok else v
+    elif typ.startswith("tuple[float"):
+        ok = isinstance(v, list | tuple) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        v = tuple(float(x) for x in v) if ok else v
     else:  # pragma: no cover - a layer declared a field type this helper does not know
         raise UsageError(f"{owner}.{name}: unsupported parameter type {typ}")
     if not ok:

@@ -43,6 +43,7 @@ class RescaleParams(Params):
     rule: str = "fixed"
     divisor: int = 1
     slope: float = 0.0  # leaky only: the negative slope
+    slopes: tuple[float, ...] = ()  # leaky only: one negative slope per channel (PReLU), instead of ``slope``
     slope_bits: int = 0  # leaky only: g, the slope's fixed-point bits (set by calibration)
 
     def __post_init__(self) -> None:
@@ -50,14 +51,24 @@ class RescaleParams(Params):
         check(self.rule in RULES, f"rescale rule {self.rule!r} must be one of {RULES}")
         check(0 <= self.shift <= 24 and 1 <= self.mul < 1 << 24 and self.divisor >= 1,
               f"rescale shift {self.shift} / mul {self.mul} / divisor {self.divisor} out of range")
-        check(self.act != "leaky" or (-MAX_SLOPE <= self.slope <= MAX_SLOPE and self.slope != 0.0),
-              f"LeakyReLU / PReLU slope {self.slope} must be in [-{MAX_SLOPE:g}, {MAX_SLOPE:g}] and not 0")
+        check(self.act != "leaky" or (all(-MAX_SLOPE <= v <= MAX_SLOPE for v in self.slopes) if self.slopes else
+                                      -MAX_SLOPE <= self.slope <= MAX_SLOPE and self.slope != 0.0),
+              f"LeakyReLU / PReLU slope {self.slopes or self.slope} must be in [-{MAX_SLOPE:g}, {MAX_SLOPE:g}] "
+              "and not 0")
+        check(not self.slopes or self.act == "leaky", "per-channel slopes need act='leaky'")
         check(0 <= self.slope_bits <= MAX_SLOPE_BITS, f"slope_bits {self.slope_bits} outside 0..{MAX_SLOPE_BITS}")
 
     @property
-    def q(self) -> int:
-        """The slope as an integer at ``slope_bits`` fraction bits."""
+    def q(self) -> int | np.ndarray:
+        """The slope as an integer at ``slope_bits`` fraction bits (per-channel slopes: shaped (1, C, 1, ...)
+        by :meth:`Rescale` to broadcast over a value)."""
+        if self.slopes:
+            return np.array([round(v * (1 << self.slope_bits)) for v in self.slopes], dtype=np.int64)
         return round(self.slope * (1 << self.slope_bits))
+
+    @property
+    def max_slope(self) -> float:
+        return max((abs(v) for v in self.slopes), default=abs(self.slope))
 
 
 class Rescale(Layer):
@@ -66,7 +77,13 @@ class Rescale(Layer):
     params = RescaleParams
 
     def out_shape(self, op: Op, in_shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
-        return in_shapes[0]
+        slopes = op.params.slopes
+        return in_shapes[0] if not slopes or len(slopes) == in_shapes[0][0] else None
+
+    @staticmethod
+    def _q(p: RescaleParams, ndim: int) -> int | np.ndarray:
+        q = p.q
+        return q.reshape(1, -1, *([1] * (ndim - 2))) if isinstance(q, np.ndarray) else q
 
     def specs(self, op: Op, in_shapes: list[tuple[int, ...]], batch: int, circ: Circuit) -> list[MatSpec]:
         p: RescaleParams = op.params
@@ -84,7 +101,7 @@ class Rescale(Layer):
             return P.trunc(rt.party, z, mat.mats[0], p.shift)
         if p.act == "relu":
             return P.select(rt.party, z, mat.mats[0], p.shift, rt.circuit)
-        return P.leaky(rt.party, z, mat.mats, p.shift, p.q, p.slope_bits, rt.circuit)
+        return P.leaky(rt.party, z, mat.mats, p.shift, self._q(p, z.ndim), p.slope_bits, rt.circuit)
 
     def reference(self, op: Op, ins: list[np.ndarray], weights: Any = None) -> np.ndarray:
         p: RescaleParams = op.params
@@ -94,7 +111,7 @@ class Rescale(Layer):
         pos = np.maximum(t, 0)
         if p.act == "relu":
             return pos
-        return pos + _round_shift((t - pos) * p.q, p.slope_bits)
+        return pos + _round_shift((t - pos) * self._q(p, t.ndim), p.slope_bits)
 
     def forward(self, op: Op, ins: list[torch.Tensor], weights: Any = None) -> torch.Tensor:
         import torch.nn.functional as F
@@ -104,6 +121,10 @@ class Rescale(Layer):
         if p.act == "relu":
             return F.relu(v)
         if p.act == "leaky":
+            if p.slopes:
+                import torch
+
+                return F.prelu(v, torch.tensor(p.slopes, dtype=v.dtype))
             return F.leaky_relu(v, p.slope)
         return v
 
@@ -124,7 +145,7 @@ class Rescale(Layer):
             shift = base + s_in - s_out
             p = replace(p, shift=max(shift, 0), mul=1 << max(-shift, 0))
         if p.act == "leaky":  # |q * (t - ReLU(t))| < 2^29 with t at the output's scale (q < 0 for a negative slope)
-            m = max(cal.maxabs[op.inputs[0]] / p.divisor * abs(p.slope), 1e-9)
+            m = max(cal.maxabs[op.inputs[0]] / p.divisor * p.max_slope, 1e-9)
             g = min(MAX_SLOPE_BITS, MARGIN_LOG2 - 1 - s_out - math.ceil(math.log2(m)))
             if g < 4:
                 raise ScaleOverflowError(f"{op.name}: LeakyReLU slope has only {g} bits left in the 32-bit ring")
