@@ -119,13 +119,21 @@ def sign_bits(party: int, c: np.ndarray, mat: Material, circ: cc.Circuit) -> Gen
     return ge
 
 
+def _opened_sign(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit
+                 ) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
+    """The rounds every comparison shares: open c = z + 2^30 + r, the borrow circuit, open
+    e = [z >= 0] ^ rho (bit-sliced). Returns (c, e words). 2 + L rounds."""
+    (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], s)])
+    ge = yield from sign_bits(party, c, mat, circ)
+    _, (ew,) = yield Open(boolean=[ge ^ mat["rho"]])
+    return c, ew
+
+
 def select_value(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit
                  ) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
     """(ReLU(z >> s), z >> s): the ReLU and the truncated value it selects from, same rounds as :func:`select`."""
     shape = z.shape
-    (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], s)])
-    ge = yield from sign_bits(party, c, mat, circ)
-    _, (ew,) = yield Open(boolean=[ge ^ mat["rho"]])
+    c, ew = yield from _opened_sign(party, z, mat, s, circ)
     out, value = select_output(party, c, ew, mat, s)  # e*value + (1-2e)(t*rho + rho*u + k*rho*v), fused
     return out.reshape(shape), value.reshape(shape)
 
@@ -165,15 +173,12 @@ def square(party: int, x: np.ndarray, mat: Material) -> Proto:
 
 def drelu(party: int, z: np.ndarray, mat: Material, circ: cc.Circuit) -> Proto:
     """Arithmetic shares of [z >= 0] for z in [-2^30, 2^30). 2 + L rounds."""
-    shape = z.shape
-    (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], 0)])
-    ge = yield from sign_bits(party, c, mat, circ)
-    _, (ew,) = yield Open(boolean=[ge ^ mat["rho"]])
+    _, ew = yield from _opened_sign(party, z, mat, 0, circ)
     e = unslice(ew, z.size)
     out = (np.uint32(1) - (e << np.uint32(1))) * mat["rho_a"]
     if party == 0:
         out += e
-    return out.reshape(shape)
+    return out.reshape(z.shape)
 
 
 def parallel(*protos: Proto) -> Generator[Open, Opened, list[np.ndarray]]:
