@@ -16,7 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from .errors import ConnectionLost, ProtocolError
+from .errors import ConnectionLost, ProtocolError, UsageError
 
 Frame = bytes | memoryview  # a received frame: bytes, or a view into the decrypted buffer (no copy)
 
@@ -173,10 +173,19 @@ class MemoryTransport:
     """One party of a :class:`MemoryNetwork`: an endpoint per peer and a control queue (the interface
     of :class:`~blindseg.transport.MqttTransport`)."""
 
-    def __init__(self, me: str) -> None:
-        self.me = me
+    def __init__(self, me: str, network: MemoryNetwork | None = None) -> None:
+        self.me, self.network = me, network
         self.control: Control = asyncio.Queue()
         self.endpoints: dict[str, MemoryEndpoint] = {}
+
+    async def offer(self, frame: bytes, to: list[str]) -> None:
+        """A job offer to one of the server0s ``to``, round-robin (what the broker's shared subscription
+        does over MQTT)."""
+        if self.network is None or not to:
+            raise UsageError("this in-memory party is not part of a network")
+        n = self.network
+        n.offers += 1
+        n.transports[sorted(to)[n.offers % len(to)]].control.put_nowait((self.me, "ctl:offer", frame))
 
     async def start(self) -> None:
         return None
@@ -190,7 +199,8 @@ class MemoryNetwork:
     """Named parties, every pair joined in memory: the same frames and labels as over MQTT."""
 
     def __init__(self, parties: tuple[str, ...]) -> None:
-        self.transports = {p: MemoryTransport(p) for p in parties}
+        self.transports = {p: MemoryTransport(p, self) for p in parties}
+        self.offers = 0
         for i, a in enumerate(parties):
             for b in parties[i + 1:]:
                 ta, tb = self.transports[a], self.transports[b]

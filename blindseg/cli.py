@@ -46,12 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--broker-host", default="127.0.0.1", help="broker host name or IP (TLS certificate)")
     i.add_argument("--port", type=int, default=8883)
     i.add_argument("--plain", action="store_true", help="no TLS/passwords (loopback or embedded broker only)")
+    i.add_argument("--pairs", type=int, default=1,
+                   help="server pairs (server0/server1, server0-2/server1-2, ...): jobs spread over them by the broker")
     i.add_argument("--tenants", default="data_owner",
                    help="comma-separated data-owner identities (hospitals), each with its own key, topic and ACL")
     i.add_argument("--public-keys", type=Path, default=None,
                    help="directory of <identity>.pub files from `blindseg keygen`: the kit then holds no private key")
     k = sub.add_parser("keygen", help="make this party's key pair here (private key 0600; print the public key)")
-    k.add_argument("--party", required=True, help="the identity: dealer, server0, server1, model_owner or a tenant")
+    k.add_argument("--party", required=True, help="the identity: dealer, server0, server1 (server0-2, ... for "
+                   "further pairs), model_owner or a tenant")
     k.add_argument("--out", type=Path, default=Path("keys"))
     rk = sub.add_parser("rotate-key", help="replace one party's public key in every config of a kit")
     rk.add_argument("dir", type=Path)
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
             tenants = tuple(t.strip() for t in args.tenants.split(",") if t.strip())
             paths = init(args.dir, args.deployment, args.broker_host, args.port, args.plain, tenants=tenants,
-                         public_keys=args.public_keys)
+                         public_keys=args.public_keys, pairs=args.pairs)
             if args.public_keys is None:
                 print("DEMO KIT: every private key was generated here (see keys/README); for production use "
                       "`blindseg keygen` on each host and --public-keys")

@@ -4,6 +4,7 @@
 
     deployment = "demo"
     party = "server0"                 # dealer | server0 | server1 | model_owner | data_owner
+    pair = "b"                        # servers of a further server pair: identity server0-b / server1-b
     broker = "mqtts://broker.example:8883"
     username = "server0"              # broker login (ACLs key on it)
     password_file = "secrets/server0.password"
@@ -20,6 +21,8 @@
     metrics_address = "127.0.0.1:9461"  # services: Prometheus /metrics, /healthz, /readyz ("" = off, the default)
     pool_expiry = 3600                # servers: drop ready bundles of a batch size unused this long (seconds)
     store_budget = 0                  # servers: most bytes of bundles on disk (0: as much as the disk allows)
+    max_jobs = 2                      # server0 of a pair: offered jobs it takes while fewer run (several pairs)
+    offer_group = "k3j..."            # server0s: the (secret) shared-subscription group of job offers
 
     [peers]                           # public keys (hex) of the parties this one talks to
     server1 = "ab12..."
@@ -31,7 +34,9 @@ Relative paths are relative to the config file. An unknown field is refused (a m
 
 from __future__ import annotations
 
+import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,13 +45,39 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from . import ids
 from .crypto import load_private, load_public
 from .errors import UsageError
-from .transport import STATUS, BrokerAddress
+from .transport import OFFERS, STATUS, BrokerAddress
 
 PARTIES = ("dealer", "server0", "server1", "model_owner", "data_owner")
 ROLES = ("dealer", "server0", "server1", "model_owner")  # fixed names; any other peer is a tenant (data owner)
-FIELDS = {"deployment", "party", "tenant", "broker", "username", "password_file", "ca_file", "key_file", "state_dir",
+FIELDS = {"deployment", "party", "pair", "tenant", "broker", "username", "password_file", "ca_file", "key_file", "state_dir",
           "net", "round_timeout", "bundle_wait", "job_timeout", "key_expires", "max_job_bytes", "peers",
-          "metrics_address", "pool_expiry", "store_budget"}
+          "metrics_address", "pool_expiry", "store_budget", "max_jobs", "offer_group"}
+
+
+_SERVER = re.compile(r"server([01])(?:-([A-Za-z0-9_]{1,16}))?")
+
+
+def server_name(index: int, pair: str = "") -> str:
+    """The identity of server ``index`` (0 or 1) of server pair ``pair`` ("" is the first pair:
+    ``server0`` / ``server1``; pair ``b`` is ``server0-b`` / ``server1-b``)."""
+    return f"server{index}" + (f"-{pair}" if pair else "")
+
+
+def parse_server(name: str) -> tuple[int, str] | None:
+    """(index, pair) of a server identity, or None if ``name`` is no server's."""
+    m = _SERVER.fullmatch(name)
+    return (int(m.group(1)), m.group(2) or "") if m else None
+
+
+def is_role(name: str) -> bool:
+    """Whether ``name`` is a service's or the model owner's identity (anything else is a tenant)."""
+    return name in ROLES or parse_server(name) is not None
+
+
+def server_pairs(names: Iterable[str]) -> list[str]:
+    """The server pairs among ``names`` (both of a pair's servers present), the first pair first."""
+    found = {s for n in names if (s := parse_server(n)) is not None}
+    return sorted((p for i, p in found if i == 0 and (1, p) in found), key=lambda p: (p != "", p))
 
 
 @dataclass
@@ -67,6 +98,8 @@ class PartyConfig:
     metrics_address: str = ""  # host:port of the probes and metrics (services); "" = off
     pool_expiry: float = 3600.0  # servers: ready bundles of a batch size unused this long are dropped
     store_budget: int = 0  # servers: most bytes of bundles on disk (0: as much as the disk allows)
+    max_jobs: int = 2  # server0 of a pair: jobs offered to the pairs are claimed while fewer run here
+    offer_group: str = ""  # server0s: the shared-subscription group of job offers (default: <deployment>-pairs)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.party
@@ -77,7 +110,12 @@ class PartyConfig:
     @property
     def tenants(self) -> list[str]:
         """The data-owner identities among the peers (a server's tenants)."""
-        return [p for p in self.peers if p not in ROLES]
+        return [p for p in self.peers if not is_role(p)]
+
+    @property
+    def pairs(self) -> list[str]:
+        """The server pairs this party has keys for (a data owner spreads its jobs over them)."""
+        return server_pairs(self.peers)
 
     @staticmethod
     def load(path: str | Path, expect: str | tuple[str, ...] | None = None) -> PartyConfig:
@@ -148,8 +186,12 @@ class PartyConfig:
         tenant = str(field("tenant", str, "data_owner"))
         if "tenant" in raw and party != "data_owner":
             raise UsageError(f"{p}: only a data owner has a tenant name")
-        if tenant in ROLES or tenant == STATUS:
-            raise UsageError(f"{p}: tenant name {tenant!r} is " + ("a role's name" if tenant in ROLES else "reserved"))
+        if is_role(tenant) or tenant in (STATUS, OFFERS):
+            raise UsageError(f"{p}: tenant name {tenant!r} is " + ("a role's name" if is_role(tenant) else "reserved"))
+        pair = str(field("pair", str, ""))
+        if pair and (party not in ("server0", "server1") or parse_server(server_name(0, pair)) is None):
+            raise UsageError(f"{p}: " + ("only a server belongs to a server pair" if party not in ("server0", "server1")
+                                         else f"pair name {pair!r} must be 1-16 letters, digits or '_'"))
         try:
             ids.check("tenant", tenant)
         except UsageError as e:
@@ -160,6 +202,16 @@ class PartyConfig:
         budget = raw.get("store_budget", 0)
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
             raise UsageError(f"{p}: field 'store_budget' must be a number of bytes (0: no budget)")
+        max_jobs = raw.get("max_jobs", 2)
+        if not isinstance(max_jobs, int) or isinstance(max_jobs, bool) or not 1 <= max_jobs <= 1000:
+            raise UsageError(f"{p}: field 'max_jobs' must be a whole number of jobs in [1, 1000]")
+
+        group = str(field("offer_group", str, f"{raw.get('deployment', '')}-pairs"))
+        if "offer_group" in raw and party != "server0":
+            raise UsageError(f"{p}: only a server0 takes job offers (offer_group)")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", group):
+            raise UsageError(f"{p}: field 'offer_group' must be 1-64 letters, digits, '-' or '_'")
+
         def seconds(name: str, default: float) -> float:
             v = raw.get(name, default)
             if not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v <= 86400:
@@ -172,8 +224,10 @@ class PartyConfig:
             if not host or not port.isdigit() or not 0 <= int(port) < 65536:
                 raise UsageError(f"{p}: field 'metrics_address' must be host:port (e.g. 127.0.0.1:9461), got "
                                  f"{metrics!r}")
+        name = (tenant if party == "data_owner" else server_name(int(party[-1]), pair)
+                if party in ("server0", "server1") else party)
         return PartyConfig(p, str(field("deployment")), party, broker, key, peers,
-                           rel(str(field("state_dir", str, f"state/{party}"))), str(field("net", str, "none")),
+                           rel(str(field("state_dir", str, f"state/{name}"))), str(field("net", str, "none")),
                            seconds("round_timeout", 120.0), seconds("bundle_wait", 120.0), seconds("job_timeout", 600.0),
-                           tenant if party == "data_owner" else party, mjb, metrics,
-                           seconds("pool_expiry", 3600.0), budget)
+                           name, mjb, metrics,
+                           seconds("pool_expiry", 3600.0), budget, max_jobs, group)

@@ -218,9 +218,11 @@ class PresenceSeal:
     shows -- a presence document informs a person and decides nothing."""
 
     def __init__(self, key: X25519PrivateKey, other: X25519PublicKey, deployment: str, service: str,
-                 reader: str) -> None:
+                 reader: str, purpose: str = "presence") -> None:
+        """``purpose`` separates the keys of different uses of the same pair of identities ("presence";
+        "offer": a data owner's job offer to one server pair, :class:`~blindseg.messages.Offer`)."""
         self._aead = AESGCM(HKDF(hashes.SHA256(), 32, salt=None,
-                                 info=f"blindseg/2 presence {deployment} {service}->{reader}".encode()
+                                 info=f"blindseg/2 {purpose} {deployment} {service}->{reader}".encode()
                                  ).derive(key.exchange(other)))
 
     def __repr__(self) -> str:

@@ -33,21 +33,25 @@ class LocalDeployment:
 
     def __init__(self, root: str | Path, broker_url: str | None, net: str = "none", pool: int = 2,
                  settings: dict[str, float] | None = None, tenants: tuple[str, ...] = ("data_owner",),
-                 tls_port: int | None = None, metrics: bool = False) -> None:
+                 tls_port: int | None = None, metrics: bool = False, pairs: int = 1) -> None:
         """``tls_port``: a kit with TLS, passwords and ACLs for a broker on 127.0.0.1:<port> (start it with
         :meth:`broker_config`); otherwise a plain kit for the broker at ``broker_url``. ``metrics``: each
-        service's probes on a free loopback port (``self.metrics``: role -> host:port)."""
+        service's probes on a free loopback port (``self.metrics``: role -> host:port). ``pairs``: server
+        pairs (``self.services``: the dealer, then every server)."""
         from .broker import free_port
+        from .config import server_name
+        from .kit import pair_names
 
         self.root = Path(root)
         if tls_port is not None:
             self.configs = init(self.root, "demo", broker_host="127.0.0.1", port=tls_port, bind="127.0.0.1", net=net,
-                                settings=settings, tenants=tenants, metrics=False)
+                                settings=settings, tenants=tenants, metrics=False, pairs=pairs)
         else:
             self.configs = init(self.root, "demo", plain=True, broker_url=broker_url, net=net, settings=settings,
-                                tenants=tenants, metrics=False)
+                                tenants=tenants, metrics=False, pairs=pairs)
+        self.services = ("dealer", *(server_name(i, p) for p in pair_names(pairs) for i in (0, 1)))
         self.metrics: dict[str, str] = {}
-        for role in ("dealer", "server0", "server1") if metrics else ():
+        for role in self.services if metrics else ():
             self.metrics[role] = f"127.0.0.1:{free_port()}"
             text = self.configs[role].read_text()
             self.configs[role].write_text(text.replace("\n[peers]", f'\nmetrics_address = "{self.metrics[role]}"\n[peers]', 1))
@@ -62,7 +66,8 @@ class LocalDeployment:
         return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def start_role(self, role: str) -> None:
-        args = [sys.executable, "-m", role, "--config", str(self.configs[role])]
+        module = role.split("-")[0]  # server0-2 runs `python -m server0` with its own config
+        args = [sys.executable, "-m", module, "--config", str(self.configs[role])]
         if role == "dealer":
             args += ["--pool", str(self.pool)]
         log = open(self.root / "logs" / f"{role}.log", "ab")  # noqa: SIM115 - owned by the child
@@ -71,9 +76,9 @@ class LocalDeployment:
     def start(self, timeout: float = 60.0) -> LocalDeployment:
         """Start the services and wait until each is connected and subscribed (blocking: call it
         through ``asyncio.to_thread`` when the broker runs on your event loop)."""
-        for role in ("dealer", "server0", "server1"):
+        for role in self.services:
             self.start_role(role)
-        self.wait_serving(("dealer", "server0", "server1"), timeout)
+        self.wait_serving(self.services, timeout)
         return self
 
     def restart(self, role: str, timeout: float = 60.0) -> None:

@@ -111,9 +111,9 @@ class Health:
     def document(self, reader: str = "") -> dict[str, Any]:
         """The presence document for ``reader``: who, since when, the role's state, and the recent
         failures (a data owner sees only its own)."""
-        from .config import ROLES
+        from .config import is_role
 
-        failures = [f for f in self.failures if reader in ROLES or reader == "" or f["from"] == reader]
+        failures = [f for f in self.failures if is_role(reader) or reader == "" or f["from"] == reader]
         try:
             info = self.info(reader)
         except Exception as e:  # the document must never take the service down

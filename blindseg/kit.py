@@ -13,6 +13,11 @@ to it) and write only ``blindseg/<deployment>/+/P`` (messages signed as itself).
 Every data owner (tenant) is its own identity with its own key, password, topic
 and ACL, so one hospital can neither subscribe to nor decrypt another's results.
 
+Several server pairs (``pairs=N``): pair 1 is ``server0``/``server1``, pair k is
+``server0-k``/``server1-k``, each with its own keys, configs, units and metrics port. Tenants
+write job offers on ``blindseg/<deployment>/offers/<tenant>``; every pair's server0 reads them
+through the shared subscription ``$share/<deployment>-pairs/...``.
+
 Keys: ``blindseg keygen --party P`` on P's host and ``blindseg init DIR
 --public-keys PUBS`` build a kit from public keys only; ``init`` without
 ``--public-keys`` makes every key in one place (demos and tests);
@@ -38,24 +43,25 @@ from cryptography.x509.oid import NameOID
 
 from . import ids
 from .broker import mosquitto_config
-from .config import ROLES
+from .config import ROLES, is_role, parse_server, server_name
 from .crypto import generate_key, load_public, private_bytes, public_hex
 from .errors import UsageError
-from .transport import STATUS
-
-# who talks to whom (both directions); every tenant (data owner) talks to both servers only
-LINKS = {
-    "dealer": ("server0", "server1", "model_owner"),
-    "server0": ("server1", "dealer", "model_owner"),
-    "server1": ("server0", "dealer", "model_owner"),
-    "model_owner": ("server0", "server1", "dealer"),
-}
+from .transport import OFFERS, STATUS, offer_topic
 
 
-def links(identity: str, tenants: tuple[str, ...]) -> tuple[str, ...]:
-    if identity in ("server0", "server1"):
-        return LINKS[identity] + tenants
-    return LINKS.get(identity, ("server0", "server1"))
+def pair_names(pairs: int) -> list[str]:
+    """The names of ``pairs`` server pairs: "" (server0/server1), then "2", "3", ..."""
+    return [""] + [str(k) for k in range(2, pairs + 1)]
+
+
+def links(identity: str, tenants: tuple[str, ...], pairs: int = 1) -> tuple[str, ...]:
+    """Who ``identity`` talks to (both directions): a server to its pair's other server, the dealer, the
+    model owner and every tenant; the dealer, the model owner and every tenant to every server."""
+    servers = tuple(server_name(i, p) for p in pair_names(pairs) for i in (0, 1))
+    me = parse_server(identity)
+    if me is not None:
+        return (server_name(1 - me[0], me[1]), "dealer", "model_owner") + tenants
+    return servers + {"dealer": ("model_owner",), "model_owner": ("dealer",)}.get(identity, ())
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -132,7 +138,7 @@ def init(directory: str | Path, deployment: str = "blindseg", broker_host: str =
          plain: bool = False, broker_url: str | None = None, net: str = "none", bind: str = "0.0.0.0",
          settings: dict[str, float] | None = None, tenants: tuple[str, ...] = ("data_owner",),
          public_keys: str | Path | None = None, install_dir: str = "/opt/blindseg",
-         python: str = "/opt/blindseg/venv/bin/python", metrics: bool = True) -> dict[str, Path]:
+         python: str = "/opt/blindseg/venv/bin/python", metrics: bool = True, pairs: int = 1) -> dict[str, Path]:
     """Write a deployment kit; returns each identity's config path.
 
     With ``public_keys`` (a directory of ``<identity>.pub`` files from ``blindseg keygen``) the kit holds
@@ -143,20 +149,26 @@ def init(directory: str | Path, deployment: str = "blindseg", broker_host: str =
     ``broker/`` is self-contained (paths relative to it; ``broker/run.sh`` starts Mosquitto there), so
     it can be copied to the broker host as is. ``systemd/`` holds a unit per service for a kit copied to
     ``install_dir`` with blindseg installed for ``python``; each service's metrics and probes listen on
-    loopback (``metrics``: dealer 9460, server0 9461, server1 9462)."""
+    loopback (``metrics``: dealer 9460, server0 9461, server1 9462, then two ports per further pair).
+    ``pairs``: how many server pairs (jobs spread over them through the broker)."""
     root = Path(directory)
+    if not 1 <= pairs <= 64:
+        raise UsageError(f"a deployment has 1 to 64 server pairs, not {pairs}")
     if not deployment.replace("-", "").isalnum():
         raise UsageError(f"deployment name {deployment!r} must be letters, digits and dashes")
     for t in tenants:
         ids.check("tenant", t)
-        if t in ROLES or t == STATUS:
-            raise UsageError(f"tenant name {t!r} is a role's name" if t in ROLES else
-                             f"tenant name {t!r} is reserved (presence documents)")
+        if is_role(t) or t in (STATUS, OFFERS):
+            raise UsageError(f"tenant name {t!r} is a role's name" if is_role(t) else
+                             f"tenant name {t!r} is reserved (topic levels of presence documents and job offers)")
     if not tenants or len(set(tenants)) != len(tenants):
         raise UsageError("give one or more distinct tenant names")
     if (root / "configs").exists():
         raise UsageError(f"{root} already holds a deployment (configs/ exists); pick an empty directory")
-    identities = ROLES + tuple(tenants)
+    servers = tuple(server_name(i, p) for p in pair_names(pairs)[1:] for i in (0, 1))
+    identities = ROLES + servers + tuple(tenants)
+    ports = metrics_ports(pairs)
+    group = f"pairs-{base64.b32encode(os.urandom(10)).decode().lower()}"  # only the server0s know it
     pubs = _public_keys(Path(public_keys), identities) if public_keys is not None else None
     for sub in ("keys", "secrets", "configs", "broker"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -180,29 +192,39 @@ def init(directory: str | Path, deployment: str = "blindseg", broker_host: str =
     url = broker_url or (f"mqtt://{broker_host}:{port}" if plain else f"mqtts://{broker_host}:{port}")
     out: dict[str, Path] = {}
     for p in identities:
-        role = p if p in ROLES else "data_owner"
+        who = parse_server(p)
+        role = f"server{who[0]}" if who else p if p in ROLES else "data_owner"
         expires = (dt.date.today() + dt.timedelta(days=365)).isoformat()
         lines = [f'deployment = "{deployment}"', f'party = "{role}"', f'broker = "{url}"', f'key_file = "../keys/{p}.key"',
                  f"key_expires = {expires}", f'state_dir = "../state/{p}"', f'net = "{net}"']
-        if p != role and p != "data_owner":
+        if who and who[1]:
+            lines.insert(2, f'pair = "{who[1]}"')
+        if who and who[0] == 0:
+            lines.append(f'offer_group = "{group}"')
+        elif p != role and p != "data_owner":
             lines.insert(2, f'tenant = "{p}"')
         if not plain:
             _write_secret(root / "secrets" / f"{p}.password", passwords[p].encode())
             lines += [f'username = "{p}"', f'password_file = "../secrets/{p}.password"', 'ca_file = "../broker/ca.crt"']
-        if metrics and p in METRICS_PORTS:
-            lines.append(f'metrics_address = "127.0.0.1:{METRICS_PORTS[p]}"')
+        if metrics and p in ports:
+            lines.append(f'metrics_address = "127.0.0.1:{ports[p]}"')
         lines += [f"{k} = {v}" for k, v in (settings or {}).items()]
-        lines += ["", "[peers]"] + [f'{q} = "{pubs[q]}"' for q in links(p, tuple(tenants))]
+        lines += ["", "[peers]"] + [f'{q} = "{pubs[q]}"' for q in links(p, tuple(tenants), pairs)]
         path = root / "configs" / f"{p}.toml"
         path.write_text("\n".join(lines) + "\n")
         out[p] = path
     b = root / "broker"
     acl = []
     for p in identities:
+        who = parse_server(p)
         acl += [f"user {p}", f"topic read blindseg/{deployment}/{p}/#", f"topic write blindseg/{deployment}/+/{p}",
                 # presence documents (sealed per reader): each party writes its own, reads those for it
-                f"topic write blindseg/{deployment}/{STATUS}/{p}/+", f"topic read blindseg/{deployment}/{STATUS}/+/{p}",
-                ""]
+                f"topic write blindseg/{deployment}/{STATUS}/{p}/+", f"topic read blindseg/{deployment}/{STATUS}/+/{p}"]
+        if who is not None and who[0] == 0:  # job offers: every pair's server0 reads them (shared subscription)
+            acl.append(f"topic read {offer_topic(deployment)}")
+        elif not is_role(p):  # a tenant offers its own jobs
+            acl.append(f"topic write {offer_topic(deployment, p)}")
+        acl.append("")
     (b / "acl").write_text("\n".join(acl))
     _write_secret(b / "passwd", "".join(f"{p}:{mosquitto_password(passwords[p])}\n" for p in identities).encode())
     if plain:
@@ -215,11 +237,16 @@ def init(directory: str | Path, deployment: str = "blindseg", broker_host: str =
     (b / "run.sh").write_text('#!/bin/sh\n# Start the broker with this folder\'s files (copy broker/ anywhere).\n'
                               'cd "$(dirname "$0")" && exec mosquitto -c mosquitto.conf "$@"\n')
     os.chmod(b / "run.sh", 0o755)
-    _systemd_units(root / "systemd", deployment, install_dir, python)
+    _systemd_units(root / "systemd", deployment, install_dir, python, tuple(ports))
     return out
 
 
-METRICS_PORTS = {"dealer": 9460, "server0": 9461, "server1": 9462}
+def metrics_ports(pairs: int = 1) -> dict[str, int]:
+    """Loopback ports of the services' probes: dealer 9460, server0 9461, server1 9462, server0-2 9463, ..."""
+    out = {"dealer": 9460}
+    for k, p in enumerate(pair_names(pairs)):
+        out.update({server_name(0, p): 9461 + 2 * k, server_name(1, p): 9462 + 2 * k})
+    return out
 _HARDENING = """NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=yes
@@ -234,13 +261,15 @@ LockPersonality=yes
 UMask=0077"""
 
 
-def _systemd_units(d: Path, deployment: str, install_dir: str, python: str) -> None:
+def _systemd_units(d: Path, deployment: str, install_dir: str, python: str, services: tuple[str, ...]) -> None:
     """One unit per service (and the broker): restart on failure, graceful stop (SIGTERM: running jobs
     end with an error their data owner retries), writable only in the service's own state dir."""
     d.mkdir(exist_ok=True)
-    for role in ("dealer", "server0", "server1"):
-        (d / f"blindseg-{role}.service").write_text(f"""[Unit]
-Description=blindseg {role} (deployment {deployment})
+    for name in services:
+        who = parse_server(name)
+        module = f"server{who[0]}" if who else name
+        (d / f"blindseg-{name}.service").write_text(f"""[Unit]
+Description=blindseg {name} (deployment {deployment})
 After=network-online.target
 Wants=network-online.target
 
@@ -249,13 +278,13 @@ Type=simple
 User=blindseg
 Group=blindseg
 WorkingDirectory={install_dir}
-ExecStart={python} -m {role} --config {install_dir}/configs/{role}.toml
+ExecStart={python} -m {module} --config {install_dir}/configs/{name}.toml
 Restart=on-failure
 RestartSec=2
 KillSignal=SIGTERM
 TimeoutStopSec=30
-ReadWritePaths={install_dir}/state/{role}
-Environment=NUMBA_CACHE_DIR={install_dir}/state/{role}/numba-cache
+ReadWritePaths={install_dir}/state/{name}
+Environment=NUMBA_CACHE_DIR={install_dir}/state/{name}/numba-cache
 {_HARDENING}
 
 [Install]

@@ -300,6 +300,29 @@ class Job(Message):
 
 
 @dataclass(frozen=True, repr=False)
+class Offer(Message):
+    """data owner -> the server pairs' server0s, through the broker's shared subscription (one of them
+    gets it): who takes this job? Sealed for each server0 on its own (:mod:`blindseg.transport`);
+    ``sent``: the data owner's clock (Unix seconds), so a replayed old offer is dropped."""
+
+    T = "offer"
+    job: str
+    model: str
+    epoch: str
+    batch: int
+    sent: float
+
+
+@dataclass(frozen=True, repr=False)
+class Claim(Message):
+    """server0 of a pair -> data owner (``ctl:claim``): this pair takes the job; the data owner sends
+    its shares to this pair's two servers only (the job is pinned to it)."""
+
+    T = "claim"
+    job: str
+
+
+@dataclass(frozen=True, repr=False)
 class Progress(Message):
     """server0 -> data owner: ``phase`` ("bundle": waiting for a bundle from the dealer; "online": op
     ``op`` of ``ops`` done)."""

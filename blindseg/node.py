@@ -17,6 +17,8 @@ kind                   from -> to                   meaning
 ``ctl:planinfo``       server -> data_owner         the plan
 ``ctl:job``            data_owner -> servers        job id, model, batch + this server's input share
 ``ctl:progress``       server0 -> data_owner        op i of n done
+``ctl:offer``          data_owner -> one server0    who takes this job? (several pairs; via the broker)
+``ctl:claim``          server0 -> data_owner        this pair takes it: send the shares to it
 ``ctl:error``          any -> requester             a job or request failed, with the reason
 =====================  ===========================  ==========================================
 """
@@ -68,7 +70,8 @@ class Node:
     def from_config(cfg: PartyConfig) -> Node:
         from .transport import MqttTransport
 
-        return Node(cfg.name, MqttTransport(cfg.deployment, cfg.name, cfg.key, cfg.peers, cfg.broker),
+        return Node(cfg.name, MqttTransport(cfg.deployment, cfg.name, cfg.key, cfg.peers, cfg.broker,
+                                            offer_group=cfg.offer_group if cfg.party == "server0" else ""),
                     profile(cfg.net), str(cfg.path), cfg.deployment)
 
     async def start(self) -> Node:
@@ -126,6 +129,13 @@ class Node:
     async def tell(self, peer: str, msg: Message) -> None:
         """Send a control message (label ``ctl:<type>``)."""
         await self.link(peer).send(f"ctl:{msg.T}", msg.encode())
+
+    async def offer(self, msg: Message, to: list[str]) -> None:
+        """Offer a job to the server0s ``to``: the broker (shared subscription) hands it to one."""
+        t: Any = self.transport
+        if not hasattr(t, "offer"):
+            raise UsageError(f"{self.where}: this transport cannot offer jobs to several server pairs")
+        await t.offer(msg.encode(), to)
 
     async def next_control(self) -> tuple[str, Message]:
         """(sender, message) of the next well-formed control message; malformed ones are dropped with a

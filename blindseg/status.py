@@ -20,13 +20,16 @@ import math
 import uuid
 from typing import Any
 
-from .config import ROLES, PartyConfig
+from .config import PartyConfig, parse_server
 from .crypto import PresenceSeal
 from .errors import ConnectionLost, ProtocolError, UsageError
 from .health import utc_age
 from .transport import _fatal_reason, status_topic
 
-SERVICES = tuple(r for r in ROLES if r != "model_owner")
+
+def is_service(name: str) -> bool:
+    """The dealer and every server of every pair publish presence (the model owner and tenants don't)."""
+    return name == "dealer" or parse_server(name) is not None
 
 
 async def collect(cfg: PartyConfig, listen: float = 3.0) -> dict[str, Any]:
@@ -44,7 +47,7 @@ async def collect(cfg: PartyConfig, listen: float = 3.0) -> dict[str, Any]:
             await client.subscribe(status_topic(cfg.deployment, "+", cfg.name), qos=1)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + listen
-            want = set(SERVICES) & set(cfg.peers)
+            want = {p for p in cfg.peers if is_service(p)}
             it = client.messages
             while (left := deadline - loop.time()) > 0:
                 try:
@@ -73,7 +76,7 @@ async def collect(cfg: PartyConfig, listen: float = 3.0) -> dict[str, Any]:
             raise UsageError(why) from None
         raise ConnectionLost(f"cannot reach the MQTT broker at {b.host}:{b.port}: {e}") from None
     out: dict[str, Any] = {}
-    for party in sorted((set(SERVICES) & set(cfg.peers)) | set(docs)):
+    for party in sorted({p for p in cfg.peers if is_service(p)} | set(docs)):
         doc = dict(docs.get(party, {}))
         age = utc_age(str(doc.get("time", "")))
         if not doc:
@@ -113,7 +116,8 @@ def render(deployment: str, services: dict[str, Any]) -> str:
         if "pool" in d:
             pool = d["pool"] or {}
             text = "; ".join(f"{k}: " + ", ".join(f"batch {b} x{n}" for b, n in v.items()) for k, v in pool.items())
-            lines.append(f"           pool: {text or 'empty'}; jobs running: {d.get('jobs_running', 0)}; "
+            claimed = f" (+{d['jobs_claimed']} claimed)" if d.get("jobs_claimed") else ""
+            lines.append(f"           pool: {text or 'empty'}; jobs running: {d.get('jobs_running', 0)}{claimed}; "
                          f"store {_size(int(d.get('store_bytes', 0)))}")
         if "bundles_made" in d:
             q = d.get("queued") or {}

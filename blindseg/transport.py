@@ -25,6 +25,15 @@ in order on a topic. Frames whose label starts with ``ctl:`` go to
 endpoint's inbox by label. Anything that fails to authenticate, replays, is
 malformed or exceeds a limit is dropped with a logged reason
 (:attr:`MqttTransport.rejected`); it never stops the reader.
+
+Several server pairs: a data owner offers a job on ``blindseg/<deployment>/offers/<tenant>``
+(:meth:`MqttTransport.offer`: one sealed copy per pair's server0, keyed by the static DH of the two
+identities, so only those can read it and only that tenant can have written it); every server0 holds
+the MQTT v5 shared subscription ``$share/<group>/blindseg/<deployment>/offers/+``, so the broker
+hands each offer to exactly one of them (``offer_group``). It reaches that server's control queue as
+``ctl:offer`` from the tenant; the pair then claims the job over its E2E link. The group name is a
+secret of the server0s' configs: Mosquitto lets any login join a shared group (its ACL only stops
+the delivery), and a member that may not read would swallow its turn of the offers.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import aiomqtt
+import msgpack
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from .background import spawn
@@ -102,6 +112,18 @@ def status_topic(deployment: str, service: str = "+", reader: str = "+") -> str:
 
 
 STATUS = "status"  # the topic level of presence documents (no party may be called this)
+OFFERS = "offers"  # the topic level of job offers to the server pairs (no party may be called this either)
+MAX_OFFER = 64 << 10
+
+
+def offer_topic(deployment: str, tenant: str = "+") -> str:
+    """Where ``tenant`` offers its jobs to whichever server pair takes them."""
+    return f"blindseg/{deployment}/{OFFERS}/{tenant}"
+
+
+def shared_offers(deployment: str, group: str) -> str:
+    """The shared subscription every pair's server0 holds: the broker gives each offer to one of them."""
+    return f"$share/{group}/{offer_topic(deployment)}"
 
 
 def seal_chunks(link: SecureLink, topic: str, label: str, frame_id: int, frame: bytes | memoryview,
@@ -140,8 +162,9 @@ class MqttTransport:
     def __init__(self, deployment: str, me: str, key: X25519PrivateKey, peers: dict[str, X25519PublicKey],
                  broker: BrokerAddress, chunk: int = CHUNK, max_frame: int = MAX_FRAME,
                  connect_timeout: float = 10.0, handshake_timeout: float = 30.0, partial_age: float = 120.0,
-                 max_skew: float = 5.0) -> None:
+                 max_skew: float = 5.0, offer_group: str = "") -> None:
         self.deployment, self.me, self.broker = deployment, me, broker
+        self.offer_group = offer_group  # a pair's server0: the shared subscription of job offers it joins
         self.chunk, self.max_frame, self.connect_timeout = chunk, max_frame, connect_timeout
         self.handshake_timeout, self.partial_age, self.max_skew = handshake_timeout, partial_age, max_skew
         self._ephemeral = X25519PrivateKey.generate()  # this run's; never stored
@@ -170,6 +193,8 @@ class MqttTransport:
         self._seals = {p: PresenceSeal(key, pk, deployment, me, p) for p, pk in peers.items()}
         # peers' presence for this party: when each was last heard (fresh documents only), and a goodbye
         self._read_seals = {p: PresenceSeal(key, pk, deployment, p, me) for p, pk in peers.items()}
+        self._key, self._peer_keys = key, peers  # job offers: seals made when first needed
+        self._offer_seals: dict[tuple[str, str], PresenceSeal] = {}
         self._heard: dict[str, float] = {}
         self._goodbye: dict[str, str] = {}
         self._heard_interval: dict[str, float] = {}
@@ -257,7 +282,8 @@ class MqttTransport:
                     socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),), timeout=self.connect_timeout,
                 ) as client:
                     await client.subscribe([(topic_for(self.deployment, self.me, "+"), 1),  # inbox; presence for us
-                                            (status_topic(self.deployment, "+", self.me), 1)])
+                                            (status_topic(self.deployment, "+", self.me), 1),
+                                            *([(shared_offers(self.deployment, self.offer_group), 1)] if self.offer_group else [])])
                     self._client, self._lost = client, lost
                     self._connected.set()
                     self._ever_connected = True
@@ -269,7 +295,9 @@ class MqttTransport:
                     if self.presence is not None:
                         self._spawn(self._announce(client, lost))
                     async for msg in client.messages:
-                        if str(msg.topic).count("/") == 4:
+                        if str(msg.topic).startswith(offer_topic(self.deployment, "")):
+                            self._on_offer(str(msg.topic), msg.payload)  # type: ignore[arg-type]
+                        elif str(msg.topic).count("/") == 4:
                             self._on_presence(str(msg.topic), msg.payload, msg.retain)  # type: ignore[arg-type]
                         else:
                             self._on_message(str(msg.topic), msg.payload)  # type: ignore[arg-type]
@@ -317,6 +345,40 @@ class MqttTransport:
             self._goodbye.pop(peer, None)
             if isinstance(doc.get("interval"), int | float):
                 self._heard_interval[peer] = float(doc["interval"])
+
+    def _offer_seal(self, writer: str, reader: str) -> PresenceSeal:
+        other = reader if writer == self.me else writer
+        k = (writer, reader)
+        if k not in self._offer_seals:
+            self._offer_seals[k] = PresenceSeal(self._key, self._peer_keys[other], self.deployment, writer, reader,
+                                                "offer")
+        return self._offer_seals[k]
+
+    async def offer(self, frame: bytes, to: list[str]) -> None:
+        """Publish a job offer (an encoded :class:`~blindseg.messages.Offer`) sealed for each of the
+        server0s ``to``; the broker hands it to one of them. Waits for the broker's acknowledgement."""
+        topic = offer_topic(self.deployment, self.me)
+        missing = [p for p in to if p not in self._peer_keys]
+        if missing:
+            raise UsageError(f"no key configured for peer(s) {', '.join(missing)}")
+        await self.publish(topic, msgpack.packb({p: self._offer_seal(self.me, p).seal(topic, frame) for p in to}))
+
+    def _on_offer(self, topic: str, payload: bytes) -> None:
+        """A tenant's job offer, handed to this server0 by the shared subscription: our sealed copy goes
+        to the control queue as ``ctl:offer`` from that tenant."""
+        tenant = topic.rsplit("/", 1)[-1]
+        try:
+            if tenant not in self._peer_keys or tenant == self.me or len(payload) > MAX_OFFER:
+                raise ProtocolError("not from a known tenant, or too large")
+            copies = msgpack.unpackb(bytes(payload), raw=False)
+            mine = copies.get(self.me) if isinstance(copies, dict) else None
+            if not isinstance(mine, bytes):
+                raise ProtocolError("it holds no copy for this server")
+            frame = self._offer_seal(tenant, self.me).open(topic, mine)
+        except (ProtocolError, ValueError, TypeError, msgpack.UnpackException) as e:
+            self.reject(f"dropped job offer on {topic!r}: {e}")
+            return
+        self.control.put_nowait((tenant, "ctl:offer", frame))
 
     def saw(self, peer: str) -> None:
         """An authenticated message from ``peer`` arrived: it is alive (for peers that publish presence)."""

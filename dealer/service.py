@@ -7,6 +7,11 @@ server its seed; on ``ctl:commit`` it switches the model to that epoch and
 streams ``pool`` bundles; every ``ctl:used`` / ``ctl:need`` from server0 streams
 one more. Bundles are generated one at a time in a worker thread; the servers wait
 for them (back-pressure), they never generate their own.
+
+Several server pairs: one dealer serves every pair it has keys for (``server0``/``server1``,
+``server0-<pair>``/``server1-<pair>``, ...). Each pair has its own mask seeds per deployment (the
+model owner splits the weights afresh per pair too), so a server of one pair and one of another
+hold unrelated shares even together, and its own pool, requested by that pair's server0.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 from blindseg import ids
 from blindseg.channel import Endpoint
-from blindseg.config import PartyConfig
+from blindseg.config import PartyConfig, parse_server, server_name, server_pairs
 from blindseg.errors import BlindsegError, StoreFull, UsageError
 from blindseg.health import Health
 from blindseg.messages import Commit, Committed, Error, Masks, Message, Need, PlanMsg, PoolRequest
@@ -63,10 +68,13 @@ class DealerService:
                  in_use_for: float = 3600.0) -> None:
         self.node, self.pool = node, pool
         self.metrics_address, self.in_use_for = metrics_address, in_use_for
-        self.dealer = Dealer()
+        self.pairs = server_pairs(node.links)
+        if not self.pairs:
+            raise UsageError(f"{node.where}: the dealer needs the keys of at least one server pair (server0, server1)")
+        self.dealers = {p: Dealer() for p in self.pairs}  # one per server pair: its own masks per deployment
         self.bundles_made = 0
         self._in_use: dict[str, dict[int, float]] = {}  # model -> batch size -> monotonic time last requested
-        self._full_until: dict[str, float] = {}  # model -> until when a server's store said it is full
+        self._full_until: dict[tuple[str, str], float] = {}  # (pair, model) -> until when a store said it is full
         self.full_backoff = 10.0  # seconds before bundles for a full store are tried again
         self.health = Health("dealer", node.deployment)
         self.health.info = self._status
@@ -74,15 +82,19 @@ class DealerService:
         self.state = state_dir / "models.json"
         self.current: dict[str, str] = {}  # model -> its committed epoch
         self.dealer_seconds = 0.0  # compute time of the bundles made so far
-        self._work: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
-        self._pending: dict[tuple[str, int], int] = {}  # bundles queued or being streamed, per (deployment, batch)
+        self._work: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()
+        # bundles queued or being streamed, per (pair, deployment, batch)
+        self._pending: dict[tuple[str, str, int], int] = {}
         private_dir(state_dir)
         if self.state.exists():
             check_private(self.state)
             data = json.loads(self.state.read_text())
             self.current = dict(data.get("current", {}))
-            for k, m in data.get("deployments", {}).items():
-                self.dealer.restore(k, Plan.from_dict(m["plan"]), bytes.fromhex(m["s0"]), bytes.fromhex(m["s1"]))
+            saved = {"": data.get("deployments", {}), **data.get("pairs", {})}
+            for pair, deployments in saved.items():
+                for k, m in deployments.items() if pair in self.dealers else ():
+                    self.dealers[pair].restore(k, Plan.from_dict(m["plan"]), bytes.fromhex(m["s0"]),
+                                               bytes.fromhex(m["s1"]))
 
     def __repr__(self) -> str:
         return f"DealerService({self.node.deployment}, current={self.current})"
@@ -93,18 +105,27 @@ class DealerService:
             raise UsageError(f"{cfg.path}: not a dealer config")
         return DealerService(Node.from_config(cfg), cfg.state_dir, pool, cfg.metrics_address, cfg.pool_expiry)
 
+    @property
+    def dealer(self) -> Dealer:
+        """The first server pair's dealer."""
+        return self.dealers[self.pairs[0]]
+
     def _persist(self) -> None:
-        data = {"current": self.current,
-                "deployments": {k: {"plan": plan.to_dict(), "s0": s0.hex(), "s1": s1.hex()}
-                                for k, (plan, s0, s1) in self.dealer.models().items()}}
+        def saved(d: Dealer) -> dict[str, Any]:
+            return {k: {"plan": plan.to_dict(), "s0": s0.hex(), "s1": s1.hex()} for k, (plan, s0, s1) in d.models().items()}
+
+        data = {"current": self.current, "deployments": saved(self.dealers[""]) if "" in self.dealers else {},
+                "pairs": {p: saved(d) for p, d in self.dealers.items() if p}}
         write_private(self.state, json.dumps(data).encode())
 
     def _status(self, reader: str) -> dict[str, Any]:
         pending: dict[str, dict[str, int]] = {}
-        for (k, b), n in sorted(self._pending.items()):
+        for (pair, k, b), n in sorted(self._pending.items()):
             if n:
-                pending.setdefault(k, {})[str(b)] = n
-        return {"models": dict(self.current), "pool_target": self.pool, "bundles_made": self.bundles_made,
+                where = pending.setdefault(k if not pair else f"{k} (pair {pair})", {})
+                where[str(b)] = where.get(str(b), 0) + n
+        return {"models": dict(self.current), "pairs": [p or "1" for p in self.pairs], "pool_target": self.pool,
+                "bundles_made": self.bundles_made,
                 "bundle_seconds_total": round(self.dealer_seconds, 3), "queued": pending,
                 "batch_sizes_in_use": {m: sorted(v) for m, v in self._in_use.items()}}
 
@@ -142,74 +163,79 @@ class DealerService:
             k = ids.key(msg.model, msg.epoch)
             plan = Plan.from_dict(msg.plan)
             check_budget(plan, self.max_bundle_bytes)
-            s0, s1 = self.dealer.deploy(k, plan)  # the same seeds again for a repeated plan
+            seeds = {p: d.deploy(k, plan) for p, d in self.dealers.items()}  # the same again for a repeated plan
             await asyncio.to_thread(self._persist)
-            await self.node.tell("server0", Masks(msg.model, msg.epoch, s0))
-            await self.node.tell("server1", Masks(msg.model, msg.epoch, s1))
+            for pair, (s0, s1) in seeds.items():
+                await self.node.tell(server_name(0, pair), Masks(msg.model, msg.epoch, s0))
+                await self.node.tell(server_name(1, pair), Masks(msg.model, msg.epoch, s1))
         elif isinstance(msg, Commit) and sender == "model_owner":
             k = ids.key(msg.model, msg.epoch)
-            if k not in self.dealer.models():
+            if any(k not in d.models() for d in self.dealers.values()):
                 raise UsageError(f"commit of {k}: no such staged deployment at the dealer")
             if self.current.get(msg.model) != msg.epoch:
                 self.current[msg.model] = msg.epoch
-                for other in [o for o in self.dealer.models() if o.split("@")[0] == msg.model and o != k]:
-                    self.dealer.forget(other)
+                for d in self.dealers.values():
+                    for other in [o for o in d.models() if o.split("@")[0] == msg.model and o != k]:
+                        d.forget(other)
                 await asyncio.to_thread(self._persist)
                 log.info("dealer: model %s now serves epoch %s", msg.model, msg.epoch)
                 for b in self.batches_in_use(msg.model) or [1]:  # the sizes jobs use now, warm at once
-                    for _ in range(self.pool):
-                        self.request(k, b)
+                    for pair in self.pairs:
+                        for _ in range(self.pool):
+                            self.request(k, b, pair)
             await self.node.tell("model_owner", Committed(msg.model, msg.epoch, "dealer"))
-        elif isinstance(msg, PoolRequest) and sender == "server0":
+        elif isinstance(msg, PoolRequest) and (who := parse_server(sender)) and who[0] == 0 and who[1] in self.dealers:
             if self.current.get(msg.model) != msg.epoch:
                 raise UsageError(f"pool request for {msg.model}@{msg.epoch}, which is not the current deployment")
-            # top the pool up to `pool` ready bundles (server0's count + those queued or in flight here);
-            # a job that waited always gets one, whatever the count says
-            key = (ids.key(msg.model, msg.epoch), msg.batch)
+            # top the pair's pool up to `pool` ready bundles (server0's count + those queued or in flight
+            # here); a job that waited always gets one, whatever the count says
+            key = (who[1], ids.key(msg.model, msg.epoch), msg.batch)
             self._in_use.setdefault(msg.model, {})[msg.batch] = time.monotonic()
             want = self.pool - msg.ready - self._pending.get(key, 0)
             n = max(want, 1 if isinstance(msg, Need) and not self._pending.get(key) else 0)
-            log.info("dealer: %s from server0 for %s batch %d (%d ready there): %d more", msg.T, key[0], msg.batch,
+            log.info("dealer: %s from %s for %s batch %d (%d ready there): %d more", msg.T, sender, key[1], msg.batch,
                      msg.ready, n)
             for _ in range(n):
-                self.request(*key)
-        elif isinstance(msg, Error) and sender in ("server0", "server1") and msg.code == StoreFull.code:
+                self.request(key[1], msg.batch, key[0])
+        elif isinstance(msg, Error) and (who := parse_server(sender)) and msg.code == StoreFull.code:
             # the server refused the bundle and removed what it had of it; try again later, by ourselves
-            self._full_until[str(msg.model)] = time.monotonic() + self.full_backoff
+            self._full_until[(who[1], str(msg.model))] = time.monotonic() + self.full_backoff
             log.warning("dealer: %s: %s; new bundles for %s wait %.0f s", sender, msg.error, msg.model,
                         self.full_backoff)
         else:
             raise UsageError(f"unexpected {msg.T!r} from {sender}")
 
-    def request(self, deployment: str, batch: int) -> None:
-        """Queue one more bundle for (deployment, batch)."""
-        self._pending[(deployment, batch)] = self._pending.get((deployment, batch), 0) + 1
-        self._work.put_nowait((deployment, batch))
+    def request(self, deployment: str, batch: int, pair: str = "") -> None:
+        """Queue one more bundle for (deployment, batch) at server pair ``pair``."""
+        key = (pair, deployment, batch)
+        self._pending[key] = self._pending.get(key, 0) + 1
+        self._work.put_nowait(key)
 
     async def _generate(self) -> None:
         while True:
-            k, batch = await self._work.get()
+            pair, k, batch = await self._work.get()
             try:
                 model, epoch = ids.split(k)
                 if self.current.get(model) != epoch:
                     continue  # superseded by a redeploy while queued
-                wait = self._full_until.get(model, 0.0) - time.monotonic()
+                wait = self._full_until.get((pair, model), 0.0) - time.monotonic()
                 if wait > 0:  # a store is full: queue it again after the back-off (it heals by itself)
-                    asyncio.get_running_loop().call_later(wait, self.request, k, batch)
+                    asyncio.get_running_loop().call_later(wait, self.request, k, batch, pair)
                     continue
-                bid, secs = await stream_bundle(self.dealer, k, batch, self.node.link("server0"),
-                                                self.node.link("server1"))
+                bid, secs = await stream_bundle(self.dealers[pair], k, batch, self.node.link(server_name(0, pair)),
+                                                self.node.link(server_name(1, pair)))
                 self.dealer_seconds += secs
                 self.bundles_made += 1
                 self.health.bundles.inc()
                 self.health.bundle_seconds.observe(secs)
-                log.info("dealer: bundle %s for %s batch %d in %.2f s", bid[:8], k, batch, secs)
+                log.info("dealer: bundle %s for %s batch %d%s in %.2f s", bid[:8], k, batch,
+                         f" (pair {pair})" if pair else "", secs)
             except BlindsegError as e:
                 log.warning("dealer: bundle for %s failed: %s", k, e)
             except Exception:  # a bug in one bundle never stops the pool
                 log.exception("dealer: internal error making a bundle for %s", k)
             finally:
-                self._pending[(k, batch)] -= 1
+                self._pending[(pair, k, batch)] -= 1
 
 
 def main(argv: list[str] | None = None) -> int:

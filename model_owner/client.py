@@ -5,6 +5,8 @@ own samples) with its preprocessing and class names in the plan metadata;
 send the plan to the dealer (which sends the servers their mask seeds) and
 each server its plan + weight shares, all under a fresh epoch; wait until both
 servers have opened E; then commit the epoch at both servers and the dealer.
+With several server pairs, every pair gets its own fresh split of the weights
+(and the dealer its own masks), and the epoch commits at all of them.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import time
 from typing import Any
 
 from blindseg import ids
-from blindseg.config import PartyConfig
-from blindseg.errors import ConnectionLost, ProtocolError
+from blindseg.config import PartyConfig, server_name, server_pairs
+from blindseg.errors import ConnectionLost, ProtocolError, UsageError
 from blindseg.messages import Commit, Committed, Deploy, Deployed, Error, PlanMsg
 from blindseg.models import load_named_model
 from blindseg.node import Node
@@ -60,15 +62,19 @@ async def deploy_compiled(node: Node, comp: Compiled, model_id: str, timeout: fl
         ids.check("tenant", t)
     epoch = ids.new_epoch()
     plan = comp.plan.to_dict()
-    w0, w1 = share_weights(comp)
+    pairs = server_pairs(node.links)
+    if not pairs:
+        raise UsageError(f"{node.where}: no server pair (server0, server1) among this party's peers")
+    servers = {server_name(i, p) for p in pairs for i in (0, 1)}
     await node.tell("dealer", PlanMsg(model_id, epoch, plan))
-    for i, shares in enumerate((w0, w1)):
-        await node.tell(f"server{i}", Deploy.of(model_id, epoch, list(tenants or []), plan, shares))
+    for pair in pairs:  # a fresh split per pair: shares of two pairs never combine to the weights
+        for i, shares in enumerate(share_weights(comp)):
+            await node.tell(server_name(i, pair), Deploy.of(model_id, epoch, list(tenants or []), plan, shares))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    await _collect(node, Deployed, model_id, epoch, {"server0", "server1"}, deadline, "stage")
+    await _collect(node, Deployed, model_id, epoch, servers, deadline, "stage")
     commit = Commit(model_id, epoch)
-    parties = {"server0", "server1", "dealer"}
+    parties = servers | {"dealer"}
     done: set[str] = set()
     while done != parties:  # idempotent at every party: re-sent until all confirm
         for p in sorted(parties - done):

@@ -34,12 +34,13 @@ import numpy as np
 
 from blindseg import ids
 from blindseg.background import spawn
-from blindseg.config import PartyConfig
+from blindseg.config import PartyConfig, is_role, parse_server, server_name
 from blindseg.errors import BlindsegError, ProtocolError, StaleEpoch, StoreFull, UsageError
 from blindseg.health import Health
 from blindseg.layout import model_mask_shares
 from blindseg.messages import (
     BundleAnnounce,
+    Claim,
     Commit,
     Committed,
     Deploy,
@@ -49,6 +50,7 @@ from blindseg.messages import (
     Job,
     Masks,
     Message,
+    Offer,
     Output,
     PlanInfo,
     PoolRequest,
@@ -77,6 +79,9 @@ class ServerSettings:
     pool_expiry: float = 3600.0  # ready bundles of a (model, batch size) unused this long are dropped
     metrics_address: str = ""  # host:port of /metrics, /healthz, /readyz; "" = off
     store_budget: int = 0  # most bytes the bundle store may hold on disk (0: what the disk allows)
+    max_jobs: int = 2  # server0: offered jobs (several pairs) are claimed only while fewer run or are claimed
+    claim_hold: float = 15.0  # a claimed job whose shares have not come within this many seconds is let go
+    offer_age: float = 120.0  # offers dated further than this from this clock are dropped (replays)
 
 
 class ServerService:
@@ -84,7 +89,10 @@ class ServerService:
                  tenants: frozenset[str] = frozenset({"data_owner"})) -> None:
         if party not in (0, 1):
             raise UsageError(f"a server is party 0 or 1, got {party}")
-        self.party, self.name, self.peer = party, f"server{party}", f"server{1 - party}"
+        me = parse_server(node.party)
+        if me is None or me[0] != party:
+            raise UsageError(f"server {party} cannot run as {node.party!r} (server0, server1, server0-<pair>, ...)")
+        self.party, self.name, self.pair, self.peer = party, node.party, me[1], server_name(1 - party, me[1])
         self.node, self.state_dir = node, state_dir
         self.settings = settings or ServerSettings()
         self.tenants = tenants  # the data-owner identities this server has keys for
@@ -100,6 +108,7 @@ class ServerService:
         self._allowed: dict[str, list[str]] = {}  # model@epoch -> tenants allowed to run jobs ([] = all)
         self._pending: dict[str, dict[str, Any]] = {}
         self._jobs: dict[str, str] = {}  # jobs in progress -> their tenant (finished ones are in the store)
+        self._claims: dict[str, tuple[str, float]] = {}  # server0: offered jobs this pair took -> (tenant, when)
         self._offline: dict[str, tuple[int, float]] = {}  # bundle -> (bytes received, seconds), this run
         self._tasks: set[asyncio.Task[None]] = set()
         self.pool = BundlePool(self)
@@ -117,12 +126,12 @@ class ServerService:
 
     @staticmethod
     def from_config(cfg: PartyConfig) -> ServerService:
-        if cfg.party not in ("server0", "server1"):
+        if parse_server(cfg.name) is None:
             raise UsageError(f"{cfg.path}: a server config needs party server0 or server1")
         return ServerService(int(cfg.party[-1]), Node.from_config(cfg), cfg.state_dir,
                              ServerSettings(cfg.round_timeout, cfg.bundle_wait, max_job_bytes=cfg.max_job_bytes,
                                             pool_expiry=cfg.pool_expiry, metrics_address=cfg.metrics_address,
-                                            store_budget=cfg.store_budget),
+                                            store_budget=cfg.store_budget, max_jobs=cfg.max_jobs),
                              frozenset(cfg.tenants))
 
     def _event(self, key: str) -> asyncio.Event:
@@ -183,11 +192,9 @@ class ServerService:
     def _status(self, reader: str) -> dict[str, Any]:
         """This server's part of its presence document (``blindseg status``); a tenant sees only the
         models it may use."""
-        from blindseg.config import ROLES
-
         def shown(key: str) -> bool:
             allowed = self._allowed.get(key, [])
-            return reader in ROLES or not allowed or reader in allowed
+            return is_role(reader) or not allowed or reader in allowed
 
         now = time.monotonic()
         if now - self._store_view[0] > 1.0:  # one store scan per publishing round, not one per reader
@@ -195,9 +202,9 @@ class ServerService:
         _, summary, disk = self._store_view
         pool = {k: v for k, v in summary.items() if shown(k)}
         return {"models": {m: e for m, e in self.epochs.items() if shown(ids.key(m, e))},
-                "staged": sorted(k for k in self._staged if reader in ROLES),
+                "staged": sorted(k for k in self._staged if is_role(reader)),
                 "pool": {k: {str(b): n for b, n in sorted(v.items())} for k, v in sorted(pool.items())},
-                "jobs_running": len(self._jobs), "store_bytes": disk,
+                "jobs_running": len(self._jobs), "jobs_claimed": len(self._claims), "store_bytes": disk,
                 "pool_expiry_seconds": self.settings.pool_expiry}
 
     def _refresh_metrics(self) -> None:
@@ -281,6 +288,8 @@ class ServerService:
         elif isinstance(msg, GetPlan) and (sender in self.tenants or sender == "model_owner"):
             self._check_tenant(sender, self.current_key(msg.model))
             await self.node.tell(sender, PlanInfo(msg.model, self.epochs[msg.model], self.models[msg.model].plan.to_dict()))
+        elif isinstance(msg, Offer) and sender in self.tenants and self.party == 0:
+            await self._offered(sender, msg)
         elif isinstance(msg, Job) and sender in self.tenants:
             await self._job(sender, msg)
         else:
@@ -338,10 +347,43 @@ class ServerService:
         await self.node.tell("model_owner", Committed(model, epoch, self.name))
 
     # ------------------------------------------------------------------- job
+    async def _offered(self, tenant: str, msg: Offer) -> None:
+        """A job offered to the server pairs reached this pair (the broker's shared subscription picked
+        it): claim it, unless this pair already runs or holds ``max_jobs`` (then say nothing: the data
+        owner offers it again and the broker hands it to another pair). A job this pair cannot serve
+        (model, epoch, tenant) is refused with the reason, as a job itself would be."""
+        now = time.monotonic()
+        for j, (_, t) in list(self._claims.items()):
+            if now - t > self.settings.claim_hold:
+                del self._claims[j]
+        if abs(time.time() - msg.sent) > self.settings.offer_age:
+            log.warning("%s: dropped an offer of job %s from %s dated %.0f s from this clock (replayed, or a clock "
+                        "far off)", self.name, msg.job[:8], tenant, time.time() - msg.sent)
+            return
+        if msg.job in self._claims:  # offered again (our claim may be on its way): say it again
+            if self._claims[msg.job][0] == tenant:
+                await self.node.tell(tenant, Claim(msg.job))
+            return
+        if msg.job in self._jobs or self.store.job_seen(msg.job):
+            return
+        key = self.current_key(msg.model)
+        if msg.epoch != self.epochs[msg.model]:
+            raise StaleEpoch(f"model {msg.model!r} was redeployed: {self.name} serves epoch {self.epochs[msg.model]}, "
+                             f"the job was made for {msg.epoch}; ask for the plan again")
+        self._check_tenant(tenant, key)
+        if len(self._jobs) + len(self._claims) >= self.settings.max_jobs:
+            log.info("%s: busy (%d jobs); left job %s of %s to another pair", self.name, len(self._jobs) +
+                     len(self._claims), msg.job[:8], tenant)
+            return
+        self._claims[msg.job] = (tenant, now)
+        log.info("%s: took job %s of %s (offered to the pairs)", self.name, msg.job[:8], tenant)
+        await self.node.tell(tenant, Claim(msg.job))
+
     async def _job(self, sender: str, msg: Job) -> None:
         job = msg.job
         if job in self._jobs or self.store.job_seen(job):
             raise ProtocolError(f"duplicate job id {job}")
+        self._claims.pop(job, None)
         self._jobs[job] = sender
         try:  # a peer that stops or goes silent fails the job in seconds, not after a round timeout
             await self.node.guarded(self._run_job(sender, msg), [self.peer])
