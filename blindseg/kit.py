@@ -199,10 +199,10 @@ def init(directory: str | Path, deployment: str = "blindseg", broker_host: str =
                  f"key_expires = {expires}", f'state_dir = "../state/{p}"', f'net = "{net}"']
         if who and who[1]:
             lines.insert(2, f'pair = "{who[1]}"')
-        if who and who[0] == 0:
-            lines.append(f'offer_group = "{group}"')
         elif p != role and p != "data_owner":
             lines.insert(2, f'tenant = "{p}"')
+        if who and who[0] == 0:
+            lines.append(f'offer_group = "{group}"')
         if not plain:
             _write_secret(root / "secrets" / f"{p}.password", passwords[p].encode())
             lines += [f'username = "{p}"', f'password_file = "../secrets/{p}.password"', 'ca_file = "../broker/ca.crt"']

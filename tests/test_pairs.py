@@ -113,12 +113,20 @@ async def test_two_pairs_in_memory_spread_jobs_with_their_own_shares_and_masks(t
             want = model(torch.from_numpy(x.astype(np.float32))).numpy().argmax(1)
         async with Client(nodes["data_owner"]) as c:
             results = await asyncio.gather(*(c.segment("m", x[i:i + 1]) for i in range(6)))
-        for i, (mask, cost) in enumerate(results):
+        for i, (mask, _) in enumerate(results):
             assert (mask == want[i:i + 1]).mean() >= 0.99
         pairs = [cost["pair"] for _, cost in results]
         assert set(pairs) == {"1", "2"} and c.taken == {"1": pairs.count("1"), "2": pairs.count("2")}
-        for s in ("server0", "server0-2"):  # each pair's pool was refilled by its own requests
-            assert servers[s].store.summary(), f"{s} holds no bundles"
+        key = f"m@{dep['epoch']}"
+        for _ in range(400):  # each pair's pool is refilled by its own server0's requests, to both its servers
+            if all(servers[s].store.ready(key, 1) for s in PAIR_SERVERS):
+                break
+            await asyncio.sleep(0.05)
+        assert all(servers[s].store.ready(key, 1) for s in PAIR_SERVERS), "a pair's pool was not refilled"
+        for p in ("", "2"):  # a bundle is dealt to both servers of one pair, never to another pair
+            s0, s1 = (set(servers[f"server{i}" + (f"-{p}" if p else "")].store.ready(key, 1)) for i in (0, 1))
+            assert s0 & s1
+        assert not set(servers["server0"].store.ready(key, 1)) & set(servers["server0-2"].store.ready(key, 1))
     finally:
         for t in tasks:
             t.cancel()
