@@ -66,8 +66,10 @@ def _server_peak_rss(dep: Any) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _service(model_name: str, size: int, net: str = "none", pool: int = 1) -> AsyncIterator[Any]:
-    """A private Mosquitto, the three services as processes, ``model_name`` deployed as "bench"."""
+async def _service(model_name: str, size: int, net: str = "none", pool: int = 1, pairs: int = 1,
+                   settings: dict[str, float] | None = None) -> AsyncIterator[Any]:
+    """A private Mosquitto, the services (dealer, ``pairs`` server pairs) as processes, ``model_name``
+    deployed as "bench"."""
     import tempfile
     from pathlib import Path
 
@@ -78,7 +80,7 @@ async def _service(model_name: str, size: int, net: str = "none", pool: int = 1)
     from .demo import LocalDeployment
 
     with tempfile.TemporaryDirectory(prefix="blindseg-bench-") as tmp, Mosquitto(tmp) as broker:
-        dep = LocalDeployment(Path(tmp) / "dep", broker.url, net, pool=pool)
+        dep = LocalDeployment(Path(tmp) / "dep", broker.url, net, pool=pool, pairs=pairs, settings=settings)
         try:
             await asyncio.to_thread(dep.start)
             await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "bench", size=size)
@@ -115,6 +117,42 @@ async def run_load_bench(model_name: str, size: int, jobs: int = 8) -> dict[str,
     return {"model": model_name, "size": size, "transport": "mqtt", "broker": "mosquitto", "concurrent_jobs": jobs,
             "wall_seconds": wall, "jobs_per_minute": jobs / wall * 60, "min_pixel_agreement": min(agree),
             "server_peak_rss_bytes": rss}
+
+
+async def run_pairs_bench(model_name: str = "ref-unet", size: int = 128, jobs: int = 8, net: str = "wan"
+                          ) -> dict[str, Any]:
+    """Issue #14's throughput figure: ``jobs`` concurrent jobs of one data owner through a private
+    Mosquitto, with 1 and then 2 server pairs (each its own processes, links shaped by netsim ``net``);
+    every pair's pool is filled first, so serving is measured, not the dealer. With one pair the jobs go
+    to it directly; with two they are offered and the broker's shared subscription spreads them."""
+    import torch
+
+    from data_owner.client import Client
+
+    from .config import PartyConfig
+    from .models import load_named_model
+
+    model, _, _ = load_named_model(model_name, size)
+    xs = [test_image(1, size, seed=200 + k).astype(np.float32) for k in range(jobs)]
+    with torch.no_grad():
+        refs = [torch.argmax(model(torch.from_numpy(x)), 1).numpy() for x in xs]
+    rows: list[dict[str, Any]] = []
+    for pairs in (1, 2):
+        pool = -(-jobs // pairs)
+        async with _service(model_name, size, net, pool=pool, pairs=pairs, settings={"max_jobs": jobs}) as dep:
+            await dep.wait_stored(pool)
+            async with Client(PartyConfig.load(dep.configs["data_owner"])) as c:
+                await c.plan("bench")
+                t0 = time.perf_counter()
+                got = await asyncio.gather(*(c.segment("bench", x) for x in xs))
+                wall = time.perf_counter() - t0
+        agree = [float(np.mean(m == r)) for (m, _), r in zip(got, refs, strict=True)]
+        rows.append({"pairs": pairs, "wall_seconds": wall, "jobs_per_minute": jobs / wall * 60,
+                     "jobs_per_pair": {p: [cost["pair"] for _, cost in got].count(p) for p in
+                                       sorted({cost["pair"] for _, cost in got})},
+                     "min_pixel_agreement": min(agree)})
+    return {"model": model_name, "size": size, "net": net, "concurrent_jobs": jobs, "broker": "mosquitto",
+            "rows": rows, "speedup_2_vs_1": rows[1]["jobs_per_minute"] / rows[0]["jobs_per_minute"]}
 
 
 def _role_peak_rss(dep: Any) -> dict[str, int]:

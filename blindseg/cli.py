@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="issue #11: the secure instance / group norm alone: rounds, bytes, error against torch")
     b.add_argument("--cold-start", action="store_true",
                    help="issue #14: deploy, first job, first job of a new batch size (private Mosquitto)")
+    b.add_argument("--pairs", action="store_true",
+                   help="issue #14: jobs per minute with 1 and 2 server pairs (--jobs concurrent jobs, default 8; "
+                        "--net profile, default wan; private Mosquitto)")
     b.add_argument("--scan", default=None, metavar="SLICES,SIDE",
                    help="issue #12: a synthetic SLICES x SIDE^2 NIfTI through `python -m data_owner segment` "
                         "(windows of --size)")
@@ -140,12 +143,18 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(run_norm_cost(), indent=None if args.json else 1))
             return 0
-        if args.cmd == "bench" and (args.cold_start or args.scan):
+        if args.cmd == "bench" and (args.cold_start or args.scan or args.pairs):
             import asyncio
 
-            from .bench import run_cold_start, run_scan_bench
+            from netsim import profile
 
-            if args.scan:
+            from .bench import run_cold_start, run_pairs_bench, run_scan_bench
+
+            if args.pairs:
+                net = args.net if args.net != "none" else "wan"
+                profile(net)
+                r = asyncio.run(run_pairs_bench(args.model, args.size, args.jobs if args.jobs > 1 else 8, net))
+            elif args.scan:
                 try:
                     slices, side = (int(v) for v in args.scan.split(","))
                 except ValueError:

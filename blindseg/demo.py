@@ -114,8 +114,8 @@ class LocalDeployment:
             await asyncio.sleep(0.1)
 
     async def wait_stored(self, n: int, timeout: float = 300.0) -> None:
-        """Wait until both servers hold at least ``n`` bundles on disk."""
-        dirs = [self.root / "state" / f"server{i}" / "bundles" / "bundles" for i in (0, 1)]
+        """Wait until every server (of every pair) holds at least ``n`` bundles on disk."""
+        dirs = [self.root / "state" / s / "bundles" / "bundles" for s in self.services if s != "dealer"]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not all(d.is_dir() and len(list(d.glob("*.bin"))) >= n for d in dirs):
