@@ -24,8 +24,10 @@ rounds, ``derived_bits`` bits of dealer corrections to server 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import combinations
 
+import numba as nb
 import numpy as np
 
 ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -165,10 +167,81 @@ def open_vars(level: Level, g: np.ndarray, p: np.ndarray, masks: np.ndarray) -> 
     return out
 
 
+@lru_cache(maxsize=64)
+def _program(level: Level) -> tuple[np.ndarray, ...]:
+    """The level's combine step as flat tables for :func:`_combine_kernel`: one term per (monomial,
+    non-empty subset S of it) = alpha_S AND the opened d of the rest, the party-0-only terms (the
+    product of all d) last; then per node, its top child and the monomials XORed into its G."""
+    sub_index = {s: i for i, s in enumerate(level.subsets)}
+    t_mono, t_alpha, rest, ptr = [], [], [], [0]
+    for full in (False, True):
+        for mi, m in enumerate(level.monomials):
+            ms = tuple(sorted(m))
+            for s in ([()] if full else [c for r in range(1, len(ms) + 1) for c in combinations(ms, r)]):
+                t_mono.append(mi)
+                t_alpha.append(-1 if not s else s[0] if len(s) == 1 else level.nvars + sub_index[s])
+                rest += [i for i in ms if i not in s]
+                ptr.append(len(rest))
+    common = len(t_mono) - len(level.monomials)
+    g_ptr, g_idx = [0], list[int]()
+    for ni in range(len(level.nodes)):
+        g_idx += level.node_g[ni]
+        g_ptr.append(len(g_idx))
+    last = [n.children[-1] for n in level.nodes]
+    p_child = [n.children[0] if level.node_p[ni] < 0 and len(n.children) == 1 else -1
+               for ni, n in enumerate(level.nodes)]
+    i64 = np.int64
+    return (np.array(t_mono, i64), np.array(t_alpha, i64), np.array(ptr, i64), np.array(rest + [0], i64),
+            np.array([common, len(t_mono)], i64), np.array(last, i64), np.array(g_ptr, i64),
+            np.array(g_idx + [0], i64), np.array(level.node_p, i64), np.array(p_child, i64))
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _combine_kernel(d, masks, prods, nvars, t_mono, t_alpha, ptr, rest, nterms, mono, g, p, last, g_ptr, g_idx,
+                    node_p, p_child, gn, pn):  # pragma: no cover - numba
+    for w in nb.prange(d.shape[1]):
+        for m in range(mono.shape[0]):
+            mono[m, w] = 0
+        for t in range(nterms):
+            a = t_alpha[t]
+            acc = ALL if a < 0 else (masks[a, w] if a < nvars else prods[a - nvars, w])
+            for k in range(ptr[t], ptr[t + 1]):
+                acc &= d[rest[k], w]
+            mono[t_mono[t], w] ^= acc
+        for ni in range(gn.shape[0]):
+            x = g[last[ni], w]
+            for k in range(g_ptr[ni], g_ptr[ni + 1]):
+                x ^= mono[g_idx[k], w]
+            gn[ni, w] = x
+            if node_p[ni] >= 0:
+                pn[ni, w] = mono[node_p[ni], w]
+            elif p_child[ni] >= 0:
+                pn[ni, w] = p[p_child[ni], w]
+            else:
+                pn[ni, w] = 0
+
+
 def combine(
     party: int, level: Level, g: np.ndarray, p: np.ndarray, d: np.ndarray, masks: np.ndarray, prods: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """After the opening: the level's node G, P shares from opened d and dealer tuples."""
+    """After the opening: the level's node G, P shares from opened d and dealer tuples (one numba pass
+    over the words; :func:`combine_reference` is the same step written out in numpy)."""
+    t_mono, t_alpha, ptr, rest, counts, last, g_ptr, g_idx, node_p, p_child = _program(level)
+    nw = g.shape[1]
+    mono = np.empty((len(level.monomials), nw), dtype=np.uint64)
+    gn = np.empty((len(level.nodes), nw), dtype=np.uint64)
+    pn = np.empty((len(level.nodes), nw), dtype=np.uint64)
+    c = np.ascontiguousarray
+    prods = prods if len(prods) else np.zeros((1, nw), dtype=np.uint64)
+    _combine_kernel(c(d), c(masks), c(prods), level.nvars, t_mono, t_alpha, ptr, rest, int(counts[1 if party == 0 else 0]),
+                    mono, c(g), c(p), last, g_ptr, g_idx, node_p, p_child, gn, pn)
+    return gn, pn
+
+
+def combine_reference(
+    party: int, level: Level, g: np.ndarray, p: np.ndarray, d: np.ndarray, masks: np.ndarray, prods: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """After the opening: the level's node G, P shares from opened d and dealer tuples (slow, plain)."""
     nw = g.shape[1]
     sub_index = {s: i for i, s in enumerate(level.subsets)}
 

@@ -12,6 +12,7 @@ deterministic labels (``<job>:<op>:<round>``, ``bundle:<id>:<op>``, ``<job>:bund
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -93,6 +94,7 @@ def _fits(v: Any, typ: str) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=1)
 def _types() -> dict[str, type[Message]]:
     """Every message type by its tag (the subclasses of :class:`Message`)."""
     out: dict[str, type[Message]] = {}
@@ -104,9 +106,10 @@ def _types() -> dict[str, type[Message]]:
     return out
 
 
-def decode(frame: bytes | memoryview) -> Message:
-    """Parse a frame into its message type (ProtocolError naming what is wrong)."""
-    header, arrays = decode_frame(frame)
+def decode(frame: bytes | memoryview, copy: bool = True) -> Message:
+    """Parse a frame into its message type (ProtocolError naming what is wrong); ``copy=False``: its
+    arrays are views of ``frame``."""
+    header, arrays = decode_frame(frame, copy=copy)
     cls = _types().get(str(header.pop("t", "")))
     if cls is None:
         raise ProtocolError("frame has an unknown message type")
@@ -129,9 +132,9 @@ def decode(frame: bytes | memoryview) -> Message:
         raise ProtocolError(f"malformed {cls.T} message: {e}") from None
 
 
-def expect(frame: bytes | memoryview, cls: type[M]) -> M:
+def expect(frame: bytes | memoryview, cls: type[M], copy: bool = True) -> M:
     """Decode a frame that must be of type ``cls``."""
-    msg = decode(frame)
+    msg = decode(frame, copy)
     if not isinstance(msg, cls):
         raise ProtocolError(f"expected a {cls.T} message, got {msg.T}")
     return msg

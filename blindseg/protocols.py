@@ -57,8 +57,15 @@ class Open:
     def combine(self, theirs: list[np.ndarray]) -> Opened:
         """The opened values, from the peer's shares in the same order (arithmetic: add; boolean: XOR)."""
         na = len(self.arith)
-        return ([a + b for a, b in zip(self.arith, theirs[:na], strict=True)],
-                [a ^ b for a, b in zip(self.boolean, theirs[na:], strict=True)])
+        return ([_into(np.add, a, b) for a, b in zip(self.arith, theirs[:na], strict=True)],
+                [_into(np.bitwise_xor, a, b) for a, b in zip(self.boolean, theirs[na:], strict=True)])
+
+
+def _into(op: Any, mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    """op(mine, theirs), written over the peer's received array where that one is ours to reuse."""
+    if theirs.flags.writeable and theirs.shape == mine.shape and theirs.dtype == mine.dtype:
+        return op(mine, theirs, out=theirs)  # type: ignore[no-any-return]
+    return op(mine, theirs)  # type: ignore[no-any-return]
 
 
 Opened = tuple[list[np.ndarray], list[np.ndarray]]

@@ -24,7 +24,7 @@ MAX_ARRAYS = 4096
 
 
 def encode_frame(header: dict[str, Any], arrays: list[np.ndarray] | tuple[np.ndarray, ...] = ()) -> bytes:
-    """Serialize a header and arrays (C order) into one frame."""
+    """Serialize a header and arrays (C order) into one frame (each array copied once, into place)."""
     specs = []
     for a in arrays:
         key = a.dtype.str
@@ -32,13 +32,20 @@ def encode_frame(header: dict[str, Any], arrays: list[np.ndarray] | tuple[np.nda
             raise ValueError(f"dtype {a.dtype} is not allowed on the wire")
         specs.append([key, list(a.shape)])
     head = msgpack.packb({**header, "arrays": specs}, use_bin_type=True)
-    parts = [MAGIC, len(head).to_bytes(4, "big"), head]
-    parts += [np.ascontiguousarray(a).tobytes() for a in arrays]
-    return b"".join(parts)
+    off = 8 + len(head)
+    buf = bytearray(off + sum(a.nbytes for a in arrays))
+    buf[:4], buf[4:8], buf[8:off] = MAGIC, len(head).to_bytes(4, "big"), head
+    for a in arrays:
+        if a.nbytes:
+            np.copyto(np.frombuffer(buf, a.dtype, a.size, off).reshape(a.shape), a, casting="no")
+        off += a.nbytes
+    return buf  # type: ignore[return-value]  # a bytes-like frame; nobody writes to it after this
 
 
-def decode_frame(buf: bytes | memoryview, max_bytes: int = MAX_FRAME) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """Parse and validate a frame; raises ProtocolError naming what is wrong."""
+def decode_frame(buf: bytes | memoryview, max_bytes: int = MAX_FRAME, copy: bool = True
+                 ) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Parse and validate a frame; raises ProtocolError naming what is wrong. ``copy=False``: the arrays
+    are views of ``buf`` (for a reader that only reads them and drops the frame)."""
     mv = memoryview(buf)
     if len(mv) > max_bytes:
         raise ProtocolError(f"frame of {len(mv)} bytes exceeds the {max_bytes}-byte limit")
@@ -66,7 +73,8 @@ def decode_frame(buf: bytes | memoryview, max_bytes: int = MAX_FRAME) -> tuple[d
         n = math.prod(spec[1]) * dt.itemsize
         if off + n > len(mv):
             raise ProtocolError("frame payload is shorter than its header declares")
-        arrays.append(np.frombuffer(mv[off : off + n], dtype=dt).reshape(spec[1]).copy())
+        view = np.frombuffer(mv[off : off + n], dtype=dt).reshape(spec[1])
+        arrays.append(view.copy() if copy else view)
         off += n
     if off != len(mv):
         raise ProtocolError("frame has trailing bytes after its declared arrays")

@@ -203,7 +203,7 @@ async def exchange(peer: Endpoint, label: str, req: P.Open, timeout: float | Non
     """Send this server's shares of one round, receive the peer's, open."""
     mine = req.arith + req.boolean
     await peer.send(label, Shares(label, len(req.arith), tuple(mine)).encode())
-    theirs = expect(await peer.recv(label, timeout), Shares)
+    theirs = expect(await peer.recv(label, timeout), Shares, copy=False)  # read once, by combine
     if theirs.l != label or len(theirs.arrays) != len(mine) or theirs.na != len(req.arith):
         raise ProtocolError(f"peer frame for {label!r} does not match this round")
     for a, b in zip(mine, theirs.arrays, strict=True):
