@@ -82,7 +82,7 @@ class Circuit:
         return self.groups + sum(len(lv.subsets) for lv in self.levels)
 
 
-def build_circuit(width: int = 30, arities: tuple[int, ...] = (3, 3, 2)) -> Circuit:
+def build_circuit(width: int = 30, arities: tuple[int, ...] = (3, 5)) -> Circuit:
     """Build the tree: level-0 pairs, then levels of the given arities (then binary)."""
     if width % 2 or width < 4:
         raise ValueError("circuit width must be even and >= 4")
