@@ -372,7 +372,7 @@ class ServerService:
                              f"the job was made for {msg.epoch}; ask for the plan again")
         self._check_tenant(tenant, key)
         if len(self._jobs) + len(self._claims) >= self.settings.max_jobs:
-            log.info("%s: busy (%d jobs); left job %s of %s to another pair", self.name, len(self._jobs) +
+            log.debug("%s: busy (%d jobs); left job %s of %s to another pair", self.name, len(self._jobs) +
                      len(self._claims), msg.job[:8], tenant)
             return
         self._claims[msg.job] = (tenant, now)
