@@ -460,18 +460,23 @@ def run_norm_cost(seed: int = 0) -> list[dict[str, Any]]:
 
 
 async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net: str = "wan",
-                              repeats: int = 3) -> dict[str, Any]:
+                              repeats: int = 3, netns: bool = False) -> dict[str, Any]:
     """Issue #13: the real service through a real Mosquitto, every party behind its own shaped relay
     (its access link to the broker, ``netsim.relay``), for each broker placement: the measured online
     time beside netsim's prediction (:func:`netsim.predict_placed`: the same jobs with the relays
-    unshaped, plus one two-hop message per round). Medians of ``repeats`` jobs each."""
+    unshaped, plus one two-hop message per round). Medians of ``repeats`` jobs each.
+
+    ``netns``: each server runs in its own network namespace (:mod:`netsim.netns`, root only), its link
+    a veth pair whose bandwidth the kernel's tbf shapes (queueing included); the relay on this side of
+    the veth adds only the latency. The data owner (this process) keeps its user-space relay."""
     import re
     import tempfile
     from pathlib import Path
 
     from data_owner.client import Client
     from model_owner.client import deploy
-    from netsim import PLACEMENTS, PROFILES, placement, predict_placed, profile
+    from netsim import PLACEMENTS, PROFILES, Profile, placement, predict_placed, profile
+    from netsim.netns import NamespaceLink
     from netsim.relay import ShapedRelay
 
     from .broker import Mosquitto
@@ -487,20 +492,27 @@ async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net:
     prof = profile(net)
     out: dict[str, Any] = {"model": model_name, "size": size, "net": prof.name, "repeats": repeats,
                            "rounds": local.stats["rounds"], "placements": []}
+    links = {role: NamespaceLink(k + 1) for k, role in enumerate(("server0", "server1"))} if netns else {}
     with tempfile.TemporaryDirectory(prefix="blindseg-placement-") as tmp, Mosquitto(tmp) as broker:
         dep = LocalDeployment(Path(tmp) / "dep", broker.url, "none", pool=1)
-        relays = {role: ShapedRelay(broker.port) for role in dep.configs}
-        for role, relay in relays.items():
-            await relay.start()
-            path = dep.configs[role]
-            path.write_text(re.sub(r'^broker = ".*"$', f'broker = "mqtt://127.0.0.1:{relay.port}"', path.read_text(),
-                                   flags=re.M))
+        relays = {role: ShapedRelay(broker.port, listen=links[role].host_ip if role in links else None)
+                  for role in dep.configs}
         try:
+            for role, relay in relays.items():
+                if role in links:  # the veth first: the relay listens on its address
+                    links[role].up()
+                    dep.wrap[role] = links[role].prefix()
+                await relay.start()
+                path = dep.configs[role]
+                path.write_text(re.sub(r'^broker = ".*"$', f'broker = "mqtt://{relay.host}:{relay.port}"',
+                                       path.read_text(), flags=re.M))
             await asyncio.to_thread(dep.start)
             await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "bench", size=size)
             async with Client(PartyConfig.load(dep.configs["data_owner"])) as client:
                 await client.plan("bench")
                 done = 0
+
+                per_op: dict[int, list[float]] = {}
 
                 async def median_online() -> float:
                     nonlocal done
@@ -509,24 +521,42 @@ async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net:
                         await dep.wait_bundles(count=done + 1)
                         _, cost = await client.segment("bench", x.astype(np.float32))
                         runs.append(cost["online_seconds"])
+                        for row in cost["layers"]:
+                            per_op.setdefault(int(row["op"]), []).append(float(row["online_seconds"]))
                         done += 1
                     return float(np.median(runs))
 
+                await dep.wait_bundles(count=1)  # one job first: its first-touch costs would bias the baseline
+                await client.segment("bench", x.astype(np.float32))
+                done = 1
+                per_op.clear()
                 base = await median_online()
                 out["unshaped_online_seconds"] = base
+                # what each op spent moving bytes through the real broker, beyond its in-process time
+                local_op = {int(r["op"]): float(r["online_seconds"]) for r in local.stats["layers"]}
+                overlap = {op: max(0.0, float(np.median(v)) - local_op.get(op, 0.0)) for op, v in per_op.items()}
                 for where in PLACEMENTS:
                     pl = placement(where, prof)
                     for role, relay in relays.items():
-                        relay.profile = pl.link(role) if role != "dealer" else PROFILES["none"]
+                        link = pl.link(role) if role != "dealer" else PROFILES["none"]
+                        if role in links:  # the kernel plays the bandwidth, the relay only the latency
+                            links[role].shape(link.bandwidth)
+                            link = Profile(link.name, link.latency, 0.0, link.jitter)
+                        relay.profile = link
                     measured = await median_online()
-                    predicted = predict_placed(base, logs, pl, io)
+                    predicted = predict_placed(base, logs, pl, io, overlap)
                     out["placements"].append({"placement": pl.name, "measured_online_seconds": measured,
                                               "predicted_online_seconds": predicted,
                                               "predicted_over_measured": predicted / measured})
                     for relay in relays.values():
                         relay.profile = PROFILES["none"]
+                    for ln in links.values():
+                        ln.shape(0)
         finally:
             dep.stop()
             for relay in relays.values():
                 await relay.close()
+            for ln in links.values():
+                ln.down()
+    out["links"] = "servers: namespaces, veth + tbf, relay latency" if netns else "every party: user-space relay"
     return out

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--placement", action="store_true",
                    help="issue #13: the service behind shaped relays per party, broker at server0 / a third site, "
                         "measured vs predicted (--net profile, default wan)")
+    b.add_argument("--netns", action="store_true",
+                   help="with --placement: each server in its own network namespace, bandwidth by the kernel (veth + "
+                        "tbf), latency by a relay (root only)")
     b.add_argument("--norm", action="store_true",
                    help="issue #11: the secure instance / group norm alone: rounds, bytes, error against torch")
     b.add_argument("--cold-start", action="store_true",
@@ -132,10 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "bench" and args.placement:
             import asyncio
 
+            from netsim.netns import unavailable
+
             from .bench import run_placement_bench
 
+            if args.netns and (why := unavailable()):
+                raise BlindsegError(f"--netns: {why}")
             r = asyncio.run(run_placement_bench(args.model, args.size,
-                                                args.net if args.net != "none" else "wan"))
+                                                args.net if args.net != "none" else "wan", netns=args.netns))
             print(json.dumps(r, indent=None if args.json else 1))
             return 0
         if args.cmd == "bench" and args.norm:

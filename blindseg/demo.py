@@ -56,6 +56,7 @@ class LocalDeployment:
             text = self.configs[role].read_text()
             self.configs[role].write_text(text.replace("\n[peers]", f'\nmetrics_address = "{self.metrics[role]}"\n[peers]', 1))
         self.pool = pool
+        self.wrap: dict[str, list[str]] = {}  # role -> command prefix (e.g. ip netns exec NS: netsim.netns)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         (self.root / "logs").mkdir(exist_ok=True)
 
@@ -67,7 +68,7 @@ class LocalDeployment:
 
     def start_role(self, role: str) -> None:
         module = role.split("-")[0]  # server0-2 runs `python -m server0` with its own config
-        args = [sys.executable, "-m", module, "--config", str(self.configs[role])]
+        args = [*self.wrap.get(role, []), sys.executable, "-m", module, "--config", str(self.configs[role])]
         if role == "dealer":
             args += ["--pool", str(self.pool)]
         log = open(self.root / "logs" / f"{role}.log", "ab")  # noqa: SIM115 - owned by the child

@@ -180,10 +180,14 @@ class Placement:
         return dict(self.links).get(party, PROFILES["none"])
 
     def message_seconds(self, a: str, b: str, nbytes: int, chunk: int = CHUNK) -> float:
+        return sum(self.message_parts(a, b, nbytes, chunk))
+
+    def message_parts(self, a: str, b: str, nbytes: int, chunk: int = CHUNK) -> tuple[float, float]:
+        """(latency, wire time) of one message from ``a`` to ``b`` through the broker."""
         pa, pb = self.link(a), self.link(b)
         last = min(chunk, nbytes)
-        return (pa.latency + pb.latency + (pa.jitter + pb.jitter) / 2
-                + max(pa.transfer_seconds(nbytes), pb.transfer_seconds(nbytes))
+        return (pa.latency + pb.latency + (pa.jitter + pb.jitter) / 2,
+                max(pa.transfer_seconds(nbytes), pb.transfer_seconds(nbytes))
                 + min(pa.transfer_seconds(last), pb.transfer_seconds(last)))
 
 PLACEMENTS = ("server0", "third")
@@ -201,13 +205,27 @@ def placement(where: str, prof: Profile) -> Placement:
 
 
 def predict_placed(unshaped_seconds: float, logs: list[list[tuple[str, int]]], where: Placement,
-                   io_frames: list[int] = ()) -> float:  # type: ignore[assignment]
+                   io_frames: list[int] = (), overlap: dict[int, float] | None = None  # type: ignore[assignment]
+                   ) -> float:
     """Online time with the broker at ``where``: the unshaped service run plus, per round, one
     server0 -> server1 message through the broker (:meth:`Placement.message_seconds`), and per input /
-    output frame one data owner <-> server message."""
+    output frame one data owner <-> server message.
+
+    ``overlap`` (op index -> seconds): the time each op spent moving its bytes in the unshaped run
+    (the service's per-op time less the in-process one). The link's pacing runs beside that software
+    transfer, so an op pays only the wire time beyond it: op time = compute + max(software, wire) +
+    latencies. Without it the wire time is added whole (right when the link is far slower than the
+    software, e.g. WAN; an overestimate when they are close, e.g. 1 Gbit/s LAN)."""
     t = unshaped_seconds
-    for n in round_bytes(logs).values():
-        t += where.message_seconds("server0", "server1", n)
+    wire: dict[int, float] = {}
+    for label, n in round_bytes(logs).items():
+        lat, tx = where.message_parts("server0", "server1", n)
+        parts = label.rsplit(":", 2)
+        op = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else -1  # <job>:<op>:<round>; else -1
+        t += lat
+        wire[op] = wire.get(op, 0.0) + tx
+    for op, tx in wire.items():
+        t += max(0.0, tx - (overlap or {}).get(op, 0.0))
     for n in io_frames:
         t += where.message_seconds("data_owner", "server1", n)
     return t

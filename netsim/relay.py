@@ -20,9 +20,12 @@ class ShapedRelay:
     """Listens on a free loopback port and relays each connection to ``target`` through ``profile``
     (changeable between jobs: ``relay.profile = ...``)."""
 
-    def __init__(self, target_port: int, profile: Profile = PROFILES["none"], host: str = "127.0.0.1") -> None:
+    def __init__(self, target_port: int, profile: Profile = PROFILES["none"], host: str = "127.0.0.1",
+                 listen: str | None = None) -> None:
+        """``listen``: the address to accept on (default ``host``, the target's; e.g. this side of a
+        namespace's veth, :mod:`netsim.netns`)."""
         self.target = (host, target_port)
-        self.host = host
+        self.host = listen or host
         self.profile = profile
         self.port = 0
         self._server: asyncio.base_events.Server | None = None

