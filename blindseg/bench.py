@@ -475,7 +475,7 @@ async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net:
 
     from data_owner.client import Client
     from model_owner.client import deploy
-    from netsim import PLACEMENTS, PROFILES, Profile, placement, predict_placed, profile
+    from netsim import PLACEMENTS, PROFILES, Placement, Profile, placement, predict_placed, profile
     from netsim.netns import NamespaceLink
     from netsim.relay import ShapedRelay
 
@@ -513,45 +513,42 @@ async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net:
                 done = 0
 
                 per_op: dict[int, list[float]] = {}
+                setups = [None, *(placement(where, prof) for where in PLACEMENTS)]  # None: unshaped
+                runs: dict[int, list[float]] = {k: [] for k in range(len(setups))}
 
-                async def median_online() -> float:
-                    nonlocal done
-                    runs = []
-                    for _ in range(repeats):
-                        await dep.wait_bundles(count=done + 1)
-                        _, cost = await client.segment("bench", x.astype(np.float32))
-                        runs.append(cost["online_seconds"])
-                        for row in cost["layers"]:
-                            per_op.setdefault(int(row["op"]), []).append(float(row["online_seconds"]))
-                        done += 1
-                    return float(np.median(runs))
-
-                await dep.wait_bundles(count=1)  # one job first: its first-touch costs would bias the baseline
-                await client.segment("bench", x.astype(np.float32))
-                done = 1
-                per_op.clear()
-                base = await median_online()
-                out["unshaped_online_seconds"] = base
-                # what each op spent moving bytes through the real broker, beyond its in-process time
-                local_op = {int(r["op"]): float(r["online_seconds"]) for r in local.stats["layers"]}
-                overlap = {op: max(0.0, float(np.median(v)) - local_op.get(op, 0.0)) for op, v in per_op.items()}
-                for where in PLACEMENTS:
-                    pl = placement(where, prof)
+                def shape(pl: Placement | None) -> None:
                     for role, relay in relays.items():
-                        link = pl.link(role) if role != "dealer" else PROFILES["none"]
+                        link = pl.link(role) if pl is not None and role != "dealer" else PROFILES["none"]
                         if role in links:  # the kernel plays the bandwidth, the relay only the latency
                             links[role].shape(link.bandwidth)
                             link = Profile(link.name, link.latency, 0.0, link.jitter)
                         relay.profile = link
-                    measured = await median_online()
+
+                await dep.wait_bundles(count=1)  # one job first: its first-touch costs would bias the baseline
+                await client.segment("bench", x.astype(np.float32))
+                done = 1
+                for _ in range(repeats):  # interleaved, so a drift of the machine's speed hits every setup alike
+                    for k, pl in enumerate(setups):
+                        shape(pl)
+                        await dep.wait_bundles(count=done + 1)
+                        _, cost = await client.segment("bench", x.astype(np.float32))
+                        done += 1
+                        runs[k].append(cost["online_seconds"])
+                        for row in cost["layers"] if pl is None else ():
+                            per_op.setdefault(int(row["op"]), []).append(float(row["online_seconds"]))
+                shape(None)
+                base = float(np.median(runs[0]))
+                out["unshaped_online_seconds"] = base
+                # what each op spent moving bytes through the real broker, beyond its in-process time
+                local_op = {int(r["op"]): float(r["online_seconds"]) for r in local.stats["layers"]}
+                overlap = {op: max(0.0, float(np.median(v)) - local_op.get(op, 0.0)) for op, v in per_op.items()}
+                for k, pl in enumerate(setups[1:], 1):
+                    assert pl is not None
+                    measured = float(np.median(runs[k]))
                     predicted = predict_placed(base, logs, pl, io, overlap)
                     out["placements"].append({"placement": pl.name, "measured_online_seconds": measured,
                                               "predicted_online_seconds": predicted,
                                               "predicted_over_measured": predicted / measured})
-                    for relay in relays.values():
-                        relay.profile = PROFILES["none"]
-                    for ln in links.values():
-                        ln.shape(0)
         finally:
             dep.stop()
             for relay in relays.values():
