@@ -25,19 +25,22 @@ from blindseg.errors import UsageError
 
 @dataclass(frozen=True)
 class Profile:
-    """One-way latency (s), bandwidth (bit/s; 0 = unlimited), optional jitter (s, uniform)."""
+    """One-way latency (s), bandwidth (bit/s; 0 = unlimited), optional jitter (s, uniform), and the
+    bytes a token-bucket link passes unpaced after an idle moment (``burst``; 0 for netsim's own FIFO
+    pacing, a kernel tbf's depth for :mod:`netsim.netns` links)."""
 
     name: str
     latency: float = 0.0
     bandwidth: float = 0.0
     jitter: float = 0.0
+    burst: int = 0
 
     @property
     def shaped(self) -> bool:
         return self.latency > 0 or self.bandwidth > 0 or self.jitter > 0
 
     def transfer_seconds(self, nbytes: int) -> float:
-        return nbytes * 8 / self.bandwidth if self.bandwidth > 0 else 0.0
+        return max(0, nbytes - self.burst) * 8 / self.bandwidth if self.bandwidth > 0 else 0.0
 
 
 PROFILES = {

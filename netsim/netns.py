@@ -68,13 +68,20 @@ class NamespaceLink:
             raise
         return self
 
+    @staticmethod
+    def burst(bandwidth: float) -> int:
+        """The token bucket's depth (bytes) at ``bandwidth``: one 4 ms kernel tick's worth, at least 32 KiB
+        (shallower buckets do not hold the rate). A frame up to this size after an idle moment passes
+        unpaced; the prediction counts that (:attr:`netsim.Profile.burst`)."""
+        return max(32 << 10, int(bandwidth / 8 / 250))
+
     def shape(self, bandwidth: float) -> None:
         """Both ends' egress at ``bandwidth`` bit/s through tbf (a queue deep enough never to drop
         what one frame window puts in flight); 0 removes the shaping."""
         for pre, dev in (([], self._host_dev), (self.prefix(), self._ns_dev)):
             subprocess.run([*pre, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True, timeout=30)
             if bandwidth > 0:
-                burst = max(32 << 10, int(bandwidth / 8 / 250))  # at least one kernel tick's worth
+                burst = self.burst(bandwidth)
                 _run(*pre, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(bandwidth)}bit",
                      "burst", str(burst), "limit", str(16 << 20))
 
