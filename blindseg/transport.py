@@ -283,7 +283,8 @@ class MqttTransport:
                 ) as client:
                     await client.subscribe([(topic_for(self.deployment, self.me, "+"), 1),  # inbox; presence for us
                                             (status_topic(self.deployment, "+", self.me), 1),
-                                            *([(shared_offers(self.deployment, self.offer_group), 1)] if self.offer_group else [])])
+                                            *([(shared_offers(self.deployment, self.offer_group), 1)]
+                                              if self.offer_group and self.broker.mqtt5 else [])])
                     self._client, self._lost = client, lost
                     self._connected.set()
                     self._ever_connected = True
@@ -357,6 +358,9 @@ class MqttTransport:
     async def offer(self, frame: bytes, to: list[str]) -> None:
         """Publish a job offer (an encoded :class:`~blindseg.messages.Offer`) sealed for each of the
         server0s ``to``; the broker hands it to one of them. Waits for the broker's acknowledgement."""
+        if not self.broker.mqtt5:
+            raise UsageError("several server pairs need an MQTT v5 broker with shared subscriptions (Mosquitto 2); "
+                             f"{self.broker.host}:{self.broker.port} is spoken to in MQTT 3.1.1")
         topic = offer_topic(self.deployment, self.me)
         missing = [p for p in to if p not in self._peer_keys]
         if missing:

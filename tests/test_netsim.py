@@ -131,7 +131,11 @@ def test_placement_prediction_matches_servers_in_network_namespaces(net: str) ->
     why = unavailable()
     if why:
         pytest.skip(why)
-    r = asyncio.run(run_placement_bench("ref-unet", 32, net, repeats=3, netns=True))
+    # on the LAN the links add ~30 ms to a 0.5 s job whose time varies by +-25% from job to job on this
+    # shared machine: the fastest of 5 jobs per setup, or the test measures the machine's noise
+    lan = net == "lan"
+    r = asyncio.run(run_placement_bench("ref-unet", 32, net, repeats=5 if lan else 3, netns=True,
+                                        estimator="min" if lan else "median"))
     assert r["links"].startswith("servers: namespaces")
     for p in r["placements"]:
         assert abs(p["predicted_over_measured"] - 1) <= 0.15, p
