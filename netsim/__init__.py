@@ -215,20 +215,27 @@ def predict_placed(unshaped_seconds: float, logs: list[list[tuple[str, int]]], w
     output frame one data owner <-> server message.
 
     ``overlap`` (op index -> seconds): the time each op spent moving its bytes in the unshaped run
-    (the service's per-op time less the in-process one). The link's pacing runs beside that software
-    transfer, so an op pays only the wire time beyond it: op time = compute + max(software, wire) +
-    latencies. Without it the wire time is added whole (right when the link is far slower than the
-    software, e.g. WAN; an overestimate when they are close, e.g. 1 Gbit/s LAN)."""
+    (the service's per-op time less the in-process one). Within a frame of several chunks the link's
+    pacing runs beside that software transfer (the broker forwards chunk by chunk), so an op is
+    credited the share of it that falls on chunks after each frame's first; a frame of one chunk is
+    sent, carried and read one after the other. Without it the wire time is added whole (right when
+    frames are small or the link far slower than the software; an overestimate for large frames on a
+    link about as fast as the software, e.g. 1 Gbit/s LAN at 128²)."""
     t = unshaped_seconds
     wire: dict[int, float] = {}
+    sizes: dict[int, list[int]] = {}
     for label, n in round_bytes(logs).items():
         lat, tx = where.message_parts("server0", "server1", n)
         parts = label.rsplit(":", 2)
         op = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else -1  # <job>:<op>:<round>; else -1
         t += lat
         wire[op] = wire.get(op, 0.0) + tx
+        sizes.setdefault(op, []).append(n)
     for op, tx in wire.items():
-        t += max(0.0, tx - (overlap or {}).get(op, 0.0))
+        total = sum(sizes[op])
+        piped = sum(max(0, n - CHUNK) for n in sizes[op])
+        credit = (overlap or {}).get(op, 0.0) * (piped / total if total else 0.0)
+        t += max(0.0, tx - credit)
     for n in io_frames:
         t += where.message_seconds("data_owner", "server1", n)
     return t
