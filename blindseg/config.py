@@ -69,6 +69,17 @@ def parse_server(name: str) -> tuple[int, str] | None:
     return (int(m.group(1)), m.group(2) or "") if m else None
 
 
+def pair_label(pair: str) -> str:
+    """How reports name a server pair: "1" for the first ("" internally), else its name."""
+    return pair or "1"
+
+
+def module_of(identity: str) -> str:
+    """The ``python -m`` module a service identity runs (``server0-2`` runs ``server0``)."""
+    who = parse_server(identity)
+    return f"server{who[0]}" if who else identity
+
+
 def is_role(name: str) -> bool:
     """Whether ``name`` is a service's or the model owner's identity (anything else is a tenant)."""
     return name in ROLES or parse_server(name) is not None

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .broker import EmbeddedBroker
+from .config import module_of, server_name
 from .errors import BlindsegError, UsageError
 from .kit import init
 
@@ -39,7 +40,6 @@ class LocalDeployment:
         service's probes on a free loopback port (``self.metrics``: role -> host:port). ``pairs``: server
         pairs (``self.services``: the dealer, then every server)."""
         from .broker import free_port
-        from .config import server_name
         from .kit import pair_names
 
         self.root = Path(root)
@@ -67,8 +67,7 @@ class LocalDeployment:
         return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def start_role(self, role: str) -> None:
-        module = role.split("-")[0]  # server0-2 runs `python -m server0` with its own config
-        args = [*self.wrap.get(role, []), sys.executable, "-m", module, "--config", str(self.configs[role])]
+        args = [*self.wrap.get(role, []), sys.executable, "-m", module_of(role), "--config", str(self.configs[role])]
         if role == "dealer":
             args += ["--pool", str(self.pool)]
         log = open(self.root / "logs" / f"{role}.log", "ab")  # noqa: SIM115 - owned by the child

@@ -43,7 +43,7 @@ from cryptography.x509.oid import NameOID
 
 from . import ids
 from .broker import mosquitto_config
-from .config import ROLES, is_role, parse_server, server_name
+from .config import ROLES, is_role, module_of, parse_server, server_name
 from .crypto import generate_key, load_public, private_bytes, public_hex
 from .errors import UsageError
 from .transport import OFFERS, STATUS, offer_topic
@@ -266,8 +266,7 @@ def _systemd_units(d: Path, deployment: str, install_dir: str, python: str, serv
     end with an error their data owner retries), writable only in the service's own state dir."""
     d.mkdir(exist_ok=True)
     for name in services:
-        who = parse_server(name)
-        module = f"server{who[0]}" if who else name
+        module = module_of(name)
         (d / f"blindseg-{name}.service").write_text(f"""[Unit]
 Description=blindseg {name} (deployment {deployment})
 After=network-online.target

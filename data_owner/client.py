@@ -25,7 +25,7 @@ import numpy as np
 
 from blindseg import intensity
 from blindseg.channel import Frame
-from blindseg.config import PartyConfig, parse_server, server_name, server_pairs
+from blindseg.config import PartyConfig, pair_label, parse_server, server_name, server_pairs
 from blindseg.errors import ConnectionLost, PeerRestarted, ProtocolError, StaleEpoch, UsageError
 from blindseg.layout import Layout
 from blindseg.messages import Claim, Error, GetPlan, Job, Message, Offer, Output, PlanInfo, Progress, expect
@@ -207,7 +207,7 @@ class Client:
                     "offline_seconds": max(o.offline_seconds for o in outs_), "round_log": logs,
                     "wait_seconds": max(o.wait_seconds for o in outs_),
                     "io_frames": [sent_in, len(frames[0])], "output_bytes": [len(f) for f in frames],
-                    "clipped_voxels": clipped, "pair": pair or "1"}
+                    "clipped_voxels": clipped, "pair": pair_label(pair)}
             return mask, cost
         finally:
             self._errors.pop(job, None)
@@ -233,10 +233,10 @@ class Client:
                     err.result()
                 if claim in done:
                     pair = claim.result()
-                    self.taken[pair or "1"] = self.taken.get(pair or "1", 0) + 1
+                    self.taken[pair_label(pair)] = self.taken.get(pair_label(pair), 0) + 1
                     return pair
                 if loop.time() > deadline:
                     raise ConnectionLost(f"no server pair took job {job[:8]} within {self.claim_timeout:.0f} s "
-                                         f"(pairs {', '.join(p or '1' for p in self.pairs)}: all busy, or down?)")
+                                         f"(pairs {', '.join(map(pair_label, self.pairs))}: all busy, or down?)")
         finally:
             self._claims.pop(job, None)

@@ -25,7 +25,7 @@ from typing import Any
 
 from blindseg import ids
 from blindseg.channel import Endpoint
-from blindseg.config import PartyConfig, parse_server, server_name, server_pairs
+from blindseg.config import PartyConfig, pair_label, parse_server, server_name, server_pairs
 from blindseg.errors import BlindsegError, StoreFull, UsageError
 from blindseg.health import Health
 from blindseg.messages import Commit, Committed, Error, Masks, Message, Need, PlanMsg, PoolRequest
@@ -124,7 +124,7 @@ class DealerService:
             if n:
                 where = pending.setdefault(k if not pair else f"{k} (pair {pair})", {})
                 where[str(b)] = where.get(str(b), 0) + n
-        return {"models": dict(self.current), "pairs": [p or "1" for p in self.pairs], "pool_target": self.pool,
+        return {"models": dict(self.current), "pairs": [pair_label(p) for p in self.pairs], "pool_target": self.pool,
                 "bundles_made": self.bundles_made,
                 "bundle_seconds_total": round(self.dealer_seconds, 3), "queued": pending,
                 "batch_sizes_in_use": {m: sorted(v) for m, v in self._in_use.items()}}
