@@ -18,3 +18,10 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy blindseg dealer data_owner model_owner netsim server server0 server1
+
+# Peers for the README's comparison, each in its own venv (not needed by the tests or the demo).
+.PHONY: peers
+peers:
+	python3 -m venv .peers/crypten
+	.peers/crypten/bin/pip install -q torch==2.13.0
+	SKLEARN_ALLOW_DEPRECATED_SKLEARN_PACKAGE_INSTALL=True .peers/crypten/bin/pip install -q crypten==0.4.1
