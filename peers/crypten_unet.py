@@ -1,7 +1,7 @@
 """CrypTen 0.4.1 on blindseg's reference U-Net: two parties (plus its TTP), gloo on loopback.
 
 Run in CrypTen's own venv (``make peers``): ``python peers/crypten_unet.py WEIGHTS.npz IMAGE.npy``.
-Prints one JSON object: online seconds of the second of two forwards (the first warms up),
+Optional third argument: the provider (TFP default; TTP). Prints one JSON object: online seconds of the second of two forwards (the first warms up),
 bytes sent per party, rounds, and pixel agreement of the argmax with a float32 torch forward.
 
 Two fixes make 0.4.1 import under torch >= 2.1: the symbolic registry module it probes moved
@@ -61,7 +61,7 @@ def secure_ops(crypten) -> dict:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     weights_path, image_path = sys.argv[1], sys.argv[2]
-    provider = sys.argv[3] if len(sys.argv) > 3 else "TTP"
+    provider = sys.argv[3] if len(sys.argv) > 3 else "TFP"  # TTP: see README (did not finish here)
     crypten = _import_crypten()
     crypten.cfg.communicator.verbose = True
     crypten.cfg.mpc.provider = provider
