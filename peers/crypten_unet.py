@@ -96,7 +96,7 @@ def main() -> None:
         plain = forward(image, weights, plain_ops()).numpy()
     r0["pixel_agreement"] = float((secure_mask == plain.argmax(1).astype(np.uint8).ravel()).mean())
     r0["provider"] = provider
-    r0["system"] = f"CrypTen {crypten.__version__ if hasattr(crypten, '__version__') else '0.4.1'}"
+    r0["system"] = f"CrypTen {getattr(crypten, '__version__', '0.4.1')}"
     print(json.dumps(r0))
 
 
