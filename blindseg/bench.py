@@ -8,6 +8,7 @@ import dataclasses
 import resource
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,10 +43,12 @@ def run_bench(model_name: str, size: int, batch: int = 1, classes: int = 2, seed
     x = test_image(batch, size, seed)
     t_plain = plaintext_seconds(model, x)
     comp = compile_model(model, tuple(x.shape[1:]), "mask", "auto", samples=x)  # type: ignore[arg-type]
+    first = asyncio.run(run_compiled(comp, x))  # loads (or, in a new venv, compiles) the numba kernels
     res = asyncio.run(run_compiled(comp, x))
     with torch.no_grad():
         ref = torch.argmax(model(torch.tensor(x, dtype=torch.float32)), 1).numpy()
     st = res.stats
+    off = offline_compute(comp, batch)
     return {
         "model": model_name, "size": size, "batch": batch, "transport": "memory", "net": "none",
         "online_seconds": st["online_seconds"], "offline_seconds": st["offline_seconds"],
@@ -55,10 +58,78 @@ def run_bench(model_name: str, size: int, batch: int = 1, classes: int = 2, seed
         "deploy_bytes_per_server": max(st["deploy_bytes"]),
         "rounds": st["rounds"], "plaintext_seconds": t_plain,
         "online_over_plaintext": st["online_seconds"] / t_plain,
+        "first_job_online_seconds": first.stats["online_seconds"],
+        "offline_compute": off,
+        "offline_compute_over_online": (off["dealer_seconds"] + max(off["ingest_seconds"])) / st["online_seconds"],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "pixel_agreement": float(np.mean(res.mask == ref)), "frac_bits": st["frac_bits"],
         "layers": st["layers"],
     }
+
+
+def offline_compute(comp: Any, batch: int = 1, repeats: int = 3) -> dict[str, Any]:
+    """Each offline role's compute for one job's bundle, alone on this machine as on its own host
+    (in-process the three share two cores, so the service's wall time mixes them): the dealer making
+    server 1's corrections, then each server's ingest of its bundle (check, expand, F_i precompute,
+    durable store). Medians over ``repeats`` bundles, after one warm-up."""
+    import tempfile
+
+    from dealer.core import Dealer
+    from model_owner import share_weights
+    from server.core import ServerCore
+    from server.store import BundleStore
+
+    from .layout import model_mask_shares
+
+    plan, key = comp.plan, "bench@e1"
+    dealer = Dealer()
+    seeds = dealer.deploy(key, plan)
+    cores = [ServerCore(i, plan) for i in (0, 1)]
+    shares = share_weights(comp)
+    steps = [cores[i].deploy(shares[i], model_mask_shares(plan, seeds[i])) for i in (0, 1)]
+    _lockstep(steps[0], steps[1])
+    layout = cores[0].layout(batch)
+    times: dict[str, list[float]] = {"dealer": [], "server0": [], "server1": []}
+    with tempfile.TemporaryDirectory(prefix="blindseg-offline-") as tmp:
+        stores = [BundleStore(Path(tmp) / f"server{i}") for i in (0, 1)]
+        for rep in range(repeats + 1):
+            b0, b1 = dealer.new_bundle(key, batch)
+            t = time.perf_counter()
+            corr = {m.op: list(m.arrays) for m in dealer.corrections(b0, b1)}
+            took = {"dealer": time.perf_counter() - t}
+            for core, b, store in zip(cores, (b0, b1), stores, strict=True):
+                t = time.perf_counter()
+                writer = store.writer(b.bundle_id, key, batch, b.party, b.seed)
+                for i in range(len(layout.specs)):
+                    mine = corr.get(i, []) if core.party == 1 else []
+                    if mine or plan.ops[i].layer.offline_items:
+                        core.ingest_op(writer, layout, b.seed, i, mine)
+                writer.commit()
+                took[f"server{core.party}"] = time.perf_counter() - t
+                store.discard(b.bundle_id)
+            for k, v in took.items():
+                if rep:
+                    times[k].append(v)
+        for store in stores:
+            store.close()
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {"dealer_seconds": med["dealer"], "ingest_seconds": [med["server0"], med["server1"]]}
+
+
+def _lockstep(*gens: Any) -> None:
+    """Run two servers' step generators against each other in memory until both finish."""
+    ys = [next(g) for g in gens]
+    while ys:
+        mine = [[a.copy() for a in y[1].arith + y[1].boolean] for y in ys]
+        nxt = []
+        for k, g in enumerate(gens):
+            try:
+                nxt.append(g.send(ys[k][1].combine(mine[1 - k])))
+            except StopIteration:
+                pass
+        if len(nxt) not in (0, len(gens)):
+            raise RuntimeError("the two servers' steps ran out of step")
+        ys = nxt
 
 
 def _server_peak_rss(dep: Any) -> int:
@@ -277,7 +348,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"model {r['model']} {r['size']}x{r['size']} batch {r['batch']}  (f = {r['frac_bits']})",
         f"online   {r['online_seconds']:.3f} s   {r['online_bytes_per_server'] / mb:.2f} MB/server   {r['rounds']} rounds",
         f"offline  {r['offline_seconds']:.3f} s   {r['offline_bytes_per_server'] / mb:.2f} MB/server (dealer {r['dealer_seconds']:.3f} s)",
-        f"plaintext float32 {r['plaintext_seconds'] * 1e3:.1f} ms   secure/plaintext {r['online_over_plaintext']:.1f}x",
+        f"offline compute, each role alone: dealer {r['offline_compute']['dealer_seconds']:.3f} s, ingest "
+        f"{' / '.join(f'{v:.3f}' for v in r['offline_compute']['ingest_seconds'])} s (server0 / server1); "
+        f"dealer + ingest = {r['offline_compute_over_online']:.2f}x online",
+        f"plaintext float32 {r['plaintext_seconds'] * 1e3:.1f} ms   secure/plaintext {r['online_over_plaintext']:.1f}x"
+        f"   (second of two jobs; the first {r['first_job_online_seconds']:.3f} s)",
         f"pixel agreement with float {100 * r['pixel_agreement']:.3f}%   peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB",
     ]
     return "\n".join(lines)

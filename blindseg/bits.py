@@ -2,8 +2,8 @@
 
 Boolean shares of n elements' bits are ``uint64`` arrays of shape
 (nbits, nwords) with nwords = ceil(n / 64); one AND of two such rows is one
-word op per 64 elements. The transposes are numba loops (~ms for 2^22
-elements; numpy packbits is ~20x slower).
+word op per 64 elements. The transposes are numba 64 x 64 bit-matrix transposes (~0.7 ms for
+2^18 elements, 32 bits, on 2 cores).
 """
 
 from __future__ import annotations
@@ -17,33 +17,72 @@ def nwords(n: int) -> int:
     return (n + 63) // 64
 
 
+_CHUNK = 32  # words per parallel task of the transposes
+
+
+@nb.njit(inline="always", cache=True)
+def _transpose64(a):  # pragma: no cover - numba
+    # In place: bit j of a[i] <-> bit i of a[j] (six swap stages of halving blocks, Hacker's Delight 7-3).
+    j = 32
+    m = np.uint64(0x00000000FFFFFFFF)
+    while j != 0:
+        sj = np.uint64(j)
+        k = 0
+        while k < 64:
+            t = ((a[k] >> sj) ^ a[k + j]) & m
+            a[k] ^= t << sj
+            a[k + j] ^= t
+            k = (k + j + 1) & ~j
+        j >>= 1
+        m ^= m << np.uint64(j)
+
+
 @nb.njit(parallel=True, cache=True, nogil=True)
 def _slice_kernel(x, lo, nbits, out):  # pragma: no cover - numba
     n = x.size
     nw = out.shape[1]
-    for w in nb.prange(nw):
-        e0 = w * 64
-        e1 = min(e0 + 64, n)
-        for j in range(nbits):
-            acc = np.uint64(0)
-            sh = lo + j
-            for e in range(e0, e1):
-                acc |= np.uint64((x[e] >> sh) & 1) << np.uint64(e - e0)
-            out[j, w] = acc
+    for c in nb.prange((nw + _CHUNK - 1) // _CHUNK):
+        a = np.empty(64, np.uint64)
+        for w in range(c * _CHUNK, min(nw, c * _CHUNK + _CHUNK)):
+            e0 = w * 64
+            m = min(64, n - e0)
+            for e in range(m):
+                a[e] = np.uint64(x[e0 + e])
+            for e in range(m, 64):
+                a[e] = 0
+            _transpose64(a)
+            for j in range(nbits):
+                out[j, w] = a[lo + j]
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
 def _unslice_kernel(words, n, out):  # pragma: no cover - numba
     nbits = words.shape[0]
     nw = words.shape[1]
-    for w in nb.prange(nw):
+    for c in nb.prange((nw + _CHUNK - 1) // _CHUNK):
+        a = np.empty(64, np.uint64)
+        for w in range(c * _CHUNK, min(nw, c * _CHUNK + _CHUNK)):
+            for j in range(nbits):
+                a[j] = words[j, w]
+            for j in range(nbits, 64):
+                a[j] = 0
+            _transpose64(a)
+            e0 = w * 64
+            for e in range(min(64, n - e0)):
+                out[e0 + e] = np.uint32(a[e] & np.uint64(0xFFFFFFFF))
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _unslice_few_kernel(words, n, out):  # pragma: no cover - numba
+    # a handful of rows (rho, e): bit by bit is cheaper than a 64 x 64 transpose per word
+    nbits = words.shape[0]
+    for w in nb.prange(words.shape[1]):
         e0 = w * 64
-        e1 = min(e0 + 64, n)
-        for e in range(e0, e1):
+        for e in range(min(64, n - e0)):
             acc = np.uint32(0)
             for j in range(nbits):
-                acc |= np.uint32((words[j, w] >> np.uint64(e - e0)) & np.uint64(1)) << np.uint32(j)
-            out[e] = acc
+                acc |= np.uint32((words[j, w] >> np.uint64(e)) & np.uint64(1)) << np.uint32(j)
+            out[e0 + e] = acc
 
 
 def bitslice(x: np.ndarray, lo: int, nbits: int) -> np.ndarray:
@@ -60,7 +99,7 @@ def unslice(words: np.ndarray, n: int) -> np.ndarray:
     if w.ndim == 1:
         w = w.reshape(1, -1)
     out = np.empty(n, dtype=np.uint32)
-    _unslice_kernel(w, n, out)
+    (_unslice_kernel if w.shape[0] > 4 else _unslice_few_kernel)(w, n, out)
     return out
 
 

@@ -119,6 +119,22 @@ def test_bitslice_roundtrip(n: int, seed: int) -> None:
     np.testing.assert_array_equal(unslice(bitslice(x, j, 1), n), bits)
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 700), st.integers(0, 31), st.integers(1, 32), st.integers(0, 2**32 - 1))
+def test_bitslice_matches_the_layout_written_out(n: int, lo: int, nbits: int, seed: int) -> None:
+    """Bit j of element e sits in row j, word e // 64, bit e % 64 (numpy, element by element), and
+    unslice of any row count inverts it."""
+    nbits = min(nbits, 32 - lo)
+    x = rand_u32(np.random.default_rng(seed), (n,))
+    e = np.arange(n)
+    want = np.zeros((nbits, (n + 63) // 64), dtype=np.uint64)
+    for j in range(nbits):
+        bit = ((x >> np.uint32(lo + j)) & 1).astype(np.uint64) << (e % 64).astype(np.uint64)
+        np.bitwise_or.at(want[j], e // 64, bit)
+    np.testing.assert_array_equal(bitslice(x, lo, nbits), want)
+    np.testing.assert_array_equal(unslice(want, n), (x >> np.uint32(lo)) & np.uint32((1 << nbits) - 1))
+
+
 def test_encode_refuses_bad_values() -> None:
     with pytest.raises(UsageError, match="NaN"):
         encode(np.array([1.0, np.nan]), 8)
