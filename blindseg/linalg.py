@@ -10,7 +10,9 @@ Cin x Cout x kh x kw.
   while every (input channel, ky, kx) tap streams over it, the 8 weights in
   registers so each input element is loaded once for 8 multiply-adds (AVX2
   vpmulld). Strided convs read phase-de-interleaved columns, so every tap is a
-  contiguous run. 1-4x a float32 conv here (was 13-30x with one channel per pass).
+  contiguous run. 1-4x a float32 conv here (was 13-30x with one channel per pass). Outputs narrower
+  than 33 columns (the U-Net's bottom) go through im2col and the same 8-row register blocking as a
+  GEMM: the direct kernel's short rows made an 8 x 8 output 45x a float32 conv, the GEMM 5-10x.
 - conv_transpose2d: per-pixel matmul Cin -> Cout*kh*kw, then a public
   rearrangement: a pixel shuffle when kernel == stride (the U-Net k2s2 case,
   no zero insertion ever), else an exact col2im scatter-add.
@@ -67,6 +69,46 @@ def _conv2d_kernel(x, w, out, stride, dil):  # pragma: no cover - numba
                 out[n, c0 + c, y, j] = acc[c, j]
 
 
+_GEMM_COLS = 256  # output columns per task of the blocked GEMM
+_DIRECT_MIN_WIDTH = 33  # narrower outputs go through im2col + GEMM (the direct kernel's row loop is too short)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+def _gemm8_kernel(w, cols, out):  # pragma: no cover - numba
+    # out (M x N) = w (M x K) @ cols (K x N), M a multiple of 8: like the direct conv, 8 rows of w in
+    # registers per sweep so each column element is loaded once for 8 multiply-adds.
+    m, k = w.shape
+    n = cols.shape[1]
+    nnb = (n + _GEMM_COLS - 1) // _GEMM_COLS
+    for t in nb.prange((m // _COB) * nnb):
+        r0 = (t // nnb) * _COB
+        j0 = (t % nnb) * _GEMM_COLS
+        nj = min(j0 + _GEMM_COLS, n) - j0
+        acc = np.zeros((_COB, nj), dtype=np.uint32)
+        for kk in range(k):
+            w0 = w[r0, kk]
+            w1 = w[r0 + 1, kk]
+            w2 = w[r0 + 2, kk]
+            w3 = w[r0 + 3, kk]
+            w4 = w[r0 + 4, kk]
+            w5 = w[r0 + 5, kk]
+            w6 = w[r0 + 6, kk]
+            w7 = w[r0 + 7, kk]
+            for j in range(nj):
+                r = cols[kk, j0 + j]
+                acc[0, j] += w0 * r
+                acc[1, j] += w1 * r
+                acc[2, j] += w2 * r
+                acc[3, j] += w3 * r
+                acc[4, j] += w4 * r
+                acc[5, j] += w5 * r
+                acc[6, j] += w6 * r
+                acc[7, j] += w7 * r
+        for c in range(_COB):
+            for j in range(nj):
+                out[r0 + c, j0 + j] = acc[c, j]
+
+
 @nb.njit(parallel=True, cache=True, nogil=True)
 def _matmul_kernel(a, b, out):  # pragma: no cover - numba
     m, k = a.shape
@@ -116,6 +158,18 @@ def conv2d_out_hw(h: int, w: int, k: tuple[int, int], stride: int, padding: int,
     return ho, wo
 
 
+def _im2col(x: np.ndarray, kh: int, kw: int, ho: int, wo: int, stride: int, dil: int) -> np.ndarray:
+    """(Cin*kh*kw) x (N*ho*wo) patch matrix of a padded input, rows ordered like a flattened weight."""
+    n, c = x.shape[:2]
+    cols = np.empty((c, kh, kw, n, ho, wo), dtype=np.uint32)
+    for ky in range(kh):
+        for kx in range(kw):
+            y0, x0 = ky * dil, kx * dil
+            tap = x[:, :, y0: y0 + (ho - 1) * stride + 1: stride, x0: x0 + (wo - 1) * stride + 1: stride]
+            cols[:, ky, kx] = tap.transpose(1, 0, 2, 3)
+    return cols.reshape(c * kh * kw, n * ho * wo)
+
+
 def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, padding: int = 0, dilation: int = 1) -> np.ndarray:
     """Exact ring conv2d (groups=1, zero padding, no bias)."""
     x, w = _u32(x), _u32(w)
@@ -129,6 +183,11 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, padding: int = 0, dila
     cout = w.shape[0]
     if cout % _COB:
         w = np.concatenate([w, np.zeros((_COB - cout % _COB, *w.shape[1:]), dtype=np.uint32)])
+    if wo < _DIRECT_MIN_WIDTH:
+        out = np.empty((w.shape[0], x.shape[0] * ho * wo), dtype=np.uint32)
+        _gemm8_kernel(np.ascontiguousarray(w.reshape(w.shape[0], -1)), _im2col(x, w.shape[2], w.shape[3], ho, wo,
+                                                                                 stride, dilation), out)
+        return np.ascontiguousarray(out.reshape(w.shape[0], x.shape[0], ho, wo)[:cout].transpose(1, 0, 2, 3))
     if stride == 1:
         xs = x[:, :, :, None, :]
     else:  # de-interleave columns by phase: column q*stride + p goes to [..., p, q]

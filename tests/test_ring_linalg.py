@@ -65,6 +65,8 @@ def rand_u32(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 @pytest.mark.parametrize("shape,k,stride,pad,dil", [
     ((1, 3, 7, 6), 3, 1, 1, 1), ((2, 2, 8, 8), 3, 2, 1, 1), ((1, 4, 9, 9), 3, 1, 2, 2),
     ((1, 1, 5, 5), 1, 1, 0, 1), ((1, 2, 6, 7), 2, 2, 0, 1), ((1, 5, 4, 4), 3, 1, 0, 1),
+    # wide enough for the direct kernel (the narrow ones above take im2col + GEMM)
+    ((1, 2, 4, 40), 3, 1, 1, 1), ((2, 3, 5, 71), 3, 2, 1, 1), ((1, 2, 6, 45), 3, 1, 2, 2), ((1, 9, 3, 33), 1, 1, 0, 1),
 ])
 def test_conv2d_bit_exact(rng: np.random.Generator, shape: tuple[int, ...], k: int, stride: int, pad: int, dil: int) -> None:
     x = rand_u32(rng, shape)
