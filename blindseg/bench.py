@@ -67,6 +67,68 @@ def run_bench(model_name: str, size: int, batch: int = 1, classes: int = 2, seed
     }
 
 
+class _Pair:
+    """A dealer and two server cores in memory, deployed, with bundle stores in a temporary directory:
+    each role's compute measured alone (no service, no transport, no other role on the cores)."""
+
+    def __init__(self, comp: Any, batch: int, tmp: str) -> None:
+        from dealer.core import Dealer
+        from model_owner import share_weights
+        from server.core import ServerCore
+        from server.store import BundleStore
+
+        from .layout import model_mask_shares
+
+        self.plan, self.key, self.batch = comp.plan, "bench@e1", batch
+        self.dealer = Dealer()
+        seeds = self.dealer.deploy(self.key, self.plan)
+        self.cores = [ServerCore(i, self.plan) for i in (0, 1)]
+        shares = share_weights(comp)
+        _lockstep(*[self.cores[i].deploy(shares[i], model_mask_shares(self.plan, seeds[i])) for i in (0, 1)])
+        self.layout = self.cores[0].layout(batch)
+        self.stores = [BundleStore(Path(tmp) / f"server{i}") for i in (0, 1)]
+
+    def bundle(self, took: dict[str, float]) -> list[Any]:
+        """One bundle dealt and ingested by both servers (seconds of each role into ``took``); the two
+        stored bundles."""
+        b0, b1 = self.dealer.new_bundle(self.key, self.batch)
+        t = time.perf_counter()
+        corr = {m.op: list(m.arrays) for m in self.dealer.corrections(b0, b1)}
+        took["dealer"] = time.perf_counter() - t
+        out = []
+        for core, b, store in zip(self.cores, (b0, b1), self.stores, strict=True):
+            t = time.perf_counter()
+            writer = store.writer(b.bundle_id, self.key, self.batch, b.party, b.seed)
+            for i in range(len(self.layout.specs)):
+                mine = corr.get(i, []) if core.party == 1 else []
+                if mine or self.plan.ops[i].layer.offline_items:
+                    core.ingest_op(writer, self.layout, b.seed, i, mine)
+            writer.commit()
+            took[f"server{core.party}"] = time.perf_counter() - t
+            out.append(store.consume(b.bundle_id, f"bench{b.bundle_id[:8]}"))
+        return out
+
+    def online(self, stored: list[Any], x: np.ndarray) -> tuple[list[float], list[np.ndarray]]:
+        """Both servers' online steps, run one after the other per round on preloaded material: each
+        server's compute seconds and its output share."""
+        from data_owner import share_image
+        from server.core import Prepared
+
+        preps = [Prepared(self.layout, i, stored[i]) for i in (0, 1)]
+        for p in preps:
+            p.preload(1 << 62)
+        shares = share_image(self.plan, x)
+        busy = [0.0, 0.0]
+        outs = _lockstep(*[self.cores[i].run(preps[i], shares[i]) for i in (0, 1)], busy=busy)
+        for i in (0, 1):
+            self.stores[i].discard(stored[i].bundle_id)
+        return busy, outs
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+
+
 def offline_compute(comp: Any, batch: int = 1, repeats: int = 3) -> dict[str, Any]:
     """Each offline role's compute for one job's bundle, alone on this machine as on its own host
     (in-process the three share two cores, so the service's wall time mixes them): the dealer making
@@ -74,62 +136,76 @@ def offline_compute(comp: Any, batch: int = 1, repeats: int = 3) -> dict[str, An
     durable store). Medians over ``repeats`` bundles, after one warm-up."""
     import tempfile
 
-    from dealer.core import Dealer
-    from model_owner import share_weights
-    from server.core import ServerCore
-    from server.store import BundleStore
-
-    from .layout import model_mask_shares
-
-    plan, key = comp.plan, "bench@e1"
-    dealer = Dealer()
-    seeds = dealer.deploy(key, plan)
-    cores = [ServerCore(i, plan) for i in (0, 1)]
-    shares = share_weights(comp)
-    steps = [cores[i].deploy(shares[i], model_mask_shares(plan, seeds[i])) for i in (0, 1)]
-    _lockstep(steps[0], steps[1])
-    layout = cores[0].layout(batch)
     times: dict[str, list[float]] = {"dealer": [], "server0": [], "server1": []}
     with tempfile.TemporaryDirectory(prefix="blindseg-offline-") as tmp:
-        stores = [BundleStore(Path(tmp) / f"server{i}") for i in (0, 1)]
+        pair = _Pair(comp, batch, tmp)
         for rep in range(repeats + 1):
-            b0, b1 = dealer.new_bundle(key, batch)
-            t = time.perf_counter()
-            corr = {m.op: list(m.arrays) for m in dealer.corrections(b0, b1)}
-            took = {"dealer": time.perf_counter() - t}
-            for core, b, store in zip(cores, (b0, b1), stores, strict=True):
-                t = time.perf_counter()
-                writer = store.writer(b.bundle_id, key, batch, b.party, b.seed)
-                for i in range(len(layout.specs)):
-                    mine = corr.get(i, []) if core.party == 1 else []
-                    if mine or plan.ops[i].layer.offline_items:
-                        core.ingest_op(writer, layout, b.seed, i, mine)
-                writer.commit()
-                took[f"server{core.party}"] = time.perf_counter() - t
-                store.discard(b.bundle_id)
+            took: dict[str, float] = {}
+            for i, b in enumerate(pair.bundle(took)):
+                pair.stores[i].discard(b.bundle_id)
             for k, v in took.items():
                 if rep:
                     times[k].append(v)
-        for store in stores:
-            store.close()
+        pair.close()
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {"dealer_seconds": med["dealer"], "ingest_seconds": [med["server0"], med["server1"]]}
 
 
-def _lockstep(*gens: Any) -> None:
-    """Run two servers' step generators against each other in memory until both finish."""
+def thread_scaling(comp: Any, x: np.ndarray, threads: tuple[int, ...] = (1, 2), repeats: int = 3) -> dict[str, Any]:
+    """One server's online compute (its protocol steps, no transport) with 1 and 2 kernel threads:
+    medians of ``repeats`` jobs each, thread counts interleaved. Speed-up = seconds(1) / seconds(n)."""
+    import tempfile
+
+    import numba
+
+    before = numba.get_num_threads()
+    usable = [t for t in threads if t <= numba.config.NUMBA_NUM_THREADS]
+    secs: dict[int, list[float]] = {t: [] for t in usable}
+    try:
+        with tempfile.TemporaryDirectory(prefix="blindseg-threads-") as tmp:
+            pair = _Pair(comp, x.shape[0], tmp)
+            for rep in range(repeats + 1):
+                for t in usable:
+                    numba.set_num_threads(t)
+                    busy, _ = pair.online(pair.bundle({}), x)
+                    if rep:
+                        secs[t].append(float(np.mean(busy)))
+            pair.close()
+    finally:
+        numba.set_num_threads(before)
+    med = {t: float(np.median(v)) for t, v in secs.items()}
+    return {"server_online_compute_seconds": {str(t): v for t, v in med.items()},
+            "speedup": {str(t): med[usable[0]] / v for t, v in med.items()}}
+
+
+def run_threads_bench(model_name: str, size: int, seed: int = 0) -> dict[str, Any]:
+    """``blindseg bench --threads``: :func:`thread_scaling` for a reference model."""
+    model = build_model(model_name, seed=seed)
+    x = test_image(1, size, seed)
+    comp = compile_model(model, tuple(x.shape[1:]), "mask", "auto", samples=x)  # type: ignore[arg-type]
+    return {"model": model_name, "size": size, **thread_scaling(comp, x)}
+
+
+def _lockstep(*gens: Any, busy: list[float] | None = None) -> list[Any]:
+    """Run two servers' step generators against each other in memory until both finish (each one's
+    seconds inside its steps added to ``busy``); their return values."""
     ys = [next(g) for g in gens]
+    results: list[Any] = [None] * len(gens)
     while ys:
         mine = [[a.copy() for a in y[1].arith + y[1].boolean] for y in ys]
         nxt = []
         for k, g in enumerate(gens):
+            t = time.perf_counter()
             try:
                 nxt.append(g.send(ys[k][1].combine(mine[1 - k])))
-            except StopIteration:
-                pass
+            except StopIteration as stop:
+                results[k] = stop.value
+            if busy is not None:
+                busy[k] += time.perf_counter() - t
         if len(nxt) not in (0, len(gens)):
             raise RuntimeError("the two servers' steps ran out of step")
         ys = nxt
+    return results
 
 
 def _server_peak_rss(dep: Any) -> int:

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--netns", action="store_true",
                    help="with --placement: each server in its own network namespace, bandwidth by the kernel (veth + "
                         "tbf), latency by a relay (root only)")
+    b.add_argument("--threads", action="store_true",
+                   help="issue #13: one server's online compute with 1 and 2 kernel threads (speed-up)")
     b.add_argument("--norm", action="store_true",
                    help="issue #11: the secure instance / group norm alone: rounds, bytes, error against torch")
     b.add_argument("--cold-start", action="store_true",
@@ -144,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             r = asyncio.run(run_placement_bench(args.model, args.size,
                                                 args.net if args.net != "none" else "wan", netns=args.netns))
             print(json.dumps(r, indent=None if args.json else 1))
+            return 0
+        if args.cmd == "bench" and args.threads:
+            from .bench import run_threads_bench
+
+            print(json.dumps(run_threads_bench(args.model, args.size), indent=None if args.json else 1))
             return 0
         if args.cmd == "bench" and args.norm:
             from .bench import run_norm_cost

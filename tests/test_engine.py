@@ -193,3 +193,31 @@ def test_input_size_rule_is_stated() -> None:
     with pytest.raises(UsageError, match=r"input size \(40, 40\) must be a multiple of 16 for this model"):
         secure_segment(model, np.random.default_rng(0).normal(size=(1, 1, 40, 40)),
                        calibration=np.random.default_rng(1).normal(size=(2, 1, 40, 40)))
+
+
+def test_bench_pair_measures_a_correct_job() -> None:
+    """The benchmark's per-role measurements (dealer, ingest, each server's online steps without a
+    transport) time a real job: its output shares reconstruct to the float model's mask."""
+    import tempfile
+
+    from blindseg.bench import _Pair, offline_compute, thread_scaling
+    from blindseg.compiler import compile_model
+    from data_owner import reconstruct
+    from tests.deployed import assert_faithful
+
+    model = build_model("ref-unet", seed=4)
+    x = structured(1, 32)
+    comp = compile_model(model, (1, 32, 32), "mask", "auto", samples=x)
+    with tempfile.TemporaryDirectory() as tmp:
+        pair = _Pair(comp, 1, tmp)
+        took: dict[str, float] = {}
+        busy, outs = pair.online(pair.bundle(took), x)
+        pair.close()
+    assert set(took) == {"dealer", "server0", "server1"} and min(busy) > 0
+    with torch.no_grad():
+        logits = model(torch.tensor(x, dtype=torch.float32)).numpy()
+    assert_faithful(reconstruct(comp.plan, outs[0], outs[1]), logits)
+    off = offline_compute(comp, repeats=1)
+    assert off["dealer_seconds"] > 0 and len(off["ingest_seconds"]) == 2
+    sc = thread_scaling(comp, x, repeats=1)
+    assert sc["speedup"]["1"] == 1.0 and set(sc["server_online_compute_seconds"]) <= {"1", "2"}
