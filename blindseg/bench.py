@@ -159,7 +159,7 @@ def thread_scaling(comp: Any, x: np.ndarray, threads: tuple[int, ...] = (1, 2), 
     import numba
 
     before = numba.get_num_threads()
-    usable = [t for t in threads if t <= numba.config.NUMBA_NUM_THREADS]
+    usable = [t for t in threads if t <= numba.config.NUMBA_NUM_THREADS]  # type: ignore[attr-defined]
     secs: dict[int, list[float]] = {t: [] for t in usable}
     try:
         with tempfile.TemporaryDirectory(prefix="blindseg-threads-") as tmp:
