@@ -25,3 +25,5 @@ peers:
 	python3 -m venv .peers/crypten
 	.peers/crypten/bin/pip install -q torch==2.13.0
 	SKLEARN_ALLOW_DEPRECATED_SKLEARN_PACKAGE_INSTALL=True .peers/crypten/bin/pip install -q crypten==0.4.1
+	python3 -m venv .peers/spu
+	.peers/spu/bin/pip install -q spu==0.9.5 jax==0.4.34 jaxlib==0.4.34
