@@ -44,8 +44,8 @@ def run_bench(model_name: str, size: int, batch: int = 1, classes: int = 2, seed
     x = test_image(batch, size, seed)
     t_plain = plaintext_seconds(model, x)
     comp = compile_model(model, tuple(x.shape[1:]), "mask", "auto", samples=x)  # type: ignore[arg-type]
-    first = asyncio.run(run_compiled(comp, x))  # loads (or, in a new venv, compiles) the numba kernels
-    res = asyncio.run(run_compiled(comp, x))
+    # two jobs on one deployment, the second measured: the first loads (in a new venv: compiles) the kernels
+    res = asyncio.run(run_compiled(comp, x, jobs=2))
     with torch.no_grad():
         ref = torch.argmax(model(torch.tensor(x, dtype=torch.float32)), 1).numpy()
     st = res.stats
@@ -61,7 +61,7 @@ def run_bench(model_name: str, size: int, batch: int = 1, classes: int = 2, seed
         "deploy_bytes_per_server": max(st["deploy_bytes"]),
         "rounds": st["rounds"], "plaintext_seconds": t_plain,
         "online_over_plaintext": st["online_seconds"] / t_plain,
-        "first_job_online_seconds": first.stats["online_seconds"],
+        "first_job_online_seconds": st["jobs_online_seconds"][0],
         "offline_compute": off,
         "offline_compute_over_online": (off["dealer_seconds"] + max(off["ingest_seconds"])) / st["online_seconds"],
         "peak_rss_bytes": peak_rss,
