@@ -221,3 +221,22 @@ def test_bench_pair_measures_a_correct_job() -> None:
     assert off["dealer_seconds"] > 0 and len(off["ingest_seconds"]) == 2
     sc = thread_scaling(comp, x, repeats=1)
     assert sc["speedup"]["1"] == 1.0 and set(sc["server_online_compute_seconds"]) <= {"1", "2"}
+
+
+def test_two_jobs_on_one_deployment_each_use_a_fresh_bundle() -> None:
+    """run_compiled(jobs=2): the second job on the same deployment consumes its own bundle and is as
+    correct as the first (a reused or missing bundle would fail or corrupt it)."""
+    import asyncio
+
+    from blindseg.compiler import compile_model
+    from blindseg.engine import run_compiled
+    from tests.deployed import assert_faithful
+
+    model = build_model("ref-unet", seed=6)
+    x = structured(1, 32)
+    comp = compile_model(model, (1, 32, 32), "mask", "auto", samples=x)
+    res = asyncio.run(run_compiled(comp, x, jobs=2))
+    assert len(res.stats["jobs_online_seconds"]) == 2 and res.mask is not None
+    with torch.no_grad():
+        assert_faithful(res.mask, model(torch.tensor(x, dtype=torch.float32)).numpy())
+    assert res.stats["offline_bytes"][0] < 200 and res.stats["dealer_seconds"] > 0
