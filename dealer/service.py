@@ -4,8 +4,11 @@ Keeps, per deployed model, ``pool`` ready bundles at the servers ahead of demand
 on ``ctl:plan`` it draws the deployment's mask seeds (once per ``model@epoch``,
 persisted 0600 in its state dir so a restart can keep serving) and sends each
 server its seed; on ``ctl:commit`` it switches the model to that epoch and
-streams ``pool`` bundles; every ``ctl:used`` / ``ctl:need`` from server0 streams
-one more. Bundles are generated one at a time in a worker thread; the servers wait
+streams ``pool`` bundles; every ``ctl:used`` / ``ctl:need`` from server0 tops the
+pool up again. The pool's size follows the measured throughput (:func:`pool_target`): when
+jobs use bundles faster than one is made and sent, it grows to cover the bundles in the
+making (up to ``max_pool``), so a stream of jobs (the slices of a CT) does not wait for
+each bundle. Bundles are generated one at a time in a worker thread; the servers wait
 for them (back-pressure), they never generate their own.
 
 Several server pairs: one dealer serves every pair it has keys for (``server0``/``server1``,
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -57,12 +61,36 @@ async def stream_bundle(dealer: Dealer, model_id: str, batch: int, to0: Endpoint
         await to1.send(f"bundle:{b1.bundle_id}:{msg.op}", msg.encode())
 
 
+def pool_target(base: int, cap: int, bundle_seconds: float | None, job_interval: float | None) -> int:
+    """Ready bundles to keep for one (pair, deployment, batch): at least ``base``; when jobs arrive
+    every ``job_interval`` seconds and a bundle takes ``bundle_seconds`` to make and send, enough to
+    cover the bundles still being made while jobs keep using them (ceil(bundle / interval) + 1), at
+    most ``cap``. A dealer slower than the jobs (bundle > interval) cannot keep up at any size: the
+    pool then only delays the wait, so it is capped like any other."""
+    if not bundle_seconds or not job_interval or job_interval <= 0:
+        return base
+    return max(base, min(cap, math.ceil(bundle_seconds / job_interval) + 1))
+
+
+class Rate:
+    """Exponential moving average of a duration (weight ``alpha`` for the newest sample)."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha, self.value = alpha, 0.0
+
+    def add(self, x: float) -> float:
+        self.value = x if not self.value else self.alpha * x + (1 - self.alpha) * self.value
+        return self.value
+
+
 class DealerService:
     """Deployments are staged on ``ctl:plan`` (masks drawn once per ``model@epoch``, persisted) and
     switched on ``ctl:commit`` (the model's other epochs are forgotten, the pool fills). Pool requests
     and queued bundles of a deployment that is not the current one are dropped."""
 
     max_bundle_bytes = 8 << 30  # a plan whose batch-1 bundle would be larger is refused
+    max_pool = 8  # the most ready bundles the throughput sizing asks a server pair to hold (disk)
+    stream_gap = 120.0  # "used" reports further apart than this are separate bursts, not a job rate
 
     def __init__(self, node: Node, state_dir: Path, pool: int = 2, metrics_address: str = "",
                  in_use_for: float = 3600.0) -> None:
@@ -85,6 +113,10 @@ class DealerService:
         self._work: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()
         # bundles queued or being streamed, per (pair, deployment, batch)
         self._pending: dict[tuple[str, str, int], int] = {}
+        # throughput sizing: seconds per bundle (making and sending it) and between used bundles (jobs)
+        self._bundle_rate: dict[tuple[str, int], Rate] = {}
+        self._job_rate: dict[tuple[str, str, int], Rate] = {}
+        self._last_used: dict[tuple[str, str, int], float] = {}
         private_dir(state_dir)
         if self.state.exists():
             check_private(self.state)
@@ -124,10 +156,28 @@ class DealerService:
             if n:
                 where = pending.setdefault(k if not pair else f"{k} (pair {pair})", {})
                 where[str(b)] = where.get(str(b), 0) + n
+        targets = {f"{k} batch {b}" + (f" (pair {pair})" if pair else ""): self.target((pair, k, b))
+                   for (pair, k, b) in sorted(self._job_rate)}
         return {"models": dict(self.current), "pairs": [pair_label(p) for p in self.pairs], "pool_target": self.pool,
+                "pool_targets": targets,
                 "bundles_made": self.bundles_made,
                 "bundle_seconds_total": round(self.dealer_seconds, 3), "queued": pending,
                 "batch_sizes_in_use": {m: sorted(v) for m, v in self._in_use.items()}}
+
+    def target(self, key: tuple[str, str, int]) -> int:
+        """Ready bundles to keep for ``key`` = (pair, deployment, batch): :func:`pool_target` from the
+        measured bundle time and job interval (``pool`` until both are known; a dealer with no pool,
+        ``pool=0``, makes only the bundles asked for)."""
+        bundle, jobs = self._bundle_rate.get(key[1:]), self._job_rate.get(key)
+        cap = max(self.pool, self.max_pool) if self.pool else 0
+        return pool_target(self.pool, cap, bundle.value if bundle else None, jobs.value if jobs else None)
+
+    def _job_used(self, key: tuple[str, str, int]) -> None:
+        now = time.monotonic()
+        last = self._last_used.get(key)
+        self._last_used[key] = now
+        if last is not None and now - last < self.stream_gap:
+            self._job_rate.setdefault(key, Rate()).add(now - last)
 
     def batches_in_use(self, model: str) -> list[int]:
         """Batch sizes server0 asked for within ``in_use_for`` seconds (pre-warmed after a redeploy)."""
@@ -187,11 +237,14 @@ class DealerService:
         elif isinstance(msg, PoolRequest) and (who := parse_server(sender)) and who[0] == 0 and who[1] in self.dealers:
             if self.current.get(msg.model) != msg.epoch:
                 raise UsageError(f"pool request for {msg.model}@{msg.epoch}, which is not the current deployment")
-            # top the pair's pool up to `pool` ready bundles (server0's count + those queued or in flight
-            # here); a job that waited always gets one, whatever the count says
+            # top the pair's pool up to its target (server0's count + those queued or in flight here:
+            # `pool`, or more when jobs use bundles faster than one is made); a job that waited always
+            # gets one, whatever the count says
             key = (who[1], ids.key(msg.model, msg.epoch), msg.batch)
             self._in_use.setdefault(msg.model, {})[msg.batch] = time.monotonic()
-            want = self.pool - msg.ready - self._pending.get(key, 0)
+            if not isinstance(msg, Need):
+                self._job_used(key)
+            want = self.target(key) - msg.ready - self._pending.get(key, 0)
             n = max(want, 1 if isinstance(msg, Need) and not self._pending.get(key) else 0)
             log.info("dealer: %s from %s for %s batch %d (%d ready there): %d more", msg.T, sender, key[1], msg.batch,
                      msg.ready, n)
@@ -222,8 +275,10 @@ class DealerService:
                 if wait > 0:  # a store is full: queue it again after the back-off (it heals by itself)
                     asyncio.get_running_loop().call_later(wait, self.request, k, batch, pair)
                     continue
+                t0 = time.monotonic()
                 bid, secs = await stream_bundle(self.dealers[pair], k, batch, self.node.link(server_name(0, pair)),
                                                 self.node.link(server_name(1, pair)))
+                self._bundle_rate.setdefault((k, batch), Rate()).add(time.monotonic() - t0)
                 self.dealer_seconds += secs
                 self.bundles_made += 1
                 self.health.bundles.inc()

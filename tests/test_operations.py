@@ -403,3 +403,38 @@ def test_logs_are_utc_one_line_and_optionally_json(capsys) -> None:
     doc = json.loads(_UtcFormatter(True).format(rec))
     assert doc == {"time": "1970-01-01T00:00:00+0000", "level": "WARNING", "logger": "blindseg.server",
                    "message": "server0: disk full"}
+
+
+def test_pool_target_follows_the_measured_throughput() -> None:
+    from dealer.service import pool_target
+
+    assert pool_target(2, 8, None, 1.0) == 2 and pool_target(2, 8, 3.0, None) == 2  # not measured yet
+    assert pool_target(2, 8, 0.5, 1.0) == 2  # the dealer keeps up: the configured pool
+    assert pool_target(2, 8, 3.0, 1.0) == 4  # three bundles in the making while jobs use them, plus one
+    assert pool_target(2, 8, 30.0, 1.0) == 8 and pool_target(0, 0, 3.0, 1.0) == 0  # capped; no pool stays none
+
+
+async def test_the_pool_grows_when_jobs_use_bundles_faster_than_they_are_made(tmp_path) -> None:
+    """server0 reports used bundles every 20 ms (a stream of slices), far faster than the dealer makes
+    one: the dealer's target for that deployment grows past the configured pool of 1 and that many
+    bundles reach the servers' stores, so the next jobs find theirs ready."""
+    from blindseg.messages import PoolRequest
+
+    nodes, servers, dealer, tasks, comp, deploy_compiled = await _services(tmp_path, pool=1)
+    try:
+        epoch = (await deploy_compiled(nodes["model_owner"], comp, "m"))["epoch"]
+        key = ("", f"m@{epoch}", 1)
+        await _until(lambda: dealer.bundles_made >= 1, "the first bundle")
+        assert dealer.target(key) == 1
+        for _ in range(4):
+            await nodes["server0"].tell("dealer", PoolRequest("m", epoch, 1, ready=0))
+            await asyncio.sleep(0.02)
+        await _until(lambda: dealer.target(key) > 1, "a larger pool target")
+        want = dealer.target(key)
+        assert want <= dealer.max_pool
+        await _until(lambda: min(len(s.store.ready(key[1], 1)) for s in servers) >= want, f"{want} ready bundles")
+        assert dealer.health.info("test")["pool_targets"][f"{key[1]} batch 1"] == want
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
