@@ -125,14 +125,15 @@ class _Pair:
         return out
 
     def online(self, stored: list[Any], x: np.ndarray) -> tuple[list[float], list[np.ndarray]]:
-        """Both servers' online steps, run one after the other per round on preloaded material: each
-        server's compute seconds and its output share."""
+        """Both servers' online steps, run one after the other per round (material expanded before the
+        job if it fits in 1 GB, as the service does, else op by op): each server's compute seconds and
+        its output share."""
         from data_owner import share_image
         from server.core import Prepared
 
         preps = [Prepared(self.layout, i, stored[i]) for i in (0, 1)]
         for p in preps:
-            p.preload(1 << 62)
+            p.preload(1 << 30)
         shares = share_image(self.plan, x)
         busy = [0.0, 0.0]
         outs = _lockstep(*[self.cores[i].run(preps[i], shares[i]) for i in (0, 1)], busy=busy)
