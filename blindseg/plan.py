@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from operator import index
 from typing import Any
 
 import numpy as np
@@ -120,15 +121,16 @@ class Plan:
     def from_dict(d: Any) -> Plan:
         """Rebuild and validate a plan from untrusted data (clear errors, never asserts)."""
         try:
-            ops = tuple(Op(str(o["kind"]), tuple(int(i) for i in o["inputs"]), tuple(int(s) for s in o["shape"]),
+            # integers must be integers: index() refuses 1.7 (int() would truncate it) and inf alike
+            ops = tuple(Op(str(o["kind"]), tuple(index(i) for i in o["inputs"]), tuple(index(s) for s in o["shape"]),
                            dict(o.get("params", {})), str(o.get("name", ""))) for o in d["ops"])
             circ = d.get("circuit", {})
-            plan = Plan(ops, int(d["frac_bits"]), str(d["output"]), dict(d.get("meta", {})),
-                        tuple(int(a) for a in circ.get("arities", DEFAULT_ARITIES)),
-                        int(circ.get("width", CIRCUIT_WIDTH)), tuple(int(v) for v in d.get("scales", ())))
+            plan = Plan(ops, index(d["frac_bits"]), str(d["output"]), dict(d.get("meta", {})),
+                        tuple(index(a) for a in circ.get("arities", DEFAULT_ARITIES)),
+                        index(circ.get("width", CIRCUIT_WIDTH)), tuple(index(v) for v in d.get("scales", ())))
         except UsageError as exc:  # a layer refused its parameters
             raise UsageError(f"malformed plan: {exc}") from None
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
             raise UsageError(f"malformed plan: {exc!r}") from None
         validate(plan)
         return plan

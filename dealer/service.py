@@ -65,7 +65,7 @@ def pool_target(base: int, cap: int, bundle_seconds: float | None, job_interval:
     """Ready bundles to keep for one (pair, deployment, batch): at least ``base``; when jobs arrive
     every ``job_interval`` seconds and a bundle takes ``bundle_seconds`` to make and send, enough to
     cover the bundles still being made while jobs keep using them (ceil(bundle / interval) + 1), at
-    most ``cap``. A dealer slower than the jobs (bundle > interval) cannot keep up at any size: the
+    most ``cap`` (the service's ``max_pool`` and ``max_pool_bytes`` of bundles at server1). A dealer slower than the jobs (bundle > interval) cannot keep up at any size: the
     pool then only delays the wait, so it is capped like any other."""
     if not bundle_seconds or not job_interval or job_interval <= 0:
         return base
@@ -89,7 +89,8 @@ class DealerService:
     and queued bundles of a deployment that is not the current one are dropped."""
 
     max_bundle_bytes = 8 << 30  # a plan whose batch-1 bundle would be larger is refused
-    max_pool = 8  # the most ready bundles the throughput sizing asks a server pair to hold (disk)
+    max_pool = 8  # the most ready bundles the throughput sizing asks a server pair to hold
+    max_pool_bytes = 16 << 30  # ... and the most bytes of them at server1 (a 512² bundle is ~5.5 GB)
     stream_gap = 120.0  # "used" reports further apart than this are separate bursts, not a job rate
 
     def __init__(self, node: Node, state_dir: Path, pool: int = 2, metrics_address: str = "",
@@ -115,6 +116,7 @@ class DealerService:
         self._pending: dict[tuple[str, str, int], int] = {}
         # throughput sizing: seconds per bundle (making and sending it) and between used bundles (jobs)
         self._bundle_rate: dict[tuple[str, int], Rate] = {}
+        self._bundle_bytes: dict[tuple[str, int], int] = {}
         self._job_rate: dict[tuple[str, str, int], Rate] = {}
         self._last_used: dict[tuple[str, str, int], float] = {}
         private_dir(state_dir)
@@ -169,7 +171,8 @@ class DealerService:
         measured bundle time and job interval (``pool`` until both are known; a dealer with no pool,
         ``pool=0``, makes only the bundles asked for)."""
         bundle, jobs = self._bundle_rate.get(key[1:]), self._job_rate.get(key)
-        cap = max(self.pool, self.max_pool) if self.pool else 0
+        room = self.max_pool_bytes // max(1, self._bundle_bytes.get(key[1:], 1))
+        cap = max(self.pool, min(self.max_pool, room)) if self.pool else 0
         return pool_target(self.pool, cap, bundle.value if bundle else None, jobs.value if jobs else None)
 
     def _job_used(self, key: tuple[str, str, int]) -> None:
@@ -275,10 +278,11 @@ class DealerService:
                 if wait > 0:  # a store is full: queue it again after the back-off (it heals by itself)
                     asyncio.get_running_loop().call_later(wait, self.request, k, batch, pair)
                     continue
-                t0 = time.monotonic()
-                bid, secs = await stream_bundle(self.dealers[pair], k, batch, self.node.link(server_name(0, pair)),
-                                                self.node.link(server_name(1, pair)))
+                t0, to1 = time.monotonic(), self.node.link(server_name(1, pair))
+                sent = to1.counters.bytes_sent
+                bid, secs = await stream_bundle(self.dealers[pair], k, batch, self.node.link(server_name(0, pair)), to1)
                 self._bundle_rate.setdefault((k, batch), Rate()).add(time.monotonic() - t0)
+                self._bundle_bytes[(k, batch)] = to1.counters.bytes_sent - sent
                 self.dealer_seconds += secs
                 self.bundles_made += 1
                 self.health.bundles.inc()

@@ -376,3 +376,23 @@ def test_secrets_never_appear_in_reprs(tmp_path) -> None:
         text = repr(obj) + str(obj)
         for s in secrets:
             assert s not in text, f"{type(obj).__name__} shows a secret"
+
+
+@pytest.mark.parametrize("key,value", [("inputs", [float("inf")]), ("inputs", [1.7]), ("shape", [float("nan")]),
+                                       ("shape", [16.5, 32]), ("inputs", ["1"])])
+def test_non_integer_plan_fields_are_refused_not_truncated(key: str, value: object) -> None:
+    """Indices and shapes must be integers: inf or NaN is a malformed plan (not an OverflowError), and
+    1.7 is refused rather than silently read as 1."""
+    d = {**PLAN, "ops": [dict(o) for o in PLAN["ops"]]}
+    d["ops"][1][key] = value
+    with pytest.raises(UsageError, match="malformed plan"):
+        Plan.from_dict(d)
+
+
+@pytest.mark.parametrize("field,value", [("slope", float("nan")), ("slope", float("inf")), ("slopes", [0.1, float("nan")])])
+def test_non_finite_float_parameters_are_refused(field: str, value: object) -> None:
+    """A NaN or infinite layer constant would compute garbage without an error: refused on load."""
+    d = {**PLAN, "ops": [dict(o) for o in PLAN["ops"]]}
+    d["ops"][2] = {**d["ops"][2], "params": {**d["ops"][2]["params"], field: value}}
+    with pytest.raises(UsageError, match=field):
+        Plan.from_dict(d)

@@ -434,6 +434,8 @@ async def test_the_pool_grows_when_jobs_use_bundles_faster_than_they_are_made(tm
         assert want <= dealer.max_pool
         await _until(lambda: min(len(s.store.ready(key[1], 1)) for s in servers) >= want, f"{want} ready bundles")
         assert dealer.health.info("test")["pool_targets"][f"{key[1]} batch 1"] == want
+        dealer.max_pool_bytes = 2 * dealer._bundle_bytes[key[1:]]  # room for two bundles at server1
+        assert want > 2 and dealer.target(key) == 2
     finally:
         for t in tasks:
             t.cancel()

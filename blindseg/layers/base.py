@@ -10,6 +10,7 @@ fixed-point reference and the float forward. Shapes are (batch, channels, *spati
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,8 +62,8 @@ def _coerce(owner: str, name: str, typ: str, v: Any) -> Any:
         ok = isinstance(v, int) and not isinstance(v, bool)
     elif typ == "bool":
         ok = isinstance(v, bool)
-    elif typ == "float":
-        ok = isinstance(v, int | float) and not isinstance(v, bool)
+    elif typ == "float":  # finite: a NaN or infinite constant would compute garbage, never refuse
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
         v = float(v) if ok else v
     elif typ == "str":
         ok = isinstance(v, str)
@@ -70,7 +71,8 @@ def _coerce(owner: str, name: str, typ: str, v: Any) -> Any:
         ok = isinstance(v, list | tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
         v = tuple(v) if ok else v
     elif typ.startswith("tuple[float"):
-        ok = isinstance(v, list | tuple) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        ok = isinstance(v, list | tuple) and all(isinstance(x, int | float) and not isinstance(x, bool)
+                                                  and math.isfinite(x) for x in v)
         v = tuple(float(x) for x in v) if ok else v
     else:  # pragma: no cover - a layer declared a field type this helper does not know
         raise UsageError(f"{owner}.{name}: unsupported parameter type {typ}")
