@@ -437,6 +437,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"{L['op']:>4} {L['kind']:8} {L['name'][:26]:26} {L['online_seconds']:9.4f} "
                      f"{L['online_bytes'] / mb:10.3f} {L['rounds']:6d} {L['offline_bytes'] / mb:10.3f}")
     lines += [
+        "(an op's seconds run from the previous opening to its own last one: a conv's ring product is computed",
+        " after its opening, so it shows under the op that follows it, e.g. a conv's rescale)",
         "",
         f"model {r['model']} {r['size']}x{r['size']} batch {r['batch']}  (f = {r['frac_bits']})",
         f"online   {r['online_seconds']:.3f} s   {r['online_bytes_per_server'] / mb:.2f} MB/server   {r['rounds']} rounds",
