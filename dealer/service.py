@@ -65,8 +65,9 @@ def pool_target(base: int, cap: int, bundle_seconds: float | None, job_interval:
     """Ready bundles to keep for one (pair, deployment, batch): at least ``base``; when jobs arrive
     every ``job_interval`` seconds and a bundle takes ``bundle_seconds`` to make and send, enough to
     cover the bundles still being made while jobs keep using them (ceil(bundle / interval) + 1), at
-    most ``cap`` (the service's ``max_pool`` and ``max_pool_bytes`` of bundles at server1). A dealer slower than the jobs (bundle > interval) cannot keep up at any size: the
-    pool then only delays the wait, so it is capped like any other."""
+    most ``cap`` (the service's ``max_pool`` and ``max_pool_bytes`` of bundles at server1). A dealer
+    slower than the jobs (bundle > interval) cannot keep up at any size: the pool then only delays the
+    wait (by as many jobs as it holds), so it is capped like any other."""
     if not bundle_seconds or not job_interval or job_interval <= 0:
         return base
     return max(base, min(cap, math.ceil(bundle_seconds / job_interval) + 1))
