@@ -99,6 +99,7 @@ class ServerCore:
         self.plan = plan
         self.rt = Runtime(party, plan.circuit())
         self._layouts: dict[int, Layout] = {}
+        self.step_costs: dict[int, list[float]] = {}  # per batch size: each online step's seconds, last job
         self._last_use: dict[int, int] = {}
         for i, op in enumerate(plan.ops):
             for j in op.inputs:
@@ -191,12 +192,17 @@ def _tag(i: int, gen: P.Proto) -> Generator[tuple[int, P.Open], P.Opened, np.nda
         return stop.value  # type: ignore[no-any-return]
 
 
-def _step(gen: Step, value: Any) -> tuple[bool, Any]:
-    """One compute step (run in a worker thread); StopIteration cannot cross a Future."""
+def _step(gen: Step, value: Any) -> tuple[bool, Any, float]:
+    """One compute step (run in a worker thread or inline); StopIteration cannot cross a Future.
+    Returns (done, value, seconds the step took)."""
+    t = time.perf_counter()
     try:
-        return False, gen.send(value)
+        return False, gen.send(value), time.perf_counter() - t
     except StopIteration as stop:
-        return True, stop.value
+        return True, stop.value, time.perf_counter() - t
+
+
+INLINE_BELOW = 1e-3  # a step that took less than this in the last job runs on the event loop (no handoff)
 
 
 async def exchange(peer: Endpoint, label: str, req: P.Open, timeout: float | None) -> P.Opened:
@@ -213,16 +219,28 @@ async def exchange(peer: Endpoint, label: str, req: P.Open, timeout: float | Non
 
 
 async def drive(gen: Step, peer: Endpoint, job: str, stats: RunStats | None = None,
-                timeout: float | None = 600.0, on_op: Callable[[int], Awaitable[None]] | None = None) -> Any:
+                timeout: float | None = 600.0, on_op: Callable[[int], Awaitable[None]] | None = None,
+                costs: list[float] | None = None) -> Any:
     """Run a sans-IO server generator to completion over ``peer``; record per-op cost.
 
-    ``on_op(i)`` is awaited when the first round of op ``i`` starts (progress reports)."""
+    ``on_op(i)`` is awaited when the first round of op ``i`` starts (progress reports). ``costs``: each
+    step's seconds in the last run of the same program (updated in place); a step that took under
+    :data:`INLINE_BELOW` then runs on the event loop, where a worker-thread handoff (~0.4 ms here)
+    would cost more than the step itself; every other step runs in a worker thread, so the loop keeps
+    serving the transport while kernels run."""
     stats = stats if stats is not None else RunStats()
     rounds_in_op: dict[int, int] = {}
     value: Any = None
     t_last = time.perf_counter()
+    k = 0
     while True:
-        done, item = await asyncio.to_thread(_step, gen, value)
+        if costs is not None and k < len(costs) and costs[k] < INLINE_BELOW:
+            done, item, took = _step(gen, value)
+        else:
+            done, item, took = await asyncio.to_thread(_step, gen, value)
+        if costs is not None:
+            costs[k:k + 1] = [took]
+        k += 1
         if done:
             return item
         op, req = item

@@ -75,6 +75,7 @@ class ServerSettings:
     round_timeout: float = 120.0  # a peer silent this long fails the job
     bundle_wait: float = 120.0  # how long a job waits for preprocessing
     preload_bytes: int = 1 << 30  # a bundle whose material fits is expanded before its job
+    inline_steps: bool = True  # steps that were short last job run on the event loop (see server.core.drive)
     max_job_bytes: int = 16 << 30  # a plan or job needing more preprocessing material is refused
     pool_expiry: float = 3600.0  # ready bundles of a (model, batch size) unused this long are dropped
     metrics_address: str = ""  # host:port of /metrics, /healthz, /readyz; "" = off
@@ -427,7 +428,8 @@ class ServerService:
                     self.spawn(self.node.tell(tenant, Progress(job, op, n)), f"progress of job {job[:8]}")
 
             t_run = time.perf_counter()
-            out = await drive(core.run(prep, x), peer, job, stats, self.settings.round_timeout, on_op=progress)
+            out = await drive(core.run(prep, x), peer, job, stats, self.settings.round_timeout, on_op=progress,
+                              costs=core.step_costs.setdefault(batch, []) if self.settings.inline_steps else None)
             log.info("%s: job %s of %s: %.3f s to start (bundle %s, %s), %.3f s for %d rounds", self.name, job[:8],
                      tenant, t_run - t_start, bid[:8], "warm" if warm is not None else "cold",
                      time.perf_counter() - t_run, stats.rounds)

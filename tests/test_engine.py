@@ -240,3 +240,33 @@ def test_two_jobs_on_one_deployment_each_use_a_fresh_bundle() -> None:
     with torch.no_grad():
         assert_faithful(res.mask, model(torch.tensor(x, dtype=torch.float32)).numpy())
     assert res.stats["offline_bytes"][0] < 200 and res.stats["dealer_seconds"] > 0
+
+
+def test_steps_short_in_the_last_job_run_without_a_thread_handoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The round driver runs a step that took under INLINE_BELOW in the previous job on the event loop:
+    the second job hands fewer steps to worker threads than it runs, and its mask is still right."""
+    import asyncio
+
+    import server.core as sc
+    from blindseg.compiler import compile_model
+    from blindseg.engine import run_compiled
+    from tests.deployed import assert_faithful
+
+    handed: list[int] = []
+    real = asyncio.to_thread
+
+    async def counting(func, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if func is sc._step:
+            handed.append(1)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    model = build_model("ref-unet", seed=7)
+    x = structured(1, 32)
+    comp = compile_model(model, (1, 32, 32), "mask", "auto", samples=x)
+    res = asyncio.run(run_compiled(comp, x, jobs=2))
+    steps = 2 * 2 * (res.stats["rounds"] + 1)  # two servers, two jobs, one step per round plus the last
+    assert 2 * (res.stats["rounds"] + 1) < len(handed) < steps  # the first job all threaded, the second not
+    assert res.mask is not None
+    with torch.no_grad():
+        assert_faithful(res.mask, model(torch.tensor(x, dtype=torch.float32)).numpy())
