@@ -170,7 +170,10 @@ def offline_compute(comp: Any, batch: int = 1, repeats: int = 3, warm_up: bool =
 
 def thread_scaling(comp: Any, x: np.ndarray, threads: tuple[int, ...] = (1, 2), repeats: int = 3) -> dict[str, Any]:
     """One server's online compute (its protocol steps, no transport) with 1 and 2 kernel threads:
-    medians of ``repeats`` jobs each, thread counts interleaved. Speed-up = seconds(1) / seconds(n)."""
+    medians of ``repeats`` jobs each, thread counts interleaved. Speed-up = seconds(1) / seconds(n).
+
+    Switches numba's thread count in this process (restored after): run it in a process of its own
+    (``blindseg bench --threads``); timing-sensitive work later in the same process was seen ~17% slower."""
     import tempfile
 
     import numba
