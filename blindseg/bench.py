@@ -235,9 +235,11 @@ def _server_peak_rss(dep: Any) -> int:
 
 @contextlib.asynccontextmanager
 async def _service(model_name: str, size: int, net: str = "none", pool: int = 1, pairs: int = 1,
-                   settings: dict[str, float] | None = None) -> AsyncIterator[Any]:
+                   settings: dict[str, float] | None = None, sized_pool: bool = False) -> AsyncIterator[Any]:
     """A private Mosquitto, the services (dealer, ``pairs`` server pairs) as processes, ``model_name``
-    deployed as "bench"."""
+    deployed as "bench". The dealer keeps a fixed pool of ``pool`` bundles (no refill beyond it streams
+    through the servers' links while a measured job runs) unless ``sized_pool`` (the product's
+    throughput-sized pool, e.g. for a scan's stream of slices)."""
     import tempfile
     from pathlib import Path
 
@@ -248,7 +250,8 @@ async def _service(model_name: str, size: int, net: str = "none", pool: int = 1,
     from .demo import LocalDeployment
 
     with tempfile.TemporaryDirectory(prefix="blindseg-bench-") as tmp, Mosquitto(tmp) as broker:
-        dep = LocalDeployment(Path(tmp) / "dep", broker.url, net, pool=pool, pairs=pairs, settings=settings)
+        dep = LocalDeployment(Path(tmp) / "dep", broker.url, net, pool=pool, pairs=pairs, settings=settings,
+                              max_pool=None if sized_pool else max(pool, 1))
         try:
             await asyncio.to_thread(dep.start)
             await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "bench", size=size)
@@ -368,7 +371,7 @@ async def run_scan_bench(slices: int, side: int, model_name: str = "ref-unet", s
     vol = np.stack([test_image(1, side, seed=k)[0, 0] for k in range(slices)], axis=2).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="blindseg-scan-") as tmp:
         nib.save(nib.Nifti1Image(vol, np.diag([0.7, 0.7, 2.5, 1.0])), Path(tmp) / "scan.nii.gz")
-        async with _service(model_name, size, pool=2) as dep:
+        async with _service(model_name, size, pool=2, sized_pool=True) as dep:
             t0 = time.perf_counter()
             rep = await dep.client("data_owner", "segment", "--model", "bench", "--input", str(Path(tmp) / "scan.nii.gz"),
                                    "--out", str(Path(tmp) / "out"), "--quiet", timeout=86400)
@@ -675,7 +678,9 @@ async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net:
                            "rounds": local.stats["rounds"], "placements": []}
     links = {role: NamespaceLink(k + 1) for k, role in enumerate(("server0", "server1"))} if netns else {}
     with tempfile.TemporaryDirectory(prefix="blindseg-placement-") as tmp, Mosquitto(tmp) as broker:
-        dep = LocalDeployment(Path(tmp) / "dep", broker.url, "none", pool=1)
+        # a fixed pool of one: a refill of the throughput-sized pool still streaming through server1's link
+        # when the next job starts queues its rounds behind megabytes of bundle (0.2-0.7 s per job measured)
+        dep = LocalDeployment(Path(tmp) / "dep", broker.url, "none", pool=1, max_pool=1)
         relays = {role: ShapedRelay(broker.port, listen=links[role].host_ip if role in links else None)
                   for role in dep.configs}
         try:
@@ -693,9 +698,10 @@ async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net:
                 await client.plan("bench")
                 done = 0
 
-                per_op: dict[int, list[float]] = {}
+                per_op: dict[int, dict[int, list[float]]] = {}  # setup -> op -> seconds per job
                 setups = [None, *(placement(where, prof) for where in PLACEMENTS)]  # None: unshaped
                 runs: dict[int, list[float]] = {k: [] for k in range(len(setups))}
+                waits: dict[int, list[float]] = {k: [] for k in range(len(setups))}  # job in -> first round, servers
 
                 def shape(pl: Placement | None) -> None:
                     for role, relay in relays.items():
@@ -715,16 +721,19 @@ async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net:
                         _, cost = await client.segment("bench", x.astype(np.float32))
                         done += 1
                         runs[k].append(cost["online_seconds"])
-                        for row in cost["layers"] if pl is None else ():
-                            per_op.setdefault(int(row["op"]), []).append(float(row["online_seconds"]))
+                        waits[k].append(cost["wait_seconds"])
+                        for row in cost["layers"]:
+                            per_op.setdefault(k, {}).setdefault(int(row["op"]), []).append(float(row["online_seconds"]))
                 shape(None)
                 out["runs_online_seconds"] = {("unshaped" if pl is None else pl.name): [round(v, 4) for v in runs[k]]
                                               for k, pl in enumerate(setups)}
+                out["runs_wait_seconds"] = {("unshaped" if pl is None else pl.name): [round(v, 4) for v in waits[k]]
+                                            for k, pl in enumerate(setups)}
                 base = float(stat(runs[0]))
                 out["unshaped_online_seconds"] = base
                 # what each op spent moving bytes through the real broker, beyond its in-process time
                 local_op = {int(r["op"]): float(r["online_seconds"]) for r in local.stats["layers"]}
-                overlap = {op: max(0.0, float(np.median(v)) - local_op.get(op, 0.0)) for op, v in per_op.items()}
+                overlap = {op: max(0.0, float(np.median(v)) - local_op.get(op, 0.0)) for op, v in per_op[0].items()}
                 for k, pl in enumerate(setups):
                     if pl is None:  # the unshaped baseline
                         continue
@@ -735,7 +744,9 @@ async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net:
                     predicted = predict_placed(base, logs, pl, io, overlap)
                     out["placements"].append({"placement": pl.name, "measured_online_seconds": measured,
                                               "predicted_online_seconds": predicted,
-                                              "predicted_over_measured": predicted / measured})
+                                              "predicted_over_measured": predicted / measured,
+                                              "op_seconds": {op: float(np.median(v)) for op, v in per_op[k].items()}})
+                out["unshaped_op_seconds"] = {op: float(np.median(v)) for op, v in per_op[0].items()}
         finally:
             dep.stop()
             for relay in relays.values():

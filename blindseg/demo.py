@@ -34,8 +34,9 @@ class LocalDeployment:
 
     def __init__(self, root: str | Path, broker_url: str | None, net: str = "none", pool: int = 2,
                  settings: dict[str, float] | None = None, tenants: tuple[str, ...] = ("data_owner",),
-                 tls_port: int | None = None, metrics: bool = False, pairs: int = 1) -> None:
-        """``tls_port``: a kit with TLS, passwords and ACLs for a broker on 127.0.0.1:<port> (start it with
+                 tls_port: int | None = None, metrics: bool = False, pairs: int = 1, max_pool: int | None = None) -> None:
+        """``max_pool``: the dealer's cap on its throughput-sized pool (``pool``: a fixed pool, as benchmarks
+        use, so no further bundle streams through a server's link while a measured job runs). ``tls_port``: a kit with TLS, passwords and ACLs for a broker on 127.0.0.1:<port> (start it with
         :meth:`broker_config`); otherwise a plain kit for the broker at ``broker_url``. ``metrics``: each
         service's probes on a free loopback port (``self.metrics``: role -> host:port). ``pairs``: server
         pairs (``self.services``: the dealer, then every server)."""
@@ -55,7 +56,7 @@ class LocalDeployment:
             self.metrics[role] = f"127.0.0.1:{free_port()}"
             text = self.configs[role].read_text()
             self.configs[role].write_text(text.replace("\n[peers]", f'\nmetrics_address = "{self.metrics[role]}"\n[peers]', 1))
-        self.pool = pool
+        self.pool, self.max_pool = pool, max_pool
         self.wrap: dict[str, list[str]] = {}  # role -> command prefix (e.g. ip netns exec NS: netsim.netns)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         (self.root / "logs").mkdir(exist_ok=True)
@@ -69,7 +70,7 @@ class LocalDeployment:
     def start_role(self, role: str) -> None:
         args = [*self.wrap.get(role, []), sys.executable, "-m", module_of(role), "--config", str(self.configs[role])]
         if role == "dealer":
-            args += ["--pool", str(self.pool)]
+            args += ["--pool", str(self.pool)] + (["--max-pool", str(self.max_pool)] if self.max_pool else [])
         log = open(self.root / "logs" / f"{role}.log", "ab")  # noqa: SIM115 - owned by the child
         self.procs[role] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env())
 
@@ -169,7 +170,7 @@ async def run_demo(net: str = "none", broker_url: str | None = None, out_dir: Pa
     with tempfile.TemporaryDirectory(prefix="blindseg-demo-") as tmp:
         out = out_dir or Path(tmp) / "out"
         # pool 1: on one 2-core machine a second bundle in flight would compete with the measured job
-        dep = LocalDeployment(Path(tmp) / "deploy", url, net, pool=1)
+        dep = LocalDeployment(Path(tmp) / "deploy", url, net, pool=1, max_pool=1)
         try:
             await asyncio.to_thread(dep.start)  # the embedded broker runs on this event loop
             t0 = time.perf_counter()

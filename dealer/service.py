@@ -95,8 +95,12 @@ class DealerService:
     stream_gap = 120.0  # "used" reports further apart than this are separate bursts, not a job rate
 
     def __init__(self, node: Node, state_dir: Path, pool: int = 2, metrics_address: str = "",
-                 in_use_for: float = 3600.0) -> None:
+                 in_use_for: float = 3600.0, max_pool: int | None = None) -> None:
+        if pool < 0 or (max_pool is not None and max_pool < max(pool, 1)):
+            raise UsageError(f"pool {pool} / max_pool {max_pool}: need 0 <= pool <= max_pool, max_pool >= 1")
         self.node, self.pool = node, pool
+        if max_pool is not None:
+            self.max_pool = max_pool
         self.metrics_address, self.in_use_for = metrics_address, in_use_for
         self.pairs = server_pairs(node.links)
         if not self.pairs:
@@ -135,10 +139,10 @@ class DealerService:
         return f"DealerService({self.node.deployment}, current={self.current})"
 
     @staticmethod
-    def from_config(cfg: PartyConfig, pool: int = 2) -> DealerService:
+    def from_config(cfg: PartyConfig, pool: int = 2, max_pool: int | None = None) -> DealerService:
         if cfg.party != "dealer":
             raise UsageError(f"{cfg.path}: not a dealer config")
-        return DealerService(Node.from_config(cfg), cfg.state_dir, pool, cfg.metrics_address, cfg.pool_expiry)
+        return DealerService(Node.from_config(cfg), cfg.state_dir, pool, cfg.metrics_address, cfg.pool_expiry, max_pool)
 
     @property
     def dealer(self) -> Dealer:
@@ -306,9 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dealer")
     ap.add_argument("--config", required=True)
     ap.add_argument("--pool", type=int, default=2, help="ready bundles kept per model")
+    ap.add_argument("--max-pool", type=int, default=DealerService.max_pool,
+                    help="the most ready bundles the throughput sizing may keep per model (= --pool: a fixed pool)")
     args = ap.parse_args(argv)
 
     async def go() -> Any:
-        await DealerService.from_config(PartyConfig.load(args.config, "dealer"), args.pool).serve()
+        await DealerService.from_config(PartyConfig.load(args.config, "dealer"), args.pool, args.max_pool).serve()
 
     return run_service(go())

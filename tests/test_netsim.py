@@ -140,8 +140,10 @@ def test_placement_prediction_matches_servers_in_network_namespaces(net: str) ->
         pytest.skip(why)
     # five jobs per setup; on the LAN the fastest (the links add little to a noisy job), else the median
     lan = net == "lan"
-    # in a fresh interpreter: its relays time every message, and state left in this process by earlier
-    # tests (numba/OpenMP worker threads among them) slowed the shaped jobs ~17% in the full suite only
+    # in a fresh interpreter, whose event loop runs only the relays and the data owner. (Session 9 blamed
+    # state left by earlier tests for shaped jobs 15-17% slower than predicted; session 10 found the cause:
+    # the dealer's throughput-sized pool streamed a second bundle through server1's shaped link while the
+    # next job ran, 0.2-0.7 s of queueing per job. The bench now keeps a fixed pool of one.)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         r = pool.apply(_placement_run, (net,))
     assert r["links"].startswith("servers: namespaces")
@@ -151,8 +153,4 @@ def test_placement_prediction_matches_servers_in_network_namespaces(net: str) ->
     noise = (max(base) - min(base)) if lan else 0.0
     for p in r["placements"]:
         err = abs(p["predicted_online_seconds"] - p["measured_online_seconds"])
-        # issue #13 asks for 15%; on the WAN-like profile the prediction has come out 15-17% low in three of
-        # the last five full-suite runs (session 9: a fixed ~3 ms per round of the shaped runs the model
-        # lacks, now that the unshaped job is faster). The target is reported missed; the test guards 20%.
-        bound = 0.15 if lan else 0.20
-        assert err <= bound * p["measured_online_seconds"] + noise, (p, r["runs_online_seconds"])
+        assert err <= 0.15 * p["measured_online_seconds"] + noise, (p, r["runs_online_seconds"], r["runs_wait_seconds"])
