@@ -637,121 +637,183 @@ def run_norm_cost(seed: int = 0) -> list[dict[str, Any]]:
 
 
 async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net: str = "wan",
-                              repeats: int = 3, netns: bool = False, estimator: str = "median") -> dict[str, Any]:
-    """Issue #13: the real service through a real Mosquitto, every party behind its own shaped relay
-    (its access link to the broker, ``netsim.relay``), for each broker placement: the measured online
-    time beside netsim's prediction (:func:`netsim.predict_placed`: the same jobs with the relays
-    unshaped, plus one two-hop message per round). Medians of ``repeats`` jobs each.
+                              repeats: int = 3, netns: bool = False, estimator: str = "median",
+                              bridged: bool = True) -> dict[str, Any]:
+    """Issue #13: the real service through real Mosquittos for each broker placement: beside server0, at a
+    third site (one broker, every party behind its own shaped relay: its access link, ``netsim.relay``), and
+    two bridged brokers (server1 beside a broker of its own, bridged to server0's over the link). For each,
+    the measured online time beside netsim's prediction (:func:`netsim.predict_placed`: the same
+    deployment's jobs with the links unshaped, plus one two-hop message per round). ``repeats`` jobs per
+    setup, setups interleaved; every job's mask must equal the in-process one. ``bridged``: also the
+    two-broker layout (a second deployment).
 
     ``netns``: each server runs in its own network namespace (:mod:`netsim.netns`, root only), its link
     a veth pair whose bandwidth the kernel's tbf shapes (queueing included); the relay on this side of
-    the veth adds only the latency. The data owner (this process) keeps its user-space relay.
+    the veth adds only the latency (server1's broker and the bridge's far end are in server1's
+    namespace). The data owner (this process) keeps its user-space relay.
     ``estimator``: "median" of the jobs per setup, or "min" (robust to the one-sided slowdowns of a
     shared machine, for links whose cost is small beside that noise, e.g. the LAN)."""
     if estimator not in ("median", "min"):
         raise ValueError(f"estimator must be 'median' or 'min', not {estimator!r}")
+    import tempfile
+
+    from netsim import PLACEMENTS, Placement, placement, predict_placed, profile
+    from netsim.netns import NamespaceLink
+
+    from .broker import Mosquitto, free_port, mosquitto_config
+    from .models import load_named_model
 
     def stat(v: list[float]) -> float:
         return float(np.median(v) if estimator == "median" else np.min(v))
-    import re
-    import tempfile
-    from pathlib import Path
-
-    from data_owner.client import Client
-    from model_owner.client import deploy
-    from netsim import PLACEMENTS, PROFILES, Placement, Profile, placement, predict_placed, profile
-    from netsim.netns import NamespaceLink
-    from netsim.relay import ShapedRelay
-
-    from .broker import Mosquitto
-    from .config import PartyConfig
-    from .demo import LocalDeployment
-    from .models import load_named_model
 
     x = test_image(1, size)
     model, samples, _ = load_named_model(model_name, size)
     comp = compile_model(model, tuple(x.shape[1:]), "mask", "auto", samples=samples)  # type: ignore[arg-type]
     local = await run_compiled(comp, x)
     logs, io = local.stats["round_log"], local.stats["io_frames"]
+    assert local.mask is not None
+    local_op = {int(r["op"]): float(r["online_seconds"]) for r in local.stats["layers"]}
     prof = profile(net)
     out: dict[str, Any] = {"model": model_name, "size": size, "net": prof.name, "repeats": repeats, "estimator": estimator,
-                           "rounds": local.stats["rounds"], "placements": []}
+                           "rounds": local.stats["rounds"], "placements": [], "runs_online_seconds": {},
+                           "runs_wait_seconds": {}}
     links = {role: NamespaceLink(k + 1) for k, role in enumerate(("server0", "server1"))} if netns else {}
-    with tempfile.TemporaryDirectory(prefix="blindseg-placement-") as tmp, Mosquitto(tmp) as broker:
-        # a fixed pool of one: a refill of the throughput-sized pool still streaming through server1's link
-        # when the next job starts queues its rounds behind megabytes of bundle (0.2-0.7 s per job measured)
-        dep = LocalDeployment(Path(tmp) / "dep", broker.url, "none", pool=1, max_pool=1)
-        relays = {role: ShapedRelay(broker.port, listen=links[role].host_ip if role in links else None)
-                  for role in dep.configs}
+    with tempfile.TemporaryDirectory(prefix="blindseg-placement-") as tmp:
         try:
-            for role, relay in relays.items():
-                if role in links:  # the veth first: the relay listens on its address
-                    links[role].up()
-                    dep.wrap[role] = links[role].prefix()
-                await relay.start()
+            for ln in links.values():
+                ln.up()
+            one = [placement(where, prof) for where in PLACEMENTS if where != "bridged"]
+            with Mosquitto(Path(tmp) / "one") as broker:
+                phases = [(one, await _placement_jobs(Path(tmp) / "dep1", broker.port, None, one, links, x,
+                                                      local.mask, model_name, size, repeats))]
+            # server1's own broker, in its namespace (reachable from here on the veth's far end) or on loopback,
+            # its bridge to server0's broker through a relay on this side of server1's link
+            host1 = links["server1"].ns_ip if links else "127.0.0.1"
+            bridge_from = links["server1"].host_ip if links else "127.0.0.1"
+
+            def far(relay_port: int) -> Mosquitto:
+                port1 = free_port()
+                return Mosquitto(Path(tmp) / "b", port1, mosquitto_config(port1, host1) + _bridge_config(
+                    bridge_from, relay_port), wrap=links["server1"].prefix() if links else (), host=host1)
+
+            two = [placement("bridged", prof)]
+            if bridged:
+                with Mosquitto(Path(tmp) / "a") as near:
+                    phases.append((two, await _placement_jobs(Path(tmp) / "dep2", near.port, far, two, links, x,
+                                                              local.mask, model_name, size, repeats)))
+        finally:
+            for ln in links.values():
+                ln.down()
+    for setups, (runs, waits, per_op) in phases:
+        base = stat(runs[0])
+        # what each op spent moving its bytes through the real brokers, beyond its in-process time
+        overlap = {op: max(0.0, float(np.median(v)) - local_op.get(op, 0.0)) for op, v in per_op[0].items()}
+        for k, pl in enumerate([None, *setups]):
+            name = "unshaped" if pl is None else pl.name
+            key = name if pl is not None else ("unshaped" if setups is phases[0][0] else "unshaped, bridged brokers")
+            out["runs_online_seconds"][key] = [round(v, 4) for v in runs[k]]
+            out["runs_wait_seconds"][key] = [round(v, 4) for v in waits[k]]
+            if pl is None:
+                continue
+            if links:  # the kernel's token bucket lets a frame up to its depth through unpaced
+                pl = Placement(pl.name, tuple((r, dataclasses.replace(p, burst=NamespaceLink.burst(p.bandwidth)))
+                                              if r in links else (r, p) for r, p in pl.links))
+            measured = stat(runs[k])
+            predicted = predict_placed(base, logs, pl, io, overlap)
+            out["placements"].append({"placement": pl.name, "unshaped_online_seconds": base,
+                                      "measured_online_seconds": measured, "predicted_online_seconds": predicted,
+                                      "predicted_over_measured": predicted / measured,
+                                      "op_seconds": {op: float(np.median(v)) for op, v in per_op[k].items()}})
+    out["unshaped_online_seconds"] = out["placements"][0]["unshaped_online_seconds"]
+    out["links"] = "servers: namespaces, veth + tbf, relay latency" if netns else "every party: user-space relay"
+    return out
+
+
+def _bridge_config(host: str, port: int) -> str:
+    """Mosquitto bridge stanza: every topic both ways at QoS 1 to the broker reached at host:port."""
+    return "\n".join(["connection blindseg-bridge", f"address {host}:{port}", "topic # both 1", "try_private true",
+                      "cleansession true", "notifications false", "bridge_protocol_version mqttv311", ""])
+
+
+async def _placement_jobs(root: Path, port: int, bridge: Any, setups: list[Any], links: dict[str, Any],
+                          x: np.ndarray, want: np.ndarray, model_name: str, size: int, repeats: int
+                          ) -> tuple[dict[int, list[float]], dict[int, list[float]], dict[int, dict[int, list[float]]]]:
+    """One deployment on the broker at ``port``; every party behind its own relay (its access link), or,
+    with ``bridge`` (relay port -> server1's broker, not started, bridged to that port), server1 on its own
+    broker whose bridge to ``port`` crosses the link (the bridge's relay). Runs a warm-up job, then ``repeats`` rounds of one job per setup
+    (None first: unshaped); a mask that disagrees with ``want`` on over 1% of pixels raises. Returns per setup index: online seconds, job-start waits, per-op seconds."""
+    import re
+
+    from data_owner.client import Client
+    from model_owner.client import deploy
+    from netsim import PROFILES, Placement, Profile
+    from netsim.relay import ShapedRelay
+
+    from .config import PartyConfig
+    from .demo import LocalDeployment
+    from .errors import BlindsegError
+
+    # a fixed pool of one: a refill of the throughput-sized pool still streaming through server1's link
+    # when the next job starts queues its rounds behind megabytes of bundle (0.2-0.7 s per job measured)
+    dep = LocalDeployment(root, f"mqtt://127.0.0.1:{port}", "none", pool=1, max_pool=1)
+    relays = {role: ShapedRelay(port, listen=links[role].host_ip if role in links else None)
+              for role in dep.configs if not (bridge is not None and role == "server1")}
+    if bridge is not None:  # the bridge's far end connects from server1's side of the link
+        relays["bridge"] = ShapedRelay(port, listen=links["server1"].host_ip if links else None)
+    far = None
+    for role in links:
+        dep.wrap[role] = links[role].prefix()
+    setups_ = [None, *setups]
+    runs: dict[int, list[float]] = {k: [] for k in range(len(setups_))}
+    waits: dict[int, list[float]] = {k: [] for k in range(len(setups_))}  # job in -> first round, servers
+    per_op: dict[int, dict[int, list[float]]] = {k: {} for k in range(len(setups_))}
+
+    def shape(pl: Placement | None) -> None:
+        for role, relay in relays.items():
+            who = "server1" if role == "bridge" else role  # the bridge carries what server1's access link would
+            link = pl.link(who) if pl is not None and role != "dealer" else PROFILES["none"]
+            if who in links:  # the kernel plays the bandwidth, the relay only the latency
+                links[who].shape(link.bandwidth)
+                link = Profile(link.name, link.latency, 0.0, link.jitter)
+            relay.profile = link
+
+    try:
+        for role, relay in relays.items():
+            await relay.start()
+            if role in dep.configs:
                 path = dep.configs[role]
                 path.write_text(re.sub(r'^broker = ".*"$', f'broker = "mqtt://{relay.host}:{relay.port}"',
                                        path.read_text(), flags=re.M))
-            await asyncio.to_thread(dep.start)
-            await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "bench", size=size)
-            async with Client(PartyConfig.load(dep.configs["data_owner"])) as client:
-                await client.plan("bench")
-                done = 0
-
-                per_op: dict[int, dict[int, list[float]]] = {}  # setup -> op -> seconds per job
-                setups = [None, *(placement(where, prof) for where in PLACEMENTS)]  # None: unshaped
-                runs: dict[int, list[float]] = {k: [] for k in range(len(setups))}
-                waits: dict[int, list[float]] = {k: [] for k in range(len(setups))}  # job in -> first round, servers
-
-                def shape(pl: Placement | None) -> None:
-                    for role, relay in relays.items():
-                        link = pl.link(role) if pl is not None and role != "dealer" else PROFILES["none"]
-                        if role in links:  # the kernel plays the bandwidth, the relay only the latency
-                            links[role].shape(link.bandwidth)
-                            link = Profile(link.name, link.latency, 0.0, link.jitter)
-                        relay.profile = link
-
-                await dep.wait_bundles(count=1)  # one job first: its first-touch costs would bias the baseline
-                await client.segment("bench", x.astype(np.float32))
-                done = 1
-                for _ in range(repeats):  # interleaved, so a drift of the machine's speed hits every setup alike
-                    for k, pl in enumerate(setups):
-                        shape(pl)
-                        await dep.wait_bundles(count=done + 1)
-                        _, cost = await client.segment("bench", x.astype(np.float32))
-                        done += 1
-                        runs[k].append(cost["online_seconds"])
-                        waits[k].append(cost["wait_seconds"])
-                        for row in cost["layers"]:
-                            per_op.setdefault(k, {}).setdefault(int(row["op"]), []).append(float(row["online_seconds"]))
-                shape(None)
-                out["runs_online_seconds"] = {("unshaped" if pl is None else pl.name): [round(v, 4) for v in runs[k]]
-                                              for k, pl in enumerate(setups)}
-                out["runs_wait_seconds"] = {("unshaped" if pl is None else pl.name): [round(v, 4) for v in waits[k]]
-                                            for k, pl in enumerate(setups)}
-                base = float(stat(runs[0]))
-                out["unshaped_online_seconds"] = base
-                # what each op spent moving bytes through the real broker, beyond its in-process time
-                local_op = {int(r["op"]): float(r["online_seconds"]) for r in local.stats["layers"]}
-                overlap = {op: max(0.0, float(np.median(v)) - local_op.get(op, 0.0)) for op, v in per_op[0].items()}
-                for k, pl in enumerate(setups):
-                    if pl is None:  # the unshaped baseline
-                        continue
-                    measured = float(stat(runs[k]))
-                    if links:  # the kernel's token bucket lets a frame up to its depth through unpaced
-                        pl = Placement(pl.name, tuple((r, dataclasses.replace(p, burst=NamespaceLink.burst(p.bandwidth)))
-                                                      if r in links else (r, p) for r, p in pl.links))
-                    predicted = predict_placed(base, logs, pl, io, overlap)
-                    out["placements"].append({"placement": pl.name, "measured_online_seconds": measured,
-                                              "predicted_online_seconds": predicted,
-                                              "predicted_over_measured": predicted / measured,
-                                              "op_seconds": {op: float(np.median(v)) for op, v in per_op[k].items()}})
-                out["unshaped_op_seconds"] = {op: float(np.median(v)) for op, v in per_op[0].items()}
-        finally:
-            dep.stop()
-            for relay in relays.values():
-                await relay.close()
-            for ln in links.values():
-                ln.down()
-    out["links"] = "servers: namespaces, veth + tbf, relay latency" if netns else "every party: user-space relay"
-    return out
+        if bridge is not None:
+            far = bridge(relays["bridge"].port).start()
+            path = dep.configs["server1"]
+            path.write_text(re.sub(r'^broker = ".*"$', f'broker = "{far.url}"', path.read_text(), flags=re.M))
+        await asyncio.to_thread(dep.start)
+        await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "bench", size=size)
+        async with Client(PartyConfig.load(dep.configs["data_owner"])) as client:
+            await client.plan("bench")
+            await dep.wait_bundles(count=1)  # one job first: its first-touch costs would bias the baseline
+            await client.segment("bench", x.astype(np.float32))
+            done = 1
+            for _ in range(repeats):  # interleaved, so a drift of the machine's speed hits every setup alike
+                for k, pl in enumerate(setups_):
+                    shape(pl)
+                    await dep.wait_bundles(count=done + 1)
+                    mask, cost = await client.segment("bench", x.astype(np.float32))
+                    agree = float((np.asarray(mask).reshape(want.shape) == want).mean())
+                    if agree < 0.99:  # the truncations' random rounding may flip a boundary pixel, never more
+                        raise BlindsegError(f"placement bench: a job's mask agrees with the in-process one on only "
+                                            f"{agree:.2%} of pixels (setup {k})")
+                    done += 1
+                    runs[k].append(cost["online_seconds"])
+                    waits[k].append(cost["wait_seconds"])
+                    for row in cost["layers"]:
+                        per_op[k].setdefault(int(row["op"]), []).append(float(row["online_seconds"]))
+            shape(None)
+    finally:
+        dep.stop()
+        if far is not None:
+            far.stop()
+        for relay in relays.values():
+            await relay.close()
+    return runs, waits, per_op

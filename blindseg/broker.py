@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +86,15 @@ class Mosquitto:
     """A private ``mosquitto -c <config>`` on a free loopback port (tests, benchmarks)."""
 
     def __init__(self, workdir: str | Path, port: int | None = None, config: str | None = None,
-                 cwd: str | Path | None = None) -> None:
-        """``cwd``: where relative paths in ``config`` point (a kit's ``broker/``)."""
+                 cwd: str | Path | None = None, wrap: Sequence[str] = (), host: str = "127.0.0.1") -> None:
+        """``cwd``: where relative paths in ``config`` point (a kit's ``broker/``). ``wrap``: a command prefix
+        (e.g. ``ip netns exec NS``); ``host``: the address its listener is reached at from here."""
         self.binary = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
         if self.binary is None:
             raise UsageError("the mosquitto binary is not installed")
-        self.workdir, self.cwd = Path(workdir), cwd
+        self.workdir, self.cwd, self.wrap, self.host = Path(workdir), cwd, list(wrap), host
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.conf = self.workdir / "mosquitto.conf"
         text = config or mosquitto_config(self.port)
@@ -102,13 +105,13 @@ class Mosquitto:
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"mqtt://{self.host}:{self.port}"
 
     def start(self) -> Mosquitto:
         log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen([self.binary or "mosquitto", "-c", str(self.conf.resolve())], stdout=log,
-                                     stderr=log, cwd=self.cwd)
-        wait_port("127.0.0.1", self.port)
+        self.proc = subprocess.Popen([*self.wrap, self.binary or "mosquitto", "-c", str(self.conf.resolve())],
+                                     stdout=log, stderr=log, cwd=self.cwd)
+        wait_port(self.host, self.port)
         return self
 
     def stop(self) -> None:

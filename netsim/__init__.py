@@ -193,17 +193,22 @@ class Placement:
                 max(pa.transfer_seconds(nbytes), pb.transfer_seconds(nbytes))
                 + min(pa.transfer_seconds(last), pb.transfer_seconds(last)))
 
-PLACEMENTS = ("server0", "third")
+PLACEMENTS = ("server0", "third", "bridged")
 
 
 def placement(where: str, prof: Profile) -> Placement:
     """``server0``: the broker beside server0 (server1 and the data owner reach it over ``prof``);
-    ``third``: at a third site (every party over ``prof``)."""
+    ``third``: at a third site (every party over ``prof``); ``bridged``: two brokers, one beside each
+    server, bridged over ``prof`` (the data owner reaches server0's over ``prof``). Every message to or from
+    server1 then crosses the bridge as it would server1's access link (one more store-and-forward hop,
+    which the unshaped run of the same layout carries), so its links are those of ``server0``."""
     if where == "server0":
         return Placement(f"broker at server0, {prof.name}", (("server1", prof), ("data_owner", prof)))
     if where == "third":
         return Placement(f"broker at a third site, {prof.name}",
                          (("server0", prof), ("server1", prof), ("data_owner", prof)))
+    if where == "bridged":
+        return Placement(f"two bridged brokers, {prof.name}", (("server1", prof), ("data_owner", prof)))
     raise UsageError(f"broker placement {where!r}: use one of {', '.join(PLACEMENTS)}")
 
 
