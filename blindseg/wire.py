@@ -1,7 +1,9 @@
-"""Frames: ``BSG1`` | u32 header length | msgpack header | raw array bytes.
+"""Frames: ``BSG2`` | u32 header length | msgpack header | raw array bytes.
 
 The header names the frame type, its label fields and each array's dtype and
-shape; arrays follow back to back. Decoding validates everything against an
+shape; each array starts at the next multiple of :data:`ALIGN` bytes from the frame's start (zero
+padding between), so a receiver's views are aligned (numpy combines unaligned uint32 / uint64 views
+2-3x slower). Decoding validates everything against an
 allowlist of dtypes and a size limit before touching the payload, so a
 malformed frame raises :class:`ProtocolError` and never allocates more than
 the frame holds. Never pickles.
@@ -17,7 +19,8 @@ import numpy as np
 
 from .errors import ProtocolError
 
-MAGIC = b"BSG1"
+MAGIC = b"BSG2"  # BSG1: the same without alignment (until session 10)
+ALIGN = 16
 DTYPES = {"<u4": np.uint32, "<u8": np.uint64, "<u2": np.uint16, "|u1": np.uint8}
 MAX_FRAME = 1 << 34
 MAX_ARRAYS = 4096
@@ -32,14 +35,23 @@ def encode_frame(header: dict[str, Any], arrays: list[np.ndarray] | tuple[np.nda
             raise ValueError(f"dtype {a.dtype} is not allowed on the wire")
         specs.append([key, list(a.shape)])
     head = msgpack.packb({**header, "arrays": specs}, use_bin_type=True)
-    off = 8 + len(head)
-    buf = bytearray(off + sum(a.nbytes for a in arrays))
-    buf[:4], buf[4:8], buf[8:off] = MAGIC, len(head).to_bytes(4, "big"), head
-    for a in arrays:
+    offs, end = _offsets(8 + len(head), [a.nbytes for a in arrays])
+    buf = bytearray(end)
+    buf[:4], buf[4:8], buf[8:8 + len(head)] = MAGIC, len(head).to_bytes(4, "big"), head
+    for a, off in zip(arrays, offs, strict=True):
         if a.nbytes:
             np.copyto(np.frombuffer(buf, a.dtype, a.size, off).reshape(a.shape), a, casting="no")
-        off += a.nbytes
     return buf  # type: ignore[return-value]  # a bytes-like frame; nobody writes to it after this
+
+
+def _offsets(start: int, sizes: list[int]) -> tuple[list[int], int]:
+    """Each array's offset (the next multiple of ALIGN from ``start``) and the frame's length."""
+    offs, off = [], start
+    for n in sizes:
+        off += -off % ALIGN
+        offs.append(off)
+        off += n
+    return offs, off
 
 
 def decode_frame(buf: bytes | memoryview, max_bytes: int = MAX_FRAME, copy: bool = True
@@ -50,7 +62,8 @@ def decode_frame(buf: bytes | memoryview, max_bytes: int = MAX_FRAME, copy: bool
     if len(mv) > max_bytes:
         raise ProtocolError(f"frame of {len(mv)} bytes exceeds the {max_bytes}-byte limit")
     if len(mv) < 8 or bytes(mv[:4]) != MAGIC:
-        raise ProtocolError("frame does not start with the BSG1 magic")
+        raise ProtocolError(f"frame does not start with the {MAGIC.decode()} magic (a peer of another blindseg "
+                            "version?)")
     hlen = int.from_bytes(mv[4:8], "big")
     if hlen > len(mv) - 8:
         raise ProtocolError("frame header length runs past the end of the frame")
@@ -66,6 +79,10 @@ def decode_frame(buf: bytes | memoryview, max_bytes: int = MAX_FRAME, copy: bool
     arrays = []
     off = 8 + hlen
     for spec in specs:
+        pad = -off % ALIGN
+        if mv[off : off + pad] != bytes(pad):
+            raise ProtocolError("frame has non-zero padding before an array")
+        off += pad
         if (not isinstance(spec, list) or len(spec) != 2 or spec[0] not in DTYPES or not isinstance(spec[1], list)
                 or not all(isinstance(s, int) and 0 <= s < 1 << 40 for s in spec[1]) or len(spec[1]) > 8):
             raise ProtocolError("frame declares an invalid array dtype or shape")
@@ -74,7 +91,7 @@ def decode_frame(buf: bytes | memoryview, max_bytes: int = MAX_FRAME, copy: bool
         if off + n > len(mv):
             raise ProtocolError("frame payload is shorter than its header declares")
         view = np.frombuffer(mv[off : off + n], dtype=dt).reshape(spec[1])
-        arrays.append(view.copy() if copy else view)
+        arrays.append(view.copy() if copy or not view.flags.aligned else view)  # a frame at an odd address
         off += n
     if off != len(mv):
         raise ProtocolError("frame has trailing bytes after its declared arrays")

@@ -196,7 +196,7 @@ async def test_hostile_frames_are_dropped_and_never_stop_a_role(tmp_path, refere
                     "truncated": legit[:30],
                     "forged hello": forged_hello,
                     "not sealed": b"hello broker",
-                    "malformed msgpack": one("ctl:x", b"BSG1\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1"),
+                    "malformed msgpack": one("ctl:x", b"BSG2\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1"),
                     "unknown type": one("ctl:y", encode_frame({"t": "launch-missiles"})),
                     "oversized chunk count": bytes(r.link.seal(topic, head)),
                 }

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blindseg.errors import ProtocolError
-from blindseg.wire import decode_frame, encode_frame
+from blindseg.wire import ALIGN, MAGIC, decode_frame, encode_frame
 
 
 def test_roundtrip() -> None:
@@ -18,6 +18,34 @@ def test_roundtrip() -> None:
     for a, b in zip(arrays, out, strict=True):
         np.testing.assert_array_equal(a, b)
         assert a.dtype == b.dtype
+
+
+@pytest.mark.parametrize("label", ["j", "job:1:0", "a-much-longer-label:123:45", "x" * 61])
+def test_arrays_are_aligned_views(label: str) -> None:
+    """Whatever the header's length, each array starts at a multiple of ALIGN from the frame's start, so
+    views (copy=False) are aligned; a frame at an odd address still decodes to aligned arrays (copied)."""
+    arrays = [np.arange(7, dtype=np.uint32), np.arange(3, dtype=np.uint64), np.arange(5, dtype=np.uint8),
+              np.arange(4, dtype=np.uint64)]
+    frame = encode_frame({"t": "open", "l": label}, arrays)
+    _, out = decode_frame(frame, copy=False)
+    base = np.frombuffer(frame, np.uint8).ctypes.data
+    for a, b in zip(arrays, out, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert b.flags.aligned and (b.ctypes.data - base) % ALIGN == 0 and not b.flags.owndata
+    shifted = bytearray(len(frame) + 1)
+    shifted[1:] = frame
+    _, out = decode_frame(memoryview(shifted)[1:], copy=False)
+    for a, b in zip(arrays, out, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert b.flags.aligned
+
+
+def test_nonzero_padding_is_refused() -> None:
+    frame = encode_frame({"t": "x"}, [np.arange(3, dtype=np.uint32), np.arange(2, dtype=np.uint64)])
+    bad = bytearray(frame)
+    bad[len(frame) - 16 - 1] = 1  # the last pad byte before the uint64 array (12 bytes of uint32, 4 of pad)
+    with pytest.raises(ProtocolError, match="padding"):
+        decode_frame(bytes(bad))
 
 
 def test_refuses_bad_dtype() -> None:
@@ -43,7 +71,7 @@ def test_oversized_and_trailing() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_fuzz_decoder_never_crashes(data: bytes) -> None:
-    for buf in (data, b"BSG1" + data, b"BSG1" + len(data).to_bytes(4, "big") + data):
+    for buf in (data, MAGIC + data, MAGIC + len(data).to_bytes(4, "big") + data):
         try:
             decode_frame(buf)
         except ProtocolError:
