@@ -235,8 +235,10 @@ def _server_peak_rss(dep: Any) -> int:
 
 @contextlib.asynccontextmanager
 async def _service(model_name: str, size: int, net: str = "none", pool: int = 1, pairs: int = 1,
-                   settings: dict[str, float] | None = None, sized_pool: bool = False) -> AsyncIterator[Any]:
-    """A private Mosquitto, the services (dealer, ``pairs`` server pairs) as processes, ``model_name``
+                   settings: dict[str, float] | None = None, sized_pool: bool = False,
+                   broker_kind: str = "mosquitto") -> AsyncIterator[Any]:
+    """A private Mosquitto (``broker_kind="embedded"``: the embedded amqtt broker, on this event loop, as
+    the demo runs it), the services (dealer, ``pairs`` server pairs) as processes, ``model_name``
     deployed as "bench". The dealer keeps a fixed pool of ``pool`` bundles (no refill beyond it streams
     through the servers' links while a measured job runs) unless ``sized_pool`` (the product's
     throughput-sized pool, e.g. for a scan's stream of slices)."""
@@ -245,12 +247,17 @@ async def _service(model_name: str, size: int, net: str = "none", pool: int = 1,
 
     from model_owner.client import deploy
 
-    from .broker import Mosquitto
+    from .broker import EmbeddedBroker, Mosquitto
     from .config import PartyConfig
     from .demo import LocalDeployment
+    from .errors import UsageError
 
-    with tempfile.TemporaryDirectory(prefix="blindseg-bench-") as tmp, Mosquitto(tmp) as broker:
-        dep = LocalDeployment(Path(tmp) / "dep", broker.url, net, pool=pool, pairs=pairs, settings=settings,
+    if broker_kind not in ("mosquitto", "embedded"):
+        raise UsageError(f"broker {broker_kind!r}: use mosquitto or embedded")
+    with tempfile.TemporaryDirectory(prefix="blindseg-bench-") as tmp, contextlib.ExitStack() as stack:
+        embedded = await EmbeddedBroker().start() if broker_kind == "embedded" else None
+        url = embedded.url if embedded is not None else stack.enter_context(Mosquitto(tmp)).url
+        dep = LocalDeployment(Path(tmp) / "dep", url, net, pool=pool, pairs=pairs, settings=settings,
                               max_pool=None if sized_pool else max(pool, 1))
         try:
             await asyncio.to_thread(dep.start)
@@ -258,6 +265,8 @@ async def _service(model_name: str, size: int, net: str = "none", pool: int = 1,
             yield dep
         finally:
             dep.stop()
+            if embedded is not None:
+                await embedded.stop()
 
 
 async def run_load_bench(model_name: str, size: int, jobs: int = 8) -> dict[str, Any]:
@@ -384,9 +393,11 @@ async def run_scan_bench(slices: int, side: int, model_name: str = "ref-unet", s
             "peak_rss_bytes": rss}
 
 
-async def run_mqtt_bench(model_name: str, size: int, net: str = "none", repeats: int = 3) -> dict[str, Any]:
-    """The same job through the real service: dealer and servers as processes, a private Mosquitto,
-    sealed MQTT frames, netsim on every party's links; the in-process run of the same plan alongside.
+async def run_mqtt_bench(model_name: str, size: int, net: str = "none", repeats: int = 3,
+                         broker: str = "mosquitto") -> dict[str, Any]:
+    """The same job through the real service: dealer and servers as processes, a private Mosquitto (or
+    the embedded amqtt broker), sealed MQTT frames, netsim on every party's links; the in-process run of
+    the same plan alongside.
     Each side runs ``repeats`` jobs (a fresh bundle each, expanded before the job); medians reported."""
     import torch
 
@@ -401,7 +412,8 @@ async def run_mqtt_bench(model_name: str, size: int, net: str = "none", repeats:
     locals_ = [await run_compiled(comp, x) for _ in range(repeats)]
     local = sorted(locals_, key=lambda r: r.stats["online_seconds"])[repeats // 2]
     costs = []
-    async with _service(model_name, size, net) as dep, Client(PartyConfig.load(dep.configs["data_owner"])) as client:
+    async with _service(model_name, size, net, broker_kind=broker) as dep, \
+            Client(PartyConfig.load(dep.configs["data_owner"])) as client:
         await client.plan("bench")
         for k in range(repeats):
             await dep.wait_bundles(count=k + 1)  # offline is measured apart
@@ -411,12 +423,13 @@ async def run_mqtt_bench(model_name: str, size: int, net: str = "none", repeats:
         ref = torch.argmax(model(torch.tensor(x, dtype=torch.float32)), 1).numpy()
     cost = sorted(costs, key=lambda c: c["online_seconds"])[repeats // 2]
     return {
-        "model": model_name, "size": size, "batch": 1, "transport": "mqtt", "broker": "mosquitto", "net": net,
+        "model": model_name, "size": size, "batch": 1, "transport": "mqtt", "broker": broker, "net": net,
         "repeats": repeats, "online_seconds_runs": [c["online_seconds"] for c in costs],
         "inprocess_online_seconds_runs": [r.stats["online_seconds"] for r in locals_],
         "online_seconds": cost["online_seconds"], "offline_seconds": cost["offline_seconds"],
         "online_bytes_per_server": max(cost["server_bytes"]), "offline_bytes_per_server": max(cost["offline_bytes"]),
-        "rounds": cost["rounds"], "inprocess_online_seconds": local.stats["online_seconds"],
+        "rounds": cost["rounds"], "inprocess_rounds": local.stats["rounds"],
+        "inprocess_online_seconds": local.stats["online_seconds"],
         "mqtt_over_inprocess": cost["online_seconds"] / local.stats["online_seconds"],
         "inprocess_online_bytes_per_server": local.stats["online_bytes_per_server"],
         "pixel_agreement": float(np.mean(mask == ref)), "agreement_with_inprocess": float(np.mean(mask == local.mask)),
@@ -431,7 +444,7 @@ def format_report(r: dict[str, Any]) -> str:
                 f"wall {r['wall_seconds']:.2f} s   {r['jobs_per_minute']:.1f} jobs/min   min agreement "
                 f"{100 * r['min_pixel_agreement']:.2f}%   server peak RSS {r['server_peak_rss_bytes'] / 2**20:.0f} MiB")
     if r.get("transport") == "mqtt":
-        return (f"model {r['model']} {r['size']}x{r['size']} over MQTT (Mosquitto), net={r['net']}\n"
+        return (f"model {r['model']} {r['size']}x{r['size']} over MQTT ({r['broker']}), net={r['net']}\n"
                 f"online   {r['online_seconds']:.3f} s   {r['online_bytes_per_server'] / mb:.2f} MB/server (sealed)   "
                 f"{r['rounds']} rounds\n"
                 f"offline  {r['offline_seconds']:.3f} s   {r['offline_bytes_per_server'] / mb:.2f} MB/server\n"

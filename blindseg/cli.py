@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--classes", type=int, default=2)
     b.add_argument("--transport", default="memory", choices=["memory", "mqtt"],
                    help="memory: five roles in one process; mqtt: services as processes through a private Mosquitto")
+    b.add_argument("--broker", default="mosquitto", choices=["mosquitto", "embedded"],
+                   help="with --transport mqtt: a private Mosquitto, or the embedded amqtt broker (the demo's)")
     b.add_argument("--net", default="none", help="netsim profile for --transport mqtt: none | lan | wan | 'ms,Mbit/s'")
     b.add_argument("--jobs", type=int, default=1, help="with --transport mqtt: this many concurrent jobs (load test)")
     b.add_argument("--zoo", action="store_true",
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
                     r = asyncio.run(run_load_bench(args.model, args.size, args.jobs))
                 else:
-                    r = asyncio.run(run_mqtt_bench(args.model, args.size, args.net))
+                    r = asyncio.run(run_mqtt_bench(args.model, args.size, args.net, broker=args.broker))
             else:
                 r = run_bench(args.model, args.size, args.batch, args.classes)
             print(json.dumps(r) if args.json else format_report(r))

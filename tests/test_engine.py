@@ -270,3 +270,18 @@ def test_steps_short_in_the_last_job_run_without_a_thread_handoff(monkeypatch: p
     assert res.mask is not None
     with torch.no_grad():
         assert_faithful(res.mask, model(torch.tensor(x, dtype=torch.float32)).numpy())
+
+
+@pytest.mark.slow
+def test_service_bench_on_the_embedded_broker_matches_the_in_process_run() -> None:
+    """``blindseg bench --transport mqtt --broker embedded``: the whole service (dealer and servers as
+    processes) through the demo's embedded amqtt broker computes the in-process mask, with the same rounds
+    and the same online bytes before sealing is counted (sealed frames are larger, never smaller)."""
+    import asyncio
+
+    from blindseg.bench import run_mqtt_bench
+
+    r = asyncio.run(run_mqtt_bench("ref-unet", 32, broker="embedded", repeats=1))
+    assert r["broker"] == "embedded" and r["agreement_with_inprocess"] >= 0.99 and r["pixel_agreement"] >= 0.98
+    assert r["rounds"] == r["inprocess_rounds"] > 0
+    assert r["online_bytes_per_server"] >= r["inprocess_online_bytes_per_server"]
