@@ -436,7 +436,22 @@ async def test_the_pool_grows_when_jobs_use_bundles_faster_than_they_are_made(tm
         assert dealer.health.info("test")["pool_targets"][f"{key[1]} batch 1"] == want
         dealer.max_pool_bytes = 2 * dealer._bundle_bytes[key[1:]]  # room for two bundles at server1
         assert want > 2 and dealer.target(key) == 2
+        dealer.max_pool = 1  # what `python -m dealer --max-pool 1` sets: a fixed pool, whatever the rate
+        assert dealer.target(key) == 1
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_max_pool_below_the_pool_is_refused(tmp_path) -> None:
+    from blindseg.errors import UsageError
+    from blindseg.node import Node
+    from dealer.service import DealerService
+
+    node = Node.__new__(Node)  # never started: the settings are checked before the node is touched
+    with pytest.raises(UsageError, match="max_pool"):
+        DealerService(node, tmp_path / "d", pool=2, max_pool=1)
+    with pytest.raises(UsageError, match="max_pool"):
+        DealerService(node, tmp_path / "d", pool=-1)
+
