@@ -5,11 +5,12 @@ opened, the sign of x is c_30 XOR r_30 XOR [c mod 2^30 < r mod 2^30].
 
 Steps (all on bit-sliced words, 64 elements per uint64):
 
-- level 0, local: bits are grouped in pairs (hi, lo). With a public, the
-  borrow generate/propagate of a pair are linear in the dealer's shares of
-  r_lo, r_hi and r_lo*r_hi:
-  G = ~a_h r_h ^ ~a_h ~a_l r_l ^ ~a_l (r_h r_l),
-  P = ~a_h ~a_l ^ ~a_h r_l ^ ~a_l r_h ^ r_h r_l.
+- level 0, local: bits are grouped (pairs, or groups of up to 6 bits). With a public, a group's
+  borrow generate G = [a_grp < r_grp] and propagate P = [a_grp == r_grp] are linear in the dealer's
+  shares of the products r_S of the group's bits (S of size >= 2; the bits themselves for |S| = 1):
+  G = XOR_i XOR_{S above i} ~a_i prod_{j above i, not in S} ~a_j * r_{S + i},
+  P = XOR_S prod_{j not in S} ~a_j * r_S (r_{} = 1); for a pair (hi, lo) that is
+  G = ~a_h r_h ^ ~a_h ~a_l r_l ^ ~a_l (r_h r_l), P = ~a_h ~a_l ^ ~a_h r_l ^ ~a_l r_h ^ r_h r_l.
 - levels 1..L, one round each: nodes of k children (low -> high) combine as
   G = XOR_t G_t * prod_{s>t} P_s, P = prod_t P_t. Every monomial of a level
   is evaluated in one round with dealer *multi-AND tuples*: each variable x is
@@ -19,6 +20,11 @@ Steps (all on bit-sliced words, 64 elements per uint64):
 
 Cost per element: ``opened_bits`` bits sent per server, ``len(levels)``
 rounds, ``derived_bits`` bits of dealer corrections to server 1.
+
+A truncating comparison (the fused ReLU of ``z >> s``) needs only bits s..29 (:func:`compare_circuit`):
+c >> s - r >> s is the truncated value itself (the truncation's rounding bit is the borrow out of the
+low s bits), so its sign, read from bits s..30, is the sign of what the ReLU selects. At s >= 10 that
+narrow comparison fits one AND level over wider groups: 3 rounds per ReLU instead of 4.
 """
 
 from __future__ import annotations
@@ -59,15 +65,34 @@ class Level:
 
 @dataclass(frozen=True)
 class Circuit:
-    """The whole borrow circuit for ``width`` low bits (width even)."""
+    """The whole borrow circuit for ``width`` bits starting at bit ``lo`` (bits lo .. lo + width - 1 of
+    c and r, compared; level-0 groups of ``group_bits`` bits, low to high)."""
 
     width: int
     need_p0: tuple[bool, ...]  # level-0 groups whose P is needed
     levels: tuple[Level, ...]
+    group_bits: tuple[int, ...] = ()
+    lo: int = 0
 
     @property
     def groups(self) -> int:
-        return self.width // 2
+        return len(self.group_bits)
+
+    @property
+    def prod_subsets(self) -> tuple[tuple[int, ...], ...]:
+        """The products of r's bits level 0 needs (bit indices from ``lo``): every subset of size >= 2 of
+        each group, group by group (for pairs: one product per pair, low bit first)."""
+        out: list[tuple[int, ...]] = []
+        start = 0
+        for k in self.group_bits:
+            bits = range(start, start + k)
+            out += [c for n in range(2, k + 1) for c in combinations(bits, n)]
+            start += k
+        return tuple(out)
+
+    @property
+    def pairs(self) -> bool:
+        return all(k == 2 for k in self.group_bits)
 
     @property
     def rounds(self) -> int:
@@ -79,15 +104,28 @@ class Circuit:
 
     @property
     def derived_bits(self) -> int:
-        return self.groups + sum(len(lv.subsets) for lv in self.levels)
+        return len(self.prod_subsets) + sum(len(lv.subsets) for lv in self.levels)
 
 
-def build_circuit(width: int = 30, arities: tuple[int, ...] = (3, 5)) -> Circuit:
-    """Build the tree: level-0 pairs, then levels of the given arities (then binary)."""
-    if width % 2 or width < 4:
-        raise ValueError("circuit width must be even and >= 4")
+MAX_GROUP = 6  # level-0 group width limit: a k-bit group needs 2^k - k - 1 dealer products
+
+
+def build_circuit(width: int = 30, arities: tuple[int, ...] = (3, 5), group: int = 2, lo: int = 0,
+                  group_bits: tuple[int, ...] | None = None) -> Circuit:
+    """Build the tree: level-0 groups of ``group`` bits (an odd bit left over joins the top group), or
+    of ``group_bits`` bits (low to high), then levels of the given arities (then binary)."""
+    if group_bits is None:
+        if not 1 <= group <= MAX_GROUP or width < group:
+            raise ValueError(f"circuit width {width} / group {group} out of range")
+        gb = [group] * (width // group)
+        gb[-1] += width % group
+    else:
+        gb = list(group_bits)
+    if width < 2 or sum(gb) != width or not all(1 <= k <= MAX_GROUP for k in gb) or lo < 0 or lo + width > 30:
+        raise ValueError(f"circuit width {width} / groups {gb} / lo {lo} out of range")
+    n = len(gb)
     tree: list[list[tuple[int, ...]]] = []  # per level: children tuples
-    count = width // 2
+    count = n
     depth = 0
     while count > 1:
         k = arities[depth] if depth < len(arities) else 2
@@ -141,22 +179,125 @@ def build_circuit(width: int = 30, arities: tuple[int, ...] = (3, 5)) -> Circuit
         levels.append(
             Level(tuple(nodes), tuple(variables), tuple(monomials), tuple(subsets), tuple(node_g), tuple(node_p))
         )
-    return Circuit(width, tuple(need[0]), tuple(levels))
+    return Circuit(width, tuple(need[0]), tuple(levels), tuple(gb), lo)
+
+
+@lru_cache(maxsize=64)
+def compare_circuit(base: Circuit, shift: int) -> Circuit:
+    """The circuit a comparison of ``z >> shift`` runs (module docstring): ``base`` for shift 0; else
+    bits ``shift`` .. 29 only: in one AND level over at most 4 balanced groups of up to 5 bits when that
+    needs no more dealer bits than ``base`` (widths up to 18 and 15 or less: shifts 12-13 and >= 15),
+    otherwise ``base``'s pairs and level arities on the narrower width."""
+    if shift <= 0:
+        return base
+    width = base.width - shift
+    if width < 2:
+        raise ValueError(f"a truncation by {shift} leaves no bits to compare")
+    ones = [build_circuit(width, (m,) if m > 1 else (), lo=shift,
+                          group_bits=tuple(width // m + (1 if i >= m - width % m else 0) for i in range(m)))
+            for m in range(-(-width // 5), min(4, width) + 1)]
+    one = min(ones, key=lambda c: c.derived_bits, default=None)
+    if one is not None and one.derived_bits <= base.derived_bits:
+        return one
+    arities = tuple(len(lv.nodes[0].children) for lv in base.levels)
+    return build_circuit(width, arities, 2, shift) if width >= 4 else build_circuit(width, (), width, shift)
 
 
 # ---------------------------------------------------------------- pure steps
 
 
-def level0(party: int, a_words: np.ndarray, r_bits: np.ndarray, r_pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Local level 0: G, P shares of each bit pair. a_words: public (width, nw)."""
-    na = ~a_words
-    nl, nh = na[0::2], na[1::2]
-    rl, rh = r_bits[0::2], r_bits[1::2]
-    g = (nh & rh) ^ (nh & nl & rl) ^ (nl & r_pairs)
-    p = (nh & rl) ^ (nl & rh) ^ r_pairs
-    if party == 0:
-        p ^= nh & nl
+def level0(party: int, a_words: np.ndarray, r_bits: np.ndarray, r_prods: np.ndarray,
+           circ: Circuit | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Local level 0: G, P shares of each group. a_words: public (width, nw); r_bits: shares of r's
+    compared bits (width, nw); r_prods: shares of the products ``circ.prod_subsets``. Bit pairs (or no
+    ``circ``): the written-out formulas; wider groups: :func:`_group_terms` in one numba pass."""
+    if circ is None or circ.pairs:
+        na = ~a_words
+        nl, nh = na[0::2], na[1::2]
+        rl, rh = r_bits[0::2], r_bits[1::2]
+        g = (nh & rh) ^ (nh & nl & rl) ^ (nl & r_prods)
+        p = (nh & rl) ^ (nl & rh) ^ r_prods
+        if party == 0:
+            p ^= nh & nl
+        return g, p
+    out, pub_ptr, pub, sec = _group_terms(circ)
+    nw = a_words.shape[1]
+    g = np.empty((circ.groups, nw), dtype=np.uint64)
+    p = np.empty((circ.groups, nw), dtype=np.uint64)
+    c = np.ascontiguousarray
+    prods = c(r_prods) if len(r_prods) else np.zeros((1, nw), dtype=np.uint64)
+    _level0_kernel(c(a_words), c(r_bits), prods, out, pub_ptr, pub, sec, party, circ.width, g, p)
     return g, p
+
+
+@lru_cache(maxsize=64)
+def _group_terms(circ: Circuit) -> tuple[np.ndarray, ...]:
+    """Level 0 of ``circ`` as flat terms (module docstring): per term its output row (group * 2, + 1 for
+    P), the public bits whose complements it ANDs, and its secret factor (a bit index < width, width +
+    a product index, or -1: the public constant 1, party 0 only)."""
+    prod_index = {sub: i for i, sub in enumerate(circ.prod_subsets)}
+    out, pub_ptr, pub, sec = [], [0], list[int](), []
+
+    def term(row: int, public: list[int], secret: tuple[int, ...]) -> None:
+        out.append(row)
+        pub.extend(public)
+        pub_ptr.append(len(pub))
+        sec.append(-1 if not secret else secret[0] if len(secret) == 1 else circ.width + prod_index[secret])
+
+    start = 0
+    for gi, k in enumerate(circ.group_bits):
+        bits = list(range(start, start + k))
+        for i in bits:  # G: bit i is where r first exceeds a, the bits above it are equal
+            above = [j for j in bits if j > i]
+            for n in range(len(above) + 1):
+                for sub in combinations(above, n):
+                    term(2 * gi, [i] + [j for j in above if j not in sub], tuple(sorted((i, *sub))))
+        for n in range(k + 1):  # P: every bit equal
+            for sub in combinations(bits, n):
+                term(2 * gi + 1, [j for j in bits if j not in sub], sub)
+        start += k
+    i64 = np.int64
+    return np.array(out, i64), np.array(pub_ptr, i64), np.array(pub + [0], i64), np.array(sec, i64)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _level0_kernel(a, rb, prods, out, pub_ptr, pub, sec, party, width, g, p):  # pragma: no cover - numba
+    nw = a.shape[1]
+    groups = g.shape[0]
+    for w in nb.prange(nw):
+        for gi in range(groups):
+            g[gi, w] = 0
+            p[gi, w] = 0
+        for t in range(out.shape[0]):
+            x = sec[t]
+            if x < 0:
+                if party != 0:
+                    continue
+                acc = ALL
+            elif x < width:
+                acc = rb[x, w]
+            else:
+                acc = prods[x - width, w]
+            for k in range(pub_ptr[t], pub_ptr[t + 1]):
+                acc &= ~a[pub[k], w]
+            row = out[t]
+            if row % 2 == 0:
+                g[row // 2, w] ^= acc
+            else:
+                p[row // 2, w] ^= acc
+
+
+def group_products(circ: Circuit, r_bits: np.ndarray) -> np.ndarray:
+    """Dealer side: the plain products of r's compared bits that level 0 needs (``circ.prod_subsets``;
+    r_bits: the compared bits, (width, nw))."""
+    subs = circ.prod_subsets
+    out = np.empty((len(subs), r_bits.shape[1]), dtype=np.uint64)
+    for i, sub in enumerate(subs):
+        acc = r_bits[sub[0]].copy()
+        for j in sub[1:]:
+            acc &= r_bits[j]
+        out[i] = acc
+    return out
 
 
 def open_vars(level: Level, g: np.ndarray, p: np.ndarray, masks: np.ndarray) -> np.ndarray:

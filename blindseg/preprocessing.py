@@ -18,7 +18,7 @@ Material kinds:
 - ``beaver``: A (random, input shape), C (derived, output shape).
 - ``trunc``: r (random), u = -((r mod 2^31) >> s), v = 2^(31-s) * msb(r) (derived).
 - ``select`` (ReLU, max, argmax): bits of r (random, 32 rows), rho (random bit),
-  multi-AND masks per circuit level (random); r-bit pair products, mask
+  multi-AND masks per circuit level (random); products of r's bits per level-0 group, mask
   products, r, u, v, rho, rho*u, rho*v (derived).
 - ``sign`` ([x >= 0] as an arithmetic share): ``select``'s items without u, v, rho*u, rho*v.
 - ``mul`` (product of two secrets, the second broadcast against the first): A, B (random),
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .bits import nwords, unslice
-from .circuit import Circuit, mask_products
+from .circuit import Circuit, compare_circuit, group_products, mask_products
 from .errors import ProtocolError, UsageError
 from .prg import Prg
 
@@ -92,13 +92,14 @@ def _circuit_items(n: int, circuit: Circuit) -> list[Item]:
     nw = nwords(n)
     items = [Item("rbits", "bool", (32, nw), False), Item("rho", "bool", (nw,), False)]
     items += [Item(f"mask{k}", "bool", (lv.nvars, nw), False) for k, lv in enumerate(circuit.levels)]
-    items.append(Item("rpairs", "bool", (circuit.groups, nw), True))
+    items.append(Item("rprods", "bool", (len(circuit.prod_subsets), nw), True))
     items += [Item(f"prod{k}", "bool", (len(lv.subsets), nw), True) for k, lv in enumerate(circuit.levels)]
     return items
 
 
 def select_spec(n: int, shift: int, circuit: Circuit) -> MatSpec:
-    items = _circuit_items(n, circuit)
+    """The fused truncation by ``shift`` and ReLU: its comparison runs :func:`compare_circuit`."""
+    items = _circuit_items(n, compare_circuit(circuit, shift))
     w = msb_width(shift)
     items += [Item(name, "arith", (n,), True, w if name in ("v", "rho_v") else 32)
               for name in ("r", "u", "v", "rho_a", "rho_u", "rho_v")]
@@ -163,7 +164,8 @@ def derive_material(ms: MatSpec, rand: dict[str, np.ndarray], circ: Circuit) -> 
     if ms.kind not in ("select", "sign"):
         raise UsageError(f"material kind {ms.kind!r} has no generic derivation")
     rb = rand["rbits"]
-    out = {"rpairs": rb[0:30:2] & rb[1:30:2]}
+    circ = compare_circuit(circ, s)
+    out = {"rprods": group_products(circ, rb[circ.lo:circ.lo + circ.width])}
     for k, level in enumerate(circ.levels):
         out[f"prod{k}"] = mask_products(level, rand[f"mask{k}"])
     rho = unslice(rand["rho"], ms.n)

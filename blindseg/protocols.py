@@ -114,9 +114,11 @@ def trunc(party: int, z: np.ndarray, mat: Material, s: int) -> Proto:
 
 
 def sign_bits(party: int, c: np.ndarray, mat: Material, circ: cc.Circuit) -> Generator[Open, Opened, np.ndarray]:
-    """Shares of [x >= 0] (bit-sliced) from the public c = x + 2^30 + r. L rounds."""
+    """Shares of [x >= 0] (bit-sliced) from the public c = x + 2^30 + r, comparing bits ``circ.lo`` .. 29
+    (``lo`` = s for ``x = z >> s``: :func:`circuit.compare_circuit`). L rounds."""
     a = bitslice(c, 0, 31)
-    g, p = cc.level0(party, a[:30], mat["rbits"][:30], mat["rpairs"])
+    lo, hi = circ.lo, circ.lo + circ.width
+    g, p = cc.level0(party, a[lo:hi], mat["rbits"][lo:hi], mat["rprods"], circ)
     for k, level in enumerate(circ.levels):
         _, (d,) = yield Open(boolean=[cc.open_vars(level, g, p, mat[f"mask{k}"])])
         g, p = cc.combine(party, level, g, p, d, mat[f"mask{k}"], mat[f"prod{k}"])
@@ -129,9 +131,11 @@ def sign_bits(party: int, c: np.ndarray, mat: Material, circ: cc.Circuit) -> Gen
 def _opened_sign(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit
                  ) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
     """The rounds every comparison shares: open c = z + 2^30 + r, the borrow circuit, open
-    e = [z >= 0] ^ rho (bit-sliced). Returns (c, e words). 2 + L rounds."""
+    e = [t >= 0] ^ rho (bit-sliced), t = z >> s as this opening truncates it (for s = 0, z itself; the
+    same sign as z's, except that z in [2^30 - 2^s, 2^30) reads as negative). Returns (c, e words).
+    2 + L rounds (L of :func:`circuit.compare_circuit`: 1 for s >= 12)."""
     (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], s)])
-    ge = yield from sign_bits(party, c, mat, circ)
+    ge = yield from sign_bits(party, c, mat, cc.compare_circuit(circ, s))
     _, (ew,) = yield Open(boolean=[ge ^ mat["rho"]])
     return c, ew
 

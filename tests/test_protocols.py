@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from blindseg import protocols as P
-from blindseg.circuit import build_circuit
+from blindseg.circuit import build_circuit, compare_circuit
 from blindseg.layers import REGISTRY, ModelShare, OpMaterial, Runtime
 from blindseg.plan import DEFAULT_ARITIES, Op
 from blindseg.preprocessing import select_spec, tournament, trunc_spec
@@ -69,25 +69,32 @@ def test_trunc_is_unbiased_stochastic_rounding(rng: np.random.Generator, s: int)
 
 
 def test_select_is_exact_on_its_whole_domain_and_the_limit_is_where_documented(rng: np.random.Generator) -> None:
-    """The fused truncation + ReLU decides the sign of x itself (no rounding offset), so every x in
-    [-2^30, 2^30) gets the right sign; just past the domain the sign wraps (calibration keeps values
-    below 2^29, a factor 2 inside)."""
-    edge = np.array([(1 << 30) - 1, (1 << 30) - 7, -(1 << 30), -1, 0, 1, (1 << 30), (1 << 30) + 5], dtype=np.int64)
-    for s in (0, 8):
+    """The fused truncation + ReLU decides the sign of what it truncates (z itself for s = 0; for s > 0,
+    t = z >> s as the opening rounds it, from bits s..30 only), so every z in [-2^30, 2^30 - 2^s) gets the
+    right sign; above it the sign wraps (calibration keeps values below 2^29, a factor 2 inside)."""
+    for s in (0, 8, 13):
+        top = (1 << 30) - ((1 << s) if s else 0)  # the first value past the domain
+        edge = np.array([top - 1, top - 7, -(1 << 30), -(1 << s) if s else -1, -1, 0, 1, (1 << s) + 1, top,
+                         (1 << 30) - 1, (1 << 30), (1 << 30) + 5], dtype=np.int64)
         m0, m1 = deal([select_spec(edge.size, s, CIRC)])
         x0, x1 = split(edge, rng)
         o0, o1 = run_pair(P.select(0, x0, m0[0], s, CIRC), P.select(1, x1, m1[0], s, CIRC))
         got = signed(o0 + o1)
-        inside = edge < (1 << 30)
+        inside = edge < top
         assert np.all(got[inside & (edge < 0)] == 0)
-        assert np.all(got[inside & (edge >= 0)] - (edge[inside & (edge >= 0)] >> s) >= 0)
-        assert np.all(got[~inside] == 0)  # out of the domain: the sign flips (why calibration keeps 2x headroom)
+        diff = got[inside & (edge >= 0)] - (edge[inside & (edge >= 0)] >> s)
+        assert np.all((diff == 0) | (diff == (1 if s else 0))), (s, diff)
+        # [2^30 - 2^s, 2^30): the sign flips where the truncation rounds up to 2^(30-s); from 2^30 on, always
+        # (why calibration keeps 2x headroom)
+        edge_zone = ~inside & (edge < (1 << 30))
+        assert np.all((got[edge_zone] == 0) | (got[edge_zone] == edge[edge_zone] >> s))
+        assert np.all(got[edge >= (1 << 30)] == 0)
 
 
 @pytest.mark.parametrize("n", [1, 64, 129, 1000])
 @pytest.mark.parametrize("s", [0, 12])
 def test_relu_select(rng: np.random.Generator, n: int, s: int) -> None:
-    v = values(rng, n)
+    v = values(rng, n, LIM - (1 << s if s else 0))  # the domain (previous test): [-2^30, 2^30 - 2^s)
     m0, m1 = deal([select_spec(v.size, s, CIRC)])
     x0, x1 = split(v, rng)
     log: list = []
@@ -101,7 +108,25 @@ def test_relu_select(rng: np.random.Generator, n: int, s: int) -> None:
         assert np.all((diff == 0) | (diff == 1))
     # the sign is always exact: negative inputs give exactly 0
     assert np.all(got[v < 0] == 0)
-    assert len(log) == 2 + CIRC.rounds <= 8
+    assert len(log) == 2 + compare_circuit(CIRC, s).rounds <= 4
+    assert s < 12 or len(log) == 3  # a ReLU of a truncated value: one AND level (issue #13: <= 3 rounds)
+
+
+@pytest.mark.parametrize("s", range(1, 25))
+def test_relu_of_every_truncation_width(rng: np.random.Generator, s: int) -> None:
+    """Every shift's comparison circuit (bit pairs on wide ranges, one AND level over groups of 3-5 bits
+    from s = 12 on) gives ReLU(z >> s) within the truncation's 1 LSB, exactly 0 for negative z, and costs
+    no more dealer bits than the full-width circuit."""
+    circ = compare_circuit(CIRC, s)
+    assert circ.lo == s and circ.width == 30 - s and circ.derived_bits <= CIRC.derived_bits
+    v = values(rng, 150, LIM - (1 << s))
+    m0, m1 = deal([select_spec(v.size, s, CIRC)])
+    x0, x1 = split(v, rng)
+    log: list = []
+    o0, o1 = run_pair(P.select(0, x0, m0[0], s, CIRC), P.select(1, x1, m1[0], s, CIRC), log)
+    diff = signed(o0 + o1) - np.maximum(v >> s, 0)
+    assert np.all((diff == 0) | ((diff == 1) & (v >= 0))), np.unique(diff)
+    assert len(log) == 2 + circ.rounds
 
 
 def test_relu_traffic_within_budget(rng: np.random.Generator) -> None:
