@@ -23,8 +23,8 @@ rounds, ``derived_bits`` bits of dealer corrections to server 1.
 
 A truncating comparison (the fused ReLU of ``z >> s``) needs only bits s..29 (:func:`compare_circuit`):
 c >> s - r >> s is the truncated value itself (the truncation's rounding bit is the borrow out of the
-low s bits), so its sign, read from bits s..30, is the sign of what the ReLU selects. At s >= 10 that
-narrow comparison fits one AND level over wider groups: 3 rounds per ReLU instead of 4.
+low s bits), so its sign, read from bits s..30, is the sign of what the ReLU selects. From s = 12 on that
+narrow comparison fits one AND level over 3-4 groups of 2-5 bits: 3 rounds per ReLU instead of 4.
 """
 
 from __future__ import annotations
@@ -185,8 +185,8 @@ def build_circuit(width: int = 30, arities: tuple[int, ...] = (3, 5), group: int
 @lru_cache(maxsize=64)
 def compare_circuit(base: Circuit, shift: int) -> Circuit:
     """The circuit a comparison of ``z >> shift`` runs (module docstring): ``base`` for shift 0; else
-    bits ``shift`` .. 29 only: in one AND level over at most 4 balanced groups of up to 5 bits when that
-    needs no more dealer bits than ``base`` (widths up to 18 and 15 or less: shifts 12-13 and >= 15),
+    bits ``shift`` .. 29 only: in one AND level over 2-4 balanced groups of up to 5 bits (the grouping
+    with the fewest dealer bits) when that needs no more dealer bits than ``base`` (from shift 12 on),
     otherwise ``base``'s pairs and level arities on the narrower width."""
     if shift <= 0:
         return base
