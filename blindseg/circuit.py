@@ -66,7 +66,8 @@ class Level:
 @dataclass(frozen=True)
 class Circuit:
     """The whole borrow circuit for ``width`` bits starting at bit ``lo`` (bits lo .. lo + width - 1 of
-    c and r, compared; level-0 groups of ``group_bits`` bits, low to high)."""
+    c and r, compared; the sign at bit ``top`` = lo + width; level-0 groups of ``group_bits`` bits, low
+    to high)."""
 
     width: int
     need_p0: tuple[bool, ...]  # level-0 groups whose P is needed
@@ -89,6 +90,10 @@ class Circuit:
             out += [c for n in range(2, k + 1) for c in combinations(bits, n)]
             start += k
         return tuple(out)
+
+    @property
+    def top(self) -> int:
+        return self.lo + self.width
 
     @property
     def pairs(self) -> bool:
@@ -121,7 +126,7 @@ def build_circuit(width: int = 30, arities: tuple[int, ...] = (3, 5), group: int
         gb[-1] += width % group
     else:
         gb = list(group_bits)
-    if width < 2 or sum(gb) != width or not all(1 <= k <= MAX_GROUP for k in gb) or lo < 0 or lo + width > 30:
+    if width < 2 or sum(gb) != width or not all(1 <= k <= MAX_GROUP for k in gb) or lo < 0 or lo + width > 30:  # the sign bit is at lo + width <= 30
         raise ValueError(f"circuit width {width} / groups {gb} / lo {lo} out of range")
     n = len(gb)
     tree: list[list[tuple[int, ...]]] = []  # per level: children tuples
@@ -183,24 +188,28 @@ def build_circuit(width: int = 30, arities: tuple[int, ...] = (3, 5), group: int
 
 
 @lru_cache(maxsize=64)
-def compare_circuit(base: Circuit, shift: int) -> Circuit:
+def compare_circuit(base: Circuit, shift: int, bound: int = 30) -> Circuit:
     """The circuit a comparison of ``z >> shift`` runs (module docstring): ``base`` for shift 0; else
-    bits ``shift`` .. 29 only: in one AND level over 2-4 balanced groups of up to 5 bits (the grouping
-    with the fewest dealer bits) when that needs no more dealer bits than ``base`` (from shift 12 on),
-    otherwise ``base``'s pairs and level arities on the narrower width."""
-    if shift <= 0:
+    bits ``shift`` .. 29 only. ``bound`` < 30 (shift 0): z is known by construction to lie in
+    [-2^bound, 2^bound) (a max-pool of truncated ReLU outputs), so bits 0 .. bound - 1 decide, the sign at
+    bit ``bound`` of c + 2^bound - 2^30 - r. Either way in one AND level over 2-4 balanced groups of up
+    to 5 bits (the grouping with the fewest dealer bits) when that needs no more dealer bits than ``base``
+    (from 18 bits down), otherwise ``base``'s pairs and level arities on the narrower width."""
+    if bound < base.width and shift:
+        raise ValueError("a comparison is either truncating or of a bounded value, not both")
+    if shift <= 0 and bound >= base.width:
         return base
-    width = base.width - shift
+    lo, width = (shift, base.width - shift) if shift > 0 else (0, bound)
     if width < 2:
-        raise ValueError(f"a truncation by {shift} leaves no bits to compare")
-    ones = [build_circuit(width, (m,) if m > 1 else (), lo=shift,
+        raise ValueError(f"a comparison of {width} bits (shift {shift}, bound {bound}) is not supported")
+    ones = [build_circuit(width, (m,) if m > 1 else (), lo=lo,
                           group_bits=tuple(width // m + (1 if i >= m - width % m else 0) for i in range(m)))
             for m in range(-(-width // 5), min(4, width) + 1)]
     one = min(ones, key=lambda c: c.derived_bits, default=None)
     if one is not None and one.derived_bits <= base.derived_bits:
         return one
     arities = tuple(len(lv.nodes[0].children) for lv in base.levels)
-    return build_circuit(width, arities, 2, shift) if width >= 4 else build_circuit(width, (), width, shift)
+    return build_circuit(width, arities, 2, lo) if width >= 4 else build_circuit(width, (), width, lo)
 
 
 # ---------------------------------------------------------------- pure steps

@@ -21,6 +21,7 @@ from .layers import (
     ArgmaxParams,
     InterpParams,
     LinearParams,
+    MaxPoolParams,
     NormParams,
     PoolParams,
     RescaleParams,
@@ -391,7 +392,7 @@ def _maxpool(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:
         raise UnsupportedLayerError(f"{_desc(node)}: MaxPool2d dilation/ceil_mode/return_indices unsupported")
     k, st = _pool_params(node, mod)
     src = L.settle(_need(x, node))
-    return _Val(L.add("maxpool", (src,), _pooled(L, src, k, st), _name(node), PoolParams(k, st)))
+    return _Val(L.add("maxpool", (src,), _pooled(L, src, k, st), _name(node), MaxPoolParams(k, st)))
 
 
 def _avgpool(L: _Lowering, node: Any, mod: Any, x: _Val | None) -> _Val:

@@ -185,6 +185,7 @@ def validate(plan: Plan) -> None:
             want = op.layer.out_shape(op, plan.in_shapes(i))
             if want is not None and want != op.shape:
                 raise UsageError(f"plan op {i} ({op.kind}) has shape {op.shape}, its inputs give {want}")
+            op.layer.validate_inputs(op, [plan.ops[j] for j in op.inputs])
     if not plan.ops[-1].layer.terminal or (plan.output == "mask") != (plan.ops[-1].layer is layer_of("argmax")):
         raise UsageError("plan must end with an argmax (mask output) or output (logits) op")
 

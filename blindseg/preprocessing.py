@@ -68,6 +68,7 @@ class MatSpec:
     n: int  # elements (select/trunc)
     shift: int
     items: tuple[Item, ...]
+    bound: int = 30  # select: |value| < 2^bound by construction (circuit.compare_circuit)
 
 
 def beaver_spec(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> MatSpec:
@@ -97,13 +98,14 @@ def _circuit_items(n: int, circuit: Circuit) -> list[Item]:
     return items
 
 
-def select_spec(n: int, shift: int, circuit: Circuit) -> MatSpec:
-    """The fused truncation by ``shift`` and ReLU: its comparison runs :func:`compare_circuit`."""
-    items = _circuit_items(n, compare_circuit(circuit, shift))
+def select_spec(n: int, shift: int, circuit: Circuit, bound: int = 30) -> MatSpec:
+    """The fused truncation by ``shift`` and ReLU (of a value below 2^bound): its comparison runs
+    :func:`compare_circuit`."""
+    items = _circuit_items(n, compare_circuit(circuit, shift, bound))
     w = msb_width(shift)
     items += [Item(name, "arith", (n,), True, w if name in ("v", "rho_v") else 32)
               for name in ("r", "u", "v", "rho_a", "rho_u", "rho_v")]
-    return MatSpec("select", n, shift, tuple(items))
+    return MatSpec("select", n, shift, tuple(items), bound)
 
 
 def sign_spec(n: int, circuit: Circuit) -> MatSpec:
@@ -164,8 +166,8 @@ def derive_material(ms: MatSpec, rand: dict[str, np.ndarray], circ: Circuit) -> 
     if ms.kind not in ("select", "sign"):
         raise UsageError(f"material kind {ms.kind!r} has no generic derivation")
     rb = rand["rbits"]
-    circ = compare_circuit(circ, s)
-    out = {"rprods": group_products(circ, rb[circ.lo:circ.lo + circ.width])}
+    circ = compare_circuit(circ, s, ms.bound)
+    out = {"rprods": group_products(circ, rb[circ.lo:circ.top])}
     for k, level in enumerate(circ.levels):
         out[f"prod{k}"] = mask_products(level, rand[f"mask{k}"])
     rho = unslice(rand["rho"], ms.n)

@@ -116,42 +116,45 @@ def trunc(party: int, z: np.ndarray, mat: Material, s: int) -> Proto:
 def sign_bits(party: int, c: np.ndarray, mat: Material, circ: cc.Circuit) -> Generator[Open, Opened, np.ndarray]:
     """Shares of [x >= 0] (bit-sliced) from the public c = x + 2^30 + r, comparing bits ``circ.lo`` .. 29
     (``lo`` = s for ``x = z >> s``: :func:`circuit.compare_circuit`). L rounds."""
-    a = bitslice(c, 0, 31)
-    lo, hi = circ.lo, circ.lo + circ.width
+    lo, hi = circ.lo, circ.top
+    if hi != 30:  # a bounded value (circuit.compare_circuit): the sign is bit `hi` of c + 2^hi - 2^30 - r
+        c = c + np.uint32(((1 << hi) - (1 << 30)) & 0xFFFFFFFF)
+    a = bitslice(c, 0, hi + 1)
     g, p = cc.level0(party, a[lo:hi], mat["rbits"][lo:hi], mat["rprods"], circ)
     for k, level in enumerate(circ.levels):
         _, (d,) = yield Open(boolean=[cc.open_vars(level, g, p, mat[f"mask{k}"])])
         g, p = cc.combine(party, level, g, p, d, mat[f"mask{k}"], mat[f"prod{k}"])
-    ge = g[0] ^ mat["rbits"][30]
+    ge = g[0] ^ mat["rbits"][hi]
     if party == 0:
-        ge ^= a[30]
+        ge ^= a[hi]
     return ge
 
 
-def _opened_sign(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit
+def _opened_sign(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = 30
                  ) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
     """The rounds every comparison shares: open c = z + 2^30 + r, the borrow circuit, open
     e = [t >= 0] ^ rho (bit-sliced), t = z >> s as this opening truncates it (for s = 0, z itself; the
     same sign as z's, except that z in [2^30 - 2^s, 2^30) reads as negative). Returns (c, e words).
-    2 + L rounds (L of :func:`circuit.compare_circuit`: 1 for s >= 12)."""
+    2 + L rounds (L of :func:`circuit.compare_circuit`: 1 for s >= 12 or a ``bound`` of 18 bits or less)."""
     (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], s)])
-    ge = yield from sign_bits(party, c, mat, cc.compare_circuit(circ, s))
+    ge = yield from sign_bits(party, c, mat, cc.compare_circuit(circ, s, bound))
     _, (ew,) = yield Open(boolean=[ge ^ mat["rho"]])
     return c, ew
 
 
-def select_value(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit
+def select_value(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = 30
                  ) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
     """(ReLU(z >> s), z >> s): the ReLU and the truncated value it selects from, same rounds as :func:`select`."""
     shape = z.shape
-    c, ew = yield from _opened_sign(party, z, mat, s, circ)
+    c, ew = yield from _opened_sign(party, z, mat, s, circ, bound)
     out, value = select_output(party, c, ew, mat, s)  # e*value + (1-2e)(t*rho + rho*u + k*rho*v), fused
     return out.reshape(shape), value.reshape(shape)
 
 
-def select(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit) -> Proto:
-    """ReLU(z >> s) (s = 0: ReLU(z)). 2 + L rounds; the sign and truncation share one opening."""
-    out, _ = yield from select_value(party, z, mat, s, circ)
+def select(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = 30) -> Proto:
+    """ReLU(z >> s) (s = 0: ReLU(z); ``bound``: |z| < 2^bound by construction). 2 + L rounds; the sign
+    and truncation share one opening."""
+    out, _ = yield from select_value(party, z, mat, s, circ, bound)
     return out
 
 
@@ -219,12 +222,14 @@ def parallel(*protos: Proto) -> Generator[Open, Opened, list[np.ndarray]]:
     return results
 
 
-def tournament_max(party: int, cands: list[np.ndarray], mats: list[Material], circ: cc.Circuit) -> Proto:
-    """Max over candidates (same shape) by levels of max(a, b) = b + ReLU(a - b), batched per level."""
+def tournament_max(party: int, cands: list[np.ndarray], mats: list[Material], circ: cc.Circuit,
+                   bound: int = 30) -> Proto:
+    """Max over candidates (same shape) by levels of max(a, b) = b + ReLU(a - b), batched per level
+    (``bound``: every candidate is in [0, 2^bound), so |a - b| < 2^bound)."""
     for pairs, mat in zip(tournament(len(cands)), mats, strict=True):
         a = np.stack(cands[0 : 2 * pairs : 2])
         b = np.stack(cands[1 : 2 * pairs : 2])
-        m = b + (yield from select(party, a - b, mat, 0, circ))
+        m = b + (yield from select(party, a - b, mat, 0, circ, bound))
         cands = list(m) + cands[2 * pairs :]
     return cands[0]
 

@@ -198,3 +198,28 @@ def test_unet_with_upsample_and_leaky_relu_end_to_end() -> None:
     assert np.array_equal(res.mask[decisive], want[decisive])
     assert np.mean(res.mask == want) >= 0.995
     assert math.prod(res.mask.shape) == 4 * 32 * 32
+
+
+def test_maxpool_bound_comes_from_the_relu_before_it_and_is_checked() -> None:
+    """Calibration gives each max-pool after a truncating ReLU (shift s) bound_bits = 30 - s; a plan that
+    claims a tighter bound than its input op guarantees (a wrong max would follow) is refused on load."""
+    from blindseg.compiler import compile_model
+    from blindseg.errors import UsageError
+    from blindseg.models import build_model
+
+    model = build_model("ref-unet", classes=2, seed=1)
+    x = np.random.default_rng(0).normal(size=(1, 1, 32, 32)).astype(np.float32)
+    plan = compile_model(model, (1, 32, 32), "mask", "auto", samples=x).plan
+    pools = [(i, op) for i, op in enumerate(plan.ops) if op.kind == "maxpool"]
+    assert pools
+    for _, op in pools:
+        src = plan.ops[op.inputs[0]]
+        assert src.kind == "rescale" and src.params.act == "relu"
+        assert op.params.bound_bits == 30 - src.params.shift < 30
+    d = plan.to_dict()
+    i = pools[0][0]
+    d["ops"][i]["params"]["bound_bits"] -= 1
+    with pytest.raises(UsageError, match="bound_bits"):
+        Plan.from_dict(d)
+    d["ops"][i]["params"]["bound_bits"] = 30  # looser than guaranteed: allowed (the full comparison)
+    assert Plan.from_dict(d).ops[i].params.bound_bits == 30

@@ -129,6 +129,30 @@ def test_relu_of_every_truncation_width(rng: np.random.Generator, s: int) -> Non
     assert len(log) == 2 + circ.rounds
 
 
+@pytest.mark.parametrize("bound", [17, 12, 24])
+def test_maxpool_of_bounded_values_is_exact_in_fewer_rounds(rng: np.random.Generator, bound: int) -> None:
+    """A max-pool whose inputs are known to lie in [0, 2^bound) (a truncating ReLU's output) compares
+    bound bits with the sign at bit `bound`: the exact max (edges 0 and 2^bound - 1 included), and at 18
+    bits or fewer one AND level per depth: 2x2 in 6 rounds."""
+    shape = (1, 4, 8, 8)
+    v = rng.integers(0, 1 << bound, size=shape)
+    v.reshape(-1)[:4] = [0, (1 << bound) - 1, 0, (1 << bound) - 1]
+    op = Op("maxpool", (0,), (4, 4, 4), {"kernel": 2, "stride": 2, "bound_bits": bound})
+    pool = REGISTRY["maxpool"]
+    specs = pool.specs(op, [shape[1:]], 1, CIRC)
+    m0, m1 = deal(specs)
+    x0, x1 = split(v, rng)
+    log: list = []
+    o0, o1 = run_pair(pool.online(Runtime(0, CIRC), 1, op, [x0], OpMaterial(m0, [])),
+                      pool.online(Runtime(1, CIRC), 1, op, [x1], OpMaterial(m1, [])), log)
+    import torch
+
+    want = torch.nn.functional.max_pool2d(torch.tensor(v, dtype=torch.float64), 2, 2).numpy().astype(np.int64)
+    np.testing.assert_array_equal(signed(o0 + o1), want)
+    assert len(log) == 2 * (2 + compare_circuit(CIRC, 0, bound).rounds)
+    assert bound > 18 or len(log) == 6
+
+
 def test_relu_traffic_within_budget(rng: np.random.Generator) -> None:
     n = 64 * 200
     v = values(rng, n)[:n]

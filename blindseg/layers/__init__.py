@@ -34,7 +34,7 @@ from .gate import Mul, Sigmoid, SigmoidParams
 from .linear import Linear, LinearParams, ModelShare
 from .local import Add, AvgSum, Concat, Input, Interp, InterpParams, Output, Upsample, UpsampleParams
 from .norm import Norm, NormParams
-from .pool import MaxPool, PoolParams
+from .pool import MaxPool, MaxPoolParams, PoolParams
 from .rescale import Rescale, RescaleParams
 
 REGISTRY: Mapping[str, Layer] = MappingProxyType({layer.kind: layer for layer in (
@@ -52,5 +52,5 @@ def layer_of(kind: str) -> Layer:
 
 
 __all__ = ["REGISTRY", "Argmax", "ArgmaxParams", "Calibration", "DealContext", "Layer", "Linear", "LinearParams",
-           "LocalLayer", "ModelShare", "NoParams", "Norm", "NormParams", "OpMaterial", "Params", "PoolParams", "Rescale", "RescaleParams",
+           "LocalLayer", "ModelShare", "NoParams", "Norm", "NormParams", "OpMaterial", "Params", "MaxPoolParams", "PoolParams", "Rescale", "RescaleParams",
            "Runtime", "SigmoidParams", "Upsample", "UpsampleParams", "InterpParams", "layer_of", "windows"]

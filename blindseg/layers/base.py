@@ -216,6 +216,10 @@ class Layer(ABC):
         """The op's parameters once scales are chosen (default: unchanged)."""
         return op.params
 
+    def validate_inputs(self, op: Op, srcs: list[Op]) -> None:
+        """Refuse (UsageError) parameters that rely on what the input ops compute (default: none do)."""
+        return None
+
 
 class LocalLayer(Layer):
     """A layer computed locally on shares: no material, no rounds."""
