@@ -271,6 +271,8 @@ def _group_terms(circ: Circuit) -> tuple[np.ndarray, ...]:
 
 @nb.njit(parallel=True, cache=True, nogil=True)
 def _level0_kernel(a, rb, prods, out, pub_ptr, pub, sec, party, width, g, p):  # pragma: no cover - numba
+    # The same term walk as _combine_kernel (a factor from one of three sources, ANDed with a list of
+    # public words), over another table; kept apart so each hot loop stays one flat numba loop.
     nw = a.shape[1]
     groups = g.shape[0]
     for w in nb.prange(nw):
