@@ -674,6 +674,7 @@ async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net:
     from netsim.netns import NamespaceLink
 
     from .broker import Mosquitto, free_port, mosquitto_config
+    from .errors import UsageError
     from .models import load_named_model
 
     def stat(v: list[float]) -> float:
@@ -684,7 +685,8 @@ async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net:
     comp = compile_model(model, tuple(x.shape[1:]), "mask", "auto", samples=samples)  # type: ignore[arg-type]
     local = await run_compiled(comp, x)
     logs, io = local.stats["round_log"], local.stats["io_frames"]
-    assert local.mask is not None
+    if local.mask is None:
+        raise UsageError(f"placement bench: model {model_name!r} gives no mask to check the jobs against")
     local_op = {int(r["op"]): float(r["online_seconds"]) for r in local.stats["layers"]}
     prof = profile(net)
     out: dict[str, Any] = {"model": model_name, "size": size, "net": prof.name, "repeats": repeats, "estimator": estimator,
