@@ -657,7 +657,7 @@ async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net:
     two bridged brokers (server1 beside a broker of its own, bridged to server0's over the link). For each,
     the measured online time beside netsim's prediction (:func:`netsim.predict_placed`: the same
     deployment's jobs with the links unshaped, plus one two-hop message per round). ``repeats`` jobs per
-    setup, setups interleaved; every job's mask must equal the in-process one. ``bridged``: also the
+    setup, setups interleaved; every job's mask must agree with the in-process one. ``bridged``: also the
     two-broker layout (a second deployment).
 
     ``netns``: each server runs in its own network namespace (:mod:`netsim.netns`, root only), its link
@@ -699,33 +699,32 @@ async def run_placement_bench(model_name: str = "ref-unet", size: int = 32, net:
                 ln.up()
             one = [placement(where, prof) for where in PLACEMENTS if where != "bridged"]
             with Mosquitto(Path(tmp) / "one") as broker:
-                phases = [(one, await _placement_jobs(Path(tmp) / "dep1", broker.port, None, one, links, x,
-                                                      local.mask, model_name, size, repeats))]
-            # server1's own broker, in its namespace (reachable from here on the veth's far end) or on loopback,
-            # its bridge to server0's broker through a relay on this side of server1's link
-            host1 = links["server1"].ns_ip if links else "127.0.0.1"
-            bridge_from = links["server1"].host_ip if links else "127.0.0.1"
-
-            def far(relay_port: int) -> Mosquitto:
-                port1 = free_port()
-                return Mosquitto(Path(tmp) / "b", port1, mosquitto_config(port1, host1) + _bridge_config(
-                    bridge_from, relay_port), wrap=links["server1"].prefix() if links else (), host=host1)
-
-            two = [placement("bridged", prof)]
+                phases = [("unshaped", one, await _placement_jobs(Path(tmp) / "dep1", broker.port, None, one, links,
+                                                                  x, local.mask, model_name, size, repeats))]
             if bridged:
+                # server1's own broker, in its namespace (reachable from here on the veth's far end) or on
+                # loopback, its bridge to server0's broker through a relay on this side of server1's link
+                host1 = links["server1"].ns_ip if links else "127.0.0.1"
+                bridge_from = links["server1"].host_ip if links else "127.0.0.1"
+
+                def far(relay_port: int) -> Mosquitto:
+                    port1 = free_port()
+                    return Mosquitto(Path(tmp) / "b", port1, mosquitto_config(port1, host1) + _bridge_config(
+                        bridge_from, relay_port), wrap=links["server1"].prefix() if links else (), host=host1)
+
+                two = [placement("bridged", prof)]
                 with Mosquitto(Path(tmp) / "a") as near:
-                    phases.append((two, await _placement_jobs(Path(tmp) / "dep2", near.port, far, two, links, x,
-                                                              local.mask, model_name, size, repeats)))
+                    phases.append(("unshaped, bridged brokers", two, await _placement_jobs(
+                        Path(tmp) / "dep2", near.port, far, two, links, x, local.mask, model_name, size, repeats)))
         finally:
             for ln in links.values():
                 ln.down()
-    for setups, (runs, waits, per_op) in phases:
+    for unshaped, setups, (runs, waits, per_op) in phases:
         base = stat(runs[0])
         # what each op spent moving its bytes through the real brokers, beyond its in-process time
         overlap = {op: max(0.0, float(np.median(v)) - local_op.get(op, 0.0)) for op, v in per_op[0].items()}
         for k, pl in enumerate([None, *setups]):
-            name = "unshaped" if pl is None else pl.name
-            key = name if pl is not None else ("unshaped" if setups is phases[0][0] else "unshaped, bridged brokers")
+            key = unshaped if pl is None else pl.name
             out["runs_online_seconds"][key] = [round(v, 4) for v in runs[k]]
             out["runs_wait_seconds"][key] = [round(v, 4) for v in waits[k]]
             if pl is None:
@@ -755,8 +754,9 @@ async def _placement_jobs(root: Path, port: int, bridge: Any, setups: list[Any],
                           ) -> tuple[dict[int, list[float]], dict[int, list[float]], dict[int, dict[int, list[float]]]]:
     """One deployment on the broker at ``port``; every party behind its own relay (its access link), or,
     with ``bridge`` (relay port -> server1's broker, not started, bridged to that port), server1 on its own
-    broker whose bridge to ``port`` crosses the link (the bridge's relay). Runs a warm-up job, then ``repeats`` rounds of one job per setup
-    (None first: unshaped); a mask that disagrees with ``want`` on over 1% of pixels raises. Returns per setup index: online seconds, job-start waits, per-op seconds."""
+    broker whose bridge to ``port`` crosses the link (the bridge's relay). Runs a warm-up job, then
+    ``repeats`` rounds of one job per setup (None first: unshaped); a mask that disagrees with ``want`` on
+    over 1% of pixels raises. Returns per setup index: online seconds, job-start waits, per-op seconds."""
     import re
 
     from data_owner.client import Client
@@ -783,6 +783,10 @@ async def _placement_jobs(root: Path, port: int, bridge: Any, setups: list[Any],
     waits: dict[int, list[float]] = {k: [] for k in range(len(setups_))}  # job in -> first round, servers
     per_op: dict[int, dict[int, list[float]]] = {k: {} for k in range(len(setups_))}
 
+    def point(role: str, url: str) -> None:  # the role's config names the broker it connects to
+        path = dep.configs[role]
+        path.write_text(re.sub(r'^broker = ".*"$', f'broker = "{url}"', path.read_text(), flags=re.M))
+
     def shape(pl: Placement | None) -> None:
         for role, relay in relays.items():
             who = "server1" if role == "bridge" else role  # the bridge carries what server1's access link would
@@ -796,13 +800,10 @@ async def _placement_jobs(root: Path, port: int, bridge: Any, setups: list[Any],
         for role, relay in relays.items():
             await relay.start()
             if role in dep.configs:
-                path = dep.configs[role]
-                path.write_text(re.sub(r'^broker = ".*"$', f'broker = "mqtt://{relay.host}:{relay.port}"',
-                                       path.read_text(), flags=re.M))
+                point(role, f"mqtt://{relay.host}:{relay.port}")
         if bridge is not None:
             far = bridge(relays["bridge"].port).start()
-            path = dep.configs["server1"]
-            path.write_text(re.sub(r'^broker = ".*"$', f'broker = "{far.url}"', path.read_text(), flags=re.M))
+            point("server1", far.url)
         await asyncio.to_thread(dep.start)
         await deploy(PartyConfig.load(dep.configs["model_owner"]), model_name, "bench", size=size)
         async with Client(PartyConfig.load(dep.configs["data_owner"])) as client:

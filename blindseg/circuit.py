@@ -37,6 +37,7 @@ import numba as nb
 import numpy as np
 
 ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+WIDTH = 30  # the full comparison: values live in [-2^30, 2^30), the sign is bit 30 of c - r
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class Circuit:
 MAX_GROUP = 6  # level-0 group width limit: a k-bit group needs 2^k - k - 1 dealer products
 
 
-def build_circuit(width: int = 30, arities: tuple[int, ...] = (3, 5), group: int = 2, lo: int = 0,
+def build_circuit(width: int = WIDTH, arities: tuple[int, ...] = (3, 5), group: int = 2, lo: int = 0,
                   group_bits: tuple[int, ...] | None = None) -> Circuit:
     """Build the tree: level-0 groups of ``group`` bits (an odd bit left over joins the top group), or
     of ``group_bits`` bits (low to high), then levels of the given arities (then binary)."""
@@ -126,7 +127,7 @@ def build_circuit(width: int = 30, arities: tuple[int, ...] = (3, 5), group: int
         gb[-1] += width % group
     else:
         gb = list(group_bits)
-    if width < 2 or sum(gb) != width or not all(1 <= k <= MAX_GROUP for k in gb) or lo < 0 or lo + width > 30:  # the sign bit is at lo + width <= 30
+    if width < 2 or sum(gb) != width or not all(1 <= k <= MAX_GROUP for k in gb) or lo < 0 or lo + width > WIDTH:  # the sign bit
         raise ValueError(f"circuit width {width} / groups {gb} / lo {lo} out of range")
     n = len(gb)
     tree: list[list[tuple[int, ...]]] = []  # per level: children tuples
@@ -188,7 +189,7 @@ def build_circuit(width: int = 30, arities: tuple[int, ...] = (3, 5), group: int
 
 
 @lru_cache(maxsize=64)
-def compare_circuit(base: Circuit, shift: int, bound: int = 30) -> Circuit:
+def compare_circuit(base: Circuit, shift: int, bound: int = WIDTH) -> Circuit:
     """The circuit a comparison of ``z >> shift`` runs (module docstring): ``base`` for shift 0; else
     bits ``shift`` .. 29 only. ``bound`` < 30 (shift 0): z is known by construction to lie in
     [-2^bound, 2^bound) (a max-pool of truncated ReLU outputs), so bits 0 .. bound - 1 decide, the sign at
@@ -216,11 +217,11 @@ def compare_circuit(base: Circuit, shift: int, bound: int = 30) -> Circuit:
 
 
 def level0(party: int, a_words: np.ndarray, r_bits: np.ndarray, r_prods: np.ndarray,
-           circ: Circuit | None = None) -> tuple[np.ndarray, np.ndarray]:
+           circ: Circuit) -> tuple[np.ndarray, np.ndarray]:
     """Local level 0: G, P shares of each group. a_words: public (width, nw); r_bits: shares of r's
-    compared bits (width, nw); r_prods: shares of the products ``circ.prod_subsets``. Bit pairs (or no
-    ``circ``): the written-out formulas; wider groups: :func:`_group_terms` in one numba pass."""
-    if circ is None or circ.pairs:
+    compared bits (width, nw); r_prods: shares of the products ``circ.prod_subsets``. Bit pairs: the
+    written-out formulas; wider groups: :func:`_group_terms` in one numba pass."""
+    if circ.pairs:
         na = ~a_words
         nl, nh = na[0::2], na[1::2]
         rl, rh = r_bits[0::2], r_bits[1::2]

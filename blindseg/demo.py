@@ -34,9 +34,11 @@ class LocalDeployment:
 
     def __init__(self, root: str | Path, broker_url: str | None, net: str = "none", pool: int = 2,
                  settings: dict[str, float] | None = None, tenants: tuple[str, ...] = ("data_owner",),
-                 tls_port: int | None = None, metrics: bool = False, pairs: int = 1, max_pool: int | None = None) -> None:
+                 tls_port: int | None = None, metrics: bool = False, pairs: int = 1,
+                 max_pool: int | None = None) -> None:
         """``max_pool``: the dealer's cap on its throughput-sized pool (``pool``: a fixed pool, as benchmarks
-        use, so no further bundle streams through a server's link while a measured job runs). ``tls_port``: a kit with TLS, passwords and ACLs for a broker on 127.0.0.1:<port> (start it with
+        use, so no further bundle streams through a server's link while a measured job runs).
+        ``tls_port``: a kit with TLS, passwords and ACLs for a broker on 127.0.0.1:<port> (start it with
         :meth:`broker_config`); otherwise a plain kit for the broker at ``broker_url``. ``metrics``: each
         service's probes on a free loopback port (``self.metrics``: role -> host:port). ``pairs``: server
         pairs (``self.services``: the dealer, then every server)."""

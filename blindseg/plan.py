@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .circuit import Circuit, build_circuit
+from .circuit import WIDTH, Circuit, build_circuit
 from .errors import ScaleOverflowError, UsageError
 from .layers import Calibration, Layer, Params, layer_of
 
@@ -32,7 +32,7 @@ from .layers import Calibration, Layer, Params, layer_of
 INPUT_MARGIN = 0.5
 MARGIN_LOG2 = 29  # bound for any observed pre-truncation value: 2x headroom below the 2^30 ring limit
 MAX_FW = 15  # keeps msb corrections in 16-bit shares (DESIGN 4)
-CIRCUIT_WIDTH = 30  # comparison width: values live in [-2^30, 2^30)
+CIRCUIT_WIDTH = WIDTH  # comparison width: values live in [-2^30, 2^30)
 DEFAULT_ARITIES = (3, 5)  # 2 AND rounds per comparison (issue #13: (3, 3, 2) took 3; +11% offline, -0.9% online)
 
 

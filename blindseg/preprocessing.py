@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .bits import nwords, unslice
-from .circuit import Circuit, compare_circuit, group_products, mask_products
+from .circuit import WIDTH, Circuit, compare_circuit, group_products, mask_products
 from .errors import ProtocolError, UsageError
 from .prg import Prg
 
@@ -68,7 +68,7 @@ class MatSpec:
     n: int  # elements (select/trunc)
     shift: int
     items: tuple[Item, ...]
-    bound: int = 30  # select: |value| < 2^bound by construction (circuit.compare_circuit)
+    bound: int = WIDTH  # select: |value| < 2^bound by construction (circuit.compare_circuit)
 
 
 def beaver_spec(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> MatSpec:
@@ -98,7 +98,7 @@ def _circuit_items(n: int, circuit: Circuit) -> list[Item]:
     return items
 
 
-def select_spec(n: int, shift: int, circuit: Circuit, bound: int = 30) -> MatSpec:
+def select_spec(n: int, shift: int, circuit: Circuit, bound: int = WIDTH) -> MatSpec:
     """The fused truncation by ``shift`` and ReLU (of a value below 2^bound): its comparison runs
     :func:`compare_circuit`."""
     items = _circuit_items(n, compare_circuit(circuit, shift, bound))

@@ -117,8 +117,8 @@ def sign_bits(party: int, c: np.ndarray, mat: Material, circ: cc.Circuit) -> Gen
     """Shares of [x >= 0] (bit-sliced) from the public c = x + 2^30 + r, comparing bits ``circ.lo`` .. 29
     (``lo`` = s for ``x = z >> s``: :func:`circuit.compare_circuit`). L rounds."""
     lo, hi = circ.lo, circ.top
-    if hi != 30:  # a bounded value (circuit.compare_circuit): the sign is bit `hi` of c + 2^hi - 2^30 - r
-        c = c + np.uint32(((1 << hi) - (1 << 30)) & 0xFFFFFFFF)
+    if hi != cc.WIDTH:  # a bounded value (circuit.compare_circuit): the sign is bit `hi` of c + 2^hi - 2^30 - r
+        c = c + np.uint32(((1 << hi) - (1 << cc.WIDTH)) & 0xFFFFFFFF)
     a = bitslice(c, 0, hi + 1)
     g, p = cc.level0(party, a[lo:hi], mat["rbits"][lo:hi], mat["rprods"], circ)
     for k, level in enumerate(circ.levels):
@@ -130,7 +130,7 @@ def sign_bits(party: int, c: np.ndarray, mat: Material, circ: cc.Circuit) -> Gen
     return ge
 
 
-def _opened_sign(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = 30
+def _opened_sign(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = cc.WIDTH
                  ) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
     """The rounds every comparison shares: open c = z + 2^30 + r, the borrow circuit, open
     e = [t >= 0] ^ rho (bit-sliced), t = z >> s as this opening truncates it (for s = 0, z itself; the
@@ -142,7 +142,7 @@ def _opened_sign(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circ
     return c, ew
 
 
-def select_value(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = 30
+def select_value(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = cc.WIDTH
                  ) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
     """(ReLU(z >> s), z >> s): the ReLU and the truncated value it selects from, same rounds as :func:`select`."""
     shape = z.shape
@@ -151,7 +151,7 @@ def select_value(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circ
     return out.reshape(shape), value.reshape(shape)
 
 
-def select(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = 30) -> Proto:
+def select(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = cc.WIDTH) -> Proto:
     """ReLU(z >> s) (s = 0: ReLU(z); ``bound``: |z| < 2^bound by construction). 2 + L rounds; the sign
     and truncation share one opening."""
     out, _ = yield from select_value(party, z, mat, s, circ, bound)
@@ -223,7 +223,7 @@ def parallel(*protos: Proto) -> Generator[Open, Opened, list[np.ndarray]]:
 
 
 def tournament_max(party: int, cands: list[np.ndarray], mats: list[Material], circ: cc.Circuit,
-                   bound: int = 30) -> Proto:
+                   bound: int = cc.WIDTH) -> Proto:
     """Max over candidates (same shape) by levels of max(a, b) = b + ReLU(a - b), batched per level
     (``bound``: every candidate is in [0, 2^bound), so |a - b| < 2^bound)."""
     for pairs, mat in zip(tournament(len(cands)), mats, strict=True):

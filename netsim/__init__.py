@@ -208,7 +208,7 @@ def placement(where: str, prof: Profile) -> Placement:
         return Placement(f"broker at a third site, {prof.name}",
                          (("server0", prof), ("server1", prof), ("data_owner", prof)))
     if where == "bridged":
-        return Placement(f"two bridged brokers, {prof.name}", (("server1", prof), ("data_owner", prof)))
+        return Placement(f"two bridged brokers, {prof.name}", placement("server0", prof).links)
     raise UsageError(f"broker placement {where!r}: use one of {', '.join(PLACEMENTS)}")
 
 

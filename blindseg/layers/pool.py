@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import protocols as P
-from ..circuit import Circuit
+from ..circuit import WIDTH, Circuit
 from ..errors import UsageError
 from ..preprocessing import MatSpec, select_spec, tournament
 from .base import Calibration, Layer, OpMaterial, Params, Runtime, check, pooled_shape, windows
+from .rescale import RescaleParams
 
 if TYPE_CHECKING:
     import torch
@@ -35,24 +36,20 @@ class PoolParams(Params):
         check(1 <= self.kernel <= 16 and 1 <= self.stride <= 16, f"pool kernel {self.kernel} / stride {self.stride}")
 
 
-FULL = 30  # the ring's comparison width: values in [-2^30, 2^30)
-
-
 @dataclass(frozen=True)
 class MaxPoolParams(PoolParams):
-    bound_bits: int = FULL  # every input is in [0, 2^bound_bits) by construction (FULL: no such bound)
+    bound_bits: int = WIDTH  # every input is in [0, 2^bound_bits) by construction (WIDTH: no such bound)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(2 <= self.bound_bits <= FULL, f"max-pool bound_bits {self.bound_bits} outside 2..{FULL}")
+        check(2 <= self.bound_bits <= WIDTH, f"max-pool bound_bits {self.bound_bits} outside 2..{WIDTH}")
 
 
 def relu_bound(src: Op, params: Params | None = None) -> int:
     """The bound (bits) on a value computed by ``src`` by construction: 30 - s for a ReLU that truncates
     by s (its output is in [0, 2^(30-s))), else the full ring."""
     p = params if params is not None else src.params
-    shift = int(getattr(p, "shift", 0))
-    return FULL - shift if src.kind == "rescale" and getattr(p, "act", "") == "relu" and shift > 0 else FULL
+    return WIDTH - p.shift if isinstance(p, RescaleParams) and p.act == "relu" and p.shift > 0 else WIDTH
 
 
 class MaxPool(Layer):
