@@ -57,7 +57,7 @@ class Layout:
         h = hashlib.sha256(f"w{self.plan.width}a{self.plan.arities}b{self.batch}".encode())
         for i, specs in enumerate(self.specs):
             for ms in specs:
-                h.update(f"|{i}:{ms.kind}:{ms.n}:{ms.shift}".encode())
+                h.update(f"|{i}:{ms.kind}:{ms.n}:{ms.shift}:{ms.bound}:{ms.compare}".encode())
                 for it in ms.items:
                     h.update(f";{it.name},{it.kind},{it.shape},{it.width},{int(it.derived)}".encode())
         return h.hexdigest()[:32]

@@ -69,6 +69,7 @@ class MatSpec:
     shift: int
     items: tuple[Item, ...]
     bound: int = WIDTH  # select: |value| < 2^bound by construction (circuit.compare_circuit)
+    compare: int = 0  # select: the comparison's low bit (= shift for a truncating ReLU; an argmax's resolution)
 
 
 def beaver_spec(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> MatSpec:
@@ -98,14 +99,16 @@ def _circuit_items(n: int, circuit: Circuit) -> list[Item]:
     return items
 
 
-def select_spec(n: int, shift: int, circuit: Circuit, bound: int = WIDTH) -> MatSpec:
+def select_spec(n: int, shift: int, circuit: Circuit, bound: int = WIDTH, compare: int | None = None) -> MatSpec:
     """The fused truncation by ``shift`` and ReLU (of a value below 2^bound): its comparison runs
-    :func:`compare_circuit`."""
-    items = _circuit_items(n, compare_circuit(circuit, shift, bound))
+    :func:`compare_circuit` from bit ``compare`` (default ``shift``; an argmax compares from a higher bit
+    than the value it selects)."""
+    cmp = shift if compare is None else compare
+    items = _circuit_items(n, compare_circuit(circuit, cmp, bound))
     w = msb_width(shift)
     items += [Item(name, "arith", (n,), True, w if name in ("v", "rho_v") else 32)
               for name in ("r", "u", "v", "rho_a", "rho_u", "rho_v")]
-    return MatSpec("select", n, shift, tuple(items), bound)
+    return MatSpec("select", n, shift, tuple(items), bound, cmp)
 
 
 def sign_spec(n: int, circuit: Circuit) -> MatSpec:
@@ -130,6 +133,23 @@ def tournament(count: int) -> list[int]:
         levels.append(count // 2)
         count = count - count // 2
     return levels
+
+
+def tournament_steps(count: int) -> list[tuple[int, ...]]:
+    """The tournament's levels as the protocol runs them: consecutive levels in pairs (the second one
+    speculative, :func:`protocols.tournament_max`), a last odd level alone."""
+    levels = tournament(count)
+    return [tuple(levels[i : i + 2]) for i in range(0, len(levels), 2)]
+
+
+def tournament_specs(count: int, n: int, circuit: Circuit, bound: int = WIDTH, compare: int = 0) -> list[MatSpec]:
+    """Material of a max tournament over ``count`` candidates of ``n`` elements: one select per level,
+    the speculative second level of a pair four times over (one per outcome of the two comparisons
+    that feed it)."""
+    out = []
+    for step in tournament_steps(count):
+        out += [select_spec(k * p * n, 0, circuit, bound, compare) for k, p in zip((1, 4), step, strict=False)]
+    return out
 
 
 # ------------------------------------------------------------ delivery rule
@@ -166,7 +186,7 @@ def derive_material(ms: MatSpec, rand: dict[str, np.ndarray], circ: Circuit) -> 
     if ms.kind not in ("select", "sign"):
         raise UsageError(f"material kind {ms.kind!r} has no generic derivation")
     rb = rand["rbits"]
-    circ = compare_circuit(circ, s, ms.bound)
+    circ = compare_circuit(circ, ms.compare, ms.bound)
     out = {"rprods": group_products(circ, rb[circ.lo:circ.top])}
     for k, level in enumerate(circ.levels):
         out[f"prod{k}"] = mask_products(level, rand[f"mask{k}"])

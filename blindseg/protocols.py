@@ -23,7 +23,9 @@ Costs are per server and per element unless stated; ``L`` = circuit levels
   b * (x >> s) is linear in the dealer's rho, rho*u, rho*v. 2 + L rounds.
 - :func:`leaky`: LeakyReLU as ReLU plus a second truncation of the negative part. 3 + L rounds.
 - :func:`tournament_max`: max(a, b) = b + ReLU(a - b) per level (max-pool 2x2: 2 levels,
-  3 comparisons per output).
+  3 comparisons per output); levels in pairs, the second speculative (its c opened for all four
+  outcomes of the first while the first finishes): L + 3 rounds per pair instead of 2L + 4, the
+  second level's material and c openings four times over.
 - :func:`mul` (product of two secrets, y broadcast against x): open D = x - A, E = y - B (1 round,
   4 B per element of each); xy = C + D*B + A*E + D*E. :func:`square`: open D = x - A (1 round, 4 B);
   x^2 = C + 2*D*A + D^2.
@@ -43,8 +45,8 @@ from typing import Any
 import numpy as np
 
 from . import circuit as cc
-from .bits import bitslice, select_output, unslice
-from .preprocessing import Material, tournament
+from .bits import bitslice, nwords, select_output, unslice
+from .preprocessing import Material, tournament_steps
 
 
 @dataclass
@@ -130,31 +132,48 @@ def sign_bits(party: int, c: np.ndarray, mat: Material, circ: cc.Circuit) -> Gen
     return ge
 
 
-def _opened_sign(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = cc.WIDTH
-                 ) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
+def _sign_then_e(party: int, c: np.ndarray, mat: Material, circ: cc.Circuit) -> Generator[Open, Opened, np.ndarray]:
+    """From the opened c: the borrow circuit ``circ`` (L rounds), then open e = [t >= 0] ^ rho (1 round,
+    bit-sliced words)."""
+    ge = yield from sign_bits(party, c, mat, circ)
+    _, (ew,) = yield Open(boolean=[ge ^ mat["rho"]])
+    return ew
+
+
+def _open_then_sign(party: int, z: np.ndarray, mat: Material, circ: cc.Circuit
+                    ) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
+    """Open c = z + 2^30 + r (1 round), then the borrow circuit (L rounds): (c, shares of [t >= 0])."""
+    (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], 0)])
+    ge = yield from sign_bits(party, c, mat, circ)
+    return c, ge
+
+
+def _opened_sign(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = cc.WIDTH,
+                 cmp: int | None = None) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
     """The rounds every comparison shares: open c = z + 2^30 + r, the borrow circuit, open
     e = [t >= 0] ^ rho (bit-sliced), t = z >> s as this opening truncates it (for s = 0, z itself; the
-    same sign as z's, except that z in [2^30 - 2^s, 2^30) reads as negative). Returns (c, e words).
+    same sign as z's, except that z in [2^30 - 2^s, 2^30) reads as negative). ``cmp``: compare from bit
+    ``cmp`` instead of ``s`` (the sign of z >> cmp decides, z itself is selected). Returns (c, e words).
     2 + L rounds (L of :func:`circuit.compare_circuit`: 1 for s >= 12 or a ``bound`` of 18 bits or less)."""
     (c,), _ = yield Open(arith=[_masked(party, z.reshape(-1), mat["r"], s)])
-    ge = yield from sign_bits(party, c, mat, cc.compare_circuit(circ, s, bound))
-    _, (ew,) = yield Open(boolean=[ge ^ mat["rho"]])
+    ew = yield from _sign_then_e(party, c, mat, cc.compare_circuit(circ, s if cmp is None else cmp, bound))
     return c, ew
 
 
-def select_value(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = cc.WIDTH
-                 ) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
+def select_value(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = cc.WIDTH,
+                 cmp: int | None = None) -> Generator[Open, Opened, tuple[np.ndarray, np.ndarray]]:
     """(ReLU(z >> s), z >> s): the ReLU and the truncated value it selects from, same rounds as :func:`select`."""
     shape = z.shape
-    c, ew = yield from _opened_sign(party, z, mat, s, circ, bound)
+    c, ew = yield from _opened_sign(party, z, mat, s, circ, bound, cmp)
     out, value = select_output(party, c, ew, mat, s)  # e*value + (1-2e)(t*rho + rho*u + k*rho*v), fused
     return out.reshape(shape), value.reshape(shape)
 
 
-def select(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = cc.WIDTH) -> Proto:
-    """ReLU(z >> s) (s = 0: ReLU(z); ``bound``: |z| < 2^bound by construction). 2 + L rounds; the sign
-    and truncation share one opening."""
-    out, _ = yield from select_value(party, z, mat, s, circ, bound)
+def select(party: int, z: np.ndarray, mat: Material, s: int, circ: cc.Circuit, bound: int = cc.WIDTH,
+           cmp: int | None = None) -> Proto:
+    """ReLU(z >> s) (s = 0: ReLU(z); ``bound``: |z| < 2^bound by construction; ``cmp``: the sign read from
+    bits ``cmp`` and up, see :func:`_opened_sign`). 2 + L rounds; the sign and truncation share one opening."""
+    out, _ = yield from select_value(party, z, mat, s, circ, bound, cmp)
     return out
 
 
@@ -195,7 +214,7 @@ def drelu(party: int, z: np.ndarray, mat: Material, circ: cc.Circuit) -> Proto:
     return out.reshape(z.shape)
 
 
-def parallel(*protos: Proto) -> Generator[Open, Opened, list[np.ndarray]]:
+def parallel(*protos: Generator[Open, Opened, Any]) -> Generator[Open, Opened, list[Any]]:
     """Run independent protocols side by side: each round opens what every unfinished one asks for
     (one message), so the rounds are those of the longest, not their sum."""
     results: list[Any] = [None] * len(protos)
@@ -223,24 +242,83 @@ def parallel(*protos: Proto) -> Generator[Open, Opened, list[np.ndarray]]:
 
 
 def tournament_max(party: int, cands: list[np.ndarray], mats: list[Material], circ: cc.Circuit,
-                   bound: int = cc.WIDTH) -> Proto:
+                   bound: int = cc.WIDTH, cmp: int = 0) -> Proto:
     """Max over candidates (same shape) by levels of max(a, b) = b + ReLU(a - b), batched per level
-    (``bound``: every candidate is in [0, 2^bound), so |a - b| < 2^bound)."""
-    for pairs, mat in zip(tournament(len(cands)), mats, strict=True):
+    (``bound``: every candidate is in [0, 2^bound), so |a - b| < 2^bound; ``cmp`` > 0: each comparison
+    reads a - b from bit ``cmp`` up, so the result is within 2^cmp of the max). Levels run in pairs
+    (:func:`preprocessing.tournament_steps`), the second speculatively (:func:`_speculative_pair`):
+    L + 3 rounds per pair of levels instead of 2L + 4."""
+    compare = cc.compare_circuit(circ, cmp, bound)
+    k = 0
+    for step in tournament_steps(len(cands)):
+        if len(step) == 2:
+            cands = yield from _speculative_pair(party, cands, step, mats[k], mats[k + 1], compare)
+            k += 2
+            continue
+        pairs = step[0]
         a = np.stack(cands[0 : 2 * pairs : 2])
         b = np.stack(cands[1 : 2 * pairs : 2])
-        m = b + (yield from select(party, a - b, mat, 0, circ, bound))
+        m = b + (yield from select(party, a - b, mats[k], 0, circ, bound, cmp))
         cands = list(m) + cands[2 * pairs :]
+        k += 1
     return cands[0]
 
 
-def argmax(party: int, classes: int, bits: int, z: np.ndarray, mats: list[Material], circ: cc.Circuit) -> Proto:
-    """Label shares mod 2^bits: tournament over the lifted channels x*2^b + (K-1-k)."""
+def _speculative_pair(party: int, cands: list[np.ndarray], step: tuple[int, ...], mat1: Material,
+                      mat2: Material, circ: cc.Circuit) -> Generator[Open, Opened, list[np.ndarray]]:
+    """Two tournament levels in L + 3 rounds (``circ`` the comparison's circuit, L its AND levels).
+
+    1. Open c1 = a - b + 2^30 + r1 for the first level's pairs (1 round). Before its sign is known, each
+       winner has two candidates, b + rho*t (if e1 = 0) and b + t - rho*t (if e1 = 1), t = a - b, both
+       linear in c1 and the dealer's rho*r terms.
+    2. In lockstep (L + 1 rounds): the first level's borrow circuit and e1 opening; and, for each
+       second-level pair (X, Y), the four differences X^i - Y^j of its operands' candidates, each opened
+       under its own mask r2_ij and run through the circuit with its own material (4x the second level's).
+    3. e1 public picks, per element, the candidate (i, j) that is real; open e2 = b2_ij ^ rho2_ij for it
+       only (1 round); the winner is Y^j + b2 * (X^i - Y^j).
+
+    Nothing more is revealed: every opened value is masked by its own uniform mask, whichever candidate
+    is real. A pass-through operand (an odd count) has one candidate, listed twice."""
+    p1, p2 = step
+    a = np.stack(cands[0 : 2 * p1 : 2])
+    b = np.stack(cands[1 : 2 * p1 : 2])
+    (c1,), _ = yield Open(arith=[_masked(party, (a - b).reshape(-1), mat1["r"], 0)])
+    q, value = select_output(party, c1, np.zeros(nwords(c1.size), dtype=np.uint64), mat1, 0)  # the e = 0 output
+    lo, hi = b + q.reshape(a.shape), b + (value - q).reshape(a.shape)
+    first = [(lo[i], hi[i]) for i in range(p1)] + [(x, x) for x in cands[2 * p1 :]]
+    x0, x1, y0, y1 = (np.stack([first[2 * j + side][which] for j in range(p2)]) for side, which in
+                      ((0, 0), (0, 1), (1, 0), (1, 1)))
+    z2 = np.concatenate([(u - v).reshape(-1) for u in (x0, x1) for v in (y0, y1)])  # candidate i * 2 + j
+    ew1, (c2, ge2) = yield from parallel(_sign_then_e(party, c1, mat1, circ), _open_then_sign(party, z2, mat2, circ))
+    e1 = unslice(ew1, c1.size).reshape(a.shape)
+    rest = np.zeros(a.shape[1:], dtype=np.uint32)
+    es = [e1[i] for i in range(p1)] + [rest] * (len(first) - p1)
+    ex = np.stack([es[2 * j] for j in range(p2)]).reshape(-1)
+    ey = np.stack([es[2 * j + 1] for j in range(p2)]).reshape(-1)
+    n2 = ex.size
+    pick_at = (ex.astype(np.intp) * 2 + ey, np.arange(n2))
+
+    def pick(arr: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(arr.reshape(4, n2)[pick_at])
+
+    sel = {name: pick(mat2[name]) for name in ("u", "v", "rho_a", "rho_u", "rho_v")}
+    e2 = pick(unslice(ge2, 4 * n2)) ^ pick(unslice(mat2["rho"], 4 * n2))
+    _, (ew2,) = yield Open(boolean=[bitslice(e2, 0, 1)[0]])
+    out, _ = select_output(party, pick(c2), ew2, sel, 0)
+    winners = np.where(ey.reshape(y0.shape).astype(bool), y1, y0) + out.reshape(y0.shape)
+    tail = [np.where(e.astype(bool), hi_, lo_) for (lo_, hi_), e in zip(first[2 * p2 :], es[2 * p2 :], strict=True)]
+    return list(winners) + tail
+
+
+def argmax(party: int, classes: int, bits: int, z: np.ndarray, mats: list[Material], circ: cc.Circuit,
+           cmp: int = 0) -> Proto:
+    """Label shares mod 2^bits: tournament over the lifted channels x*2^b + (K-1-k) (``cmp``: comparisons
+    read from bit ``cmp`` of the lifted differences, see :func:`tournament_max`)."""
     cands = []
     for k in range(classes):
         v = z[:, k] << np.uint32(bits)
         if party == 0:
             v += np.uint32(classes - 1 - k)
         cands.append(v)
-    m = yield from tournament_max(party, cands, mats, circ)
+    m = yield from tournament_max(party, cands, mats, circ, cmp=cmp)
     return (m & np.uint32((1 << bits) - 1)).astype(np.uint8 if bits <= 8 else np.uint16)

@@ -15,7 +15,7 @@ from blindseg import protocols as P
 from blindseg.circuit import build_circuit, compare_circuit
 from blindseg.layers import REGISTRY, ModelShare, OpMaterial, Runtime
 from blindseg.plan import DEFAULT_ARITIES, Op
-from blindseg.preprocessing import select_spec, tournament, trunc_spec
+from blindseg.preprocessing import select_spec, tournament_steps, trunc_spec
 from blindseg.ring import signed
 
 from .conftest import deal, run_pair, split
@@ -133,7 +133,7 @@ def test_relu_of_every_truncation_width(rng: np.random.Generator, s: int) -> Non
 def test_maxpool_of_bounded_values_is_exact_in_fewer_rounds(rng: np.random.Generator, bound: int) -> None:
     """A max-pool whose inputs are known to lie in [0, 2^bound) (a truncating ReLU's output) compares
     bound bits with the sign at bit `bound`: the exact max (edges 0 and 2^bound - 1 included), and at 18
-    bits or fewer one AND level per depth: 2x2 in 6 rounds."""
+    bits or fewer one AND level per depth: 2x2 (two depths, the second speculative) in 4 rounds."""
     shape = (1, 4, 8, 8)
     v = rng.integers(0, 1 << bound, size=shape)
     v.reshape(-1)[:4] = [0, (1 << bound) - 1, 0, (1 << bound) - 1]
@@ -149,8 +149,8 @@ def test_maxpool_of_bounded_values_is_exact_in_fewer_rounds(rng: np.random.Gener
 
     want = torch.nn.functional.max_pool2d(torch.tensor(v, dtype=torch.float64), 2, 2).numpy().astype(np.int64)
     np.testing.assert_array_equal(signed(o0 + o1), want)
-    assert len(log) == 2 * (2 + compare_circuit(CIRC, 0, bound).rounds)
-    assert bound > 18 or len(log) == 6
+    assert len(log) == 3 + compare_circuit(CIRC, 0, bound).rounds
+    assert bound > 18 or len(log) == 4
 
 
 def test_relu_traffic_within_budget(rng: np.random.Generator) -> None:
@@ -171,8 +171,7 @@ def test_maxpool(rng: np.random.Generator, shape: tuple[int, ...], k: int, strid
     op = Op("maxpool", (0,), (shape[1], (shape[2] - k) // stride + 1, (shape[3] - k) // stride + 1),
             {"kernel": k, "stride": stride})
     pool = REGISTRY["maxpool"]
-    n = shape[0] * int(np.prod(op.shape))
-    specs = [select_spec(p * n, 0, CIRC) for p in tournament(k * k)]
+    specs = pool.specs(op, [shape[1:]], shape[0], CIRC)
     m0, m1 = deal(specs)
     x0, x1 = split(v, rng)
     log: list = []
@@ -182,8 +181,10 @@ def test_maxpool(rng: np.random.Generator, shape: tuple[int, ...], k: int, strid
 
     want = torch.nn.functional.max_pool2d(torch.tensor(v, dtype=torch.float64), k, stride).numpy().astype(np.int64)
     np.testing.assert_array_equal(signed(o0 + o1), want)
+    # levels in pairs, the second speculative: L + 3 rounds a pair, L + 2 a last odd level
+    assert len(log) == sum(CIRC.rounds + 1 + len(step) for step in tournament_steps(k * k))
     if k == 2:
-        assert len(log) <= 16
+        assert len(log) == CIRC.rounds + 3
         sent = sum(a.nbytes for r0, _ in log for a in r0.arith + r0.boolean)
         assert sent / v.size <= 30
 
@@ -194,8 +195,7 @@ def test_argmax_with_ties(rng: np.random.Generator, classes: int) -> None:
     z[0, :, 0, 0] = 17  # full tie -> class 0, as torch.argmax
     z[1, 1, 1, 1] = z[1, 0, 1, 1]
     op = Op("argmax", (0,), (1, 5, 7), {"classes": classes, "bits": (classes - 1).bit_length()})
-    n = 2 * 5 * 7
-    m0, m1 = deal([select_spec(p * n, 0, CIRC) for p in tournament(classes)])
+    m0, m1 = deal(REGISTRY["argmax"].specs(op, [(classes, 5, 7)], 2, CIRC))
     x0, x1 = split(z, rng)
     o0, o1 = run_pair(P.argmax(0, classes, op.params.bits, x0, m0, CIRC),
                       P.argmax(1, classes, op.params.bits, x1, m1, CIRC))
@@ -205,6 +205,43 @@ def test_argmax_with_ties(rng: np.random.Generator, classes: int) -> None:
     plan = Plan((Op("input", (), (classes, 5, 7)), op), 8, "mask")
     np.testing.assert_array_equal(reconstruct(plan, o0, o1), np.argmax(z, axis=1))
     assert o0.dtype == np.uint8  # only the label bits leave a server
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_argmax_at_a_resolution_is_within_one_lsb(rng: np.random.Generator, classes: int) -> None:
+    """``compare`` = c: the comparisons read the lifted logits from bit c up (one AND level at c >= 12,
+    two classes in 3 rounds). Exact ties still go to the lowest class; a clear winner (a gap of at
+    least 2^(c - bits) in logit units) always wins; otherwise the label is a class whose logit is within
+    one such LSB below the maximum. Logits span the calibrated range (|x| < 2^28 lifted)."""
+    bits = (classes - 1).bit_length()
+    c = 14
+    lsb = 1 << (c - bits)
+    shape = (3, classes, 16, 16)
+    z = rng.integers(-(1 << (27 - bits)), 1 << (27 - bits), size=shape)
+    near = rng.integers(-2 * lsb, 2 * lsb, size=shape)  # near-ties around a common value
+    z[1] = z[1, :1] + near[1]
+    z[2] = 5  # full ties
+    z[2, -1, :4] = 5 + lsb  # a gap of exactly one LSB: a clear winner
+    op = Op("argmax", (0,), (1, 16, 16), {"classes": classes, "bits": bits, "compare": c})
+    m0, m1 = deal(REGISTRY["argmax"].specs(op, [shape[1:]], shape[0], CIRC))
+    x0, x1 = split(z, rng)
+    log: list = []
+    o0, o1 = run_pair(P.argmax(0, classes, bits, x0, m0, CIRC, c), P.argmax(1, classes, bits, x1, m1, CIRC, c), log)
+    from blindseg.plan import Plan
+    from data_owner import reconstruct
+
+    plan = Plan((Op("input", (), shape[1:]), op), 8, "mask")
+    got = reconstruct(plan, o0, o1)
+    top = z.max(axis=1)
+    chosen = np.take_along_axis(z, got[:, None].astype(np.int64), axis=1)[:, 0]
+    assert np.all(top - chosen < lsb)
+    runner_up = np.sort(z, axis=1)[:, -2]
+    clear = top - runner_up >= lsb
+    assert clear[0].mean() > 0.99 and clear[2, :4].all()
+    np.testing.assert_array_equal(got[clear], np.argmax(z, axis=1)[clear])
+    np.testing.assert_array_equal(got[2, 4:], 0)  # exact ties: the lowest class
+    assert len(log) == sum(compare_circuit(CIRC, c).rounds + 1 + len(st) for st in tournament_steps(classes))
+    assert classes > 2 or len(log) == 3
 
 
 def test_beaver_conv_exact(rng: np.random.Generator) -> None:

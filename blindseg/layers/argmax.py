@@ -1,22 +1,31 @@
 """Secure argmax readout: the label per voxel over channels.
 
 Values are lifted to x * 2^bits + (K - 1 - k) (so ties go to the lowest class, as torch.argmax),
-then a tournament of max over the K channels (ceil(log2 K) comparison depths); only the low
-``bits`` of the maximum leave a server (one byte per voxel, two above 256 classes), and the data owner maps them back.
+then a tournament of max over the K channels (ceil(log2 K) comparison depths, in pairs: see
+:func:`~blindseg.protocols.tournament_max`); only the low ``bits`` of the maximum leave a server (one
+byte per voxel, two above 256 classes), and the data owner maps them back.
+
+Resolution (``compare``, set by calibration): the comparisons read the lifted differences from bit
+``compare`` up, i.e. the logits at the resolution of the activations the head conv reads (2^-s for
+activations at scale s; the conv's fw bits below that are rounding noise of those activations already).
+Ties are exact (a tie compares the class indices, which always read as >= 0); only a class whose logit
+is within one such LSB below the maximum can win instead. The comparison is then 30 - compare bits
+wide, one AND level from compare >= 12: 3 rounds for two classes instead of 4.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import protocols as P
 from ..circuit import Circuit
-from ..preprocessing import MatSpec, select_spec, tournament
-from .base import Layer, OpMaterial, Params, Runtime, check
+from ..errors import UsageError
+from ..preprocessing import MatSpec, tournament_specs
+from .base import Calibration, Layer, OpMaterial, Params, Runtime, check
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +35,7 @@ if TYPE_CHECKING:
 
 
 MAX_CLASSES = 1 << 16  # labels leave a server as uint8 (up to 256 classes) or uint16
+MAX_COMPARE = 24
 
 
 @dataclass(frozen=True)
@@ -33,11 +43,13 @@ class ArgmaxParams(Params):
     classes: int
     bits: int
     zero_first: bool = False  # a one-channel sigmoid head: class 0 is a constant zero logit (mask = logit > 0)
+    compare: int = 0  # the comparisons' low bit of the lifted values (0: exact; module docstring)
 
     def __post_init__(self) -> None:
         check(2 <= self.classes <= MAX_CLASSES, f"argmax over {self.classes} classes (2..{MAX_CLASSES} supported)")
         check(self.bits == (self.classes - 1).bit_length(),
               f"argmax over {self.classes} classes needs {(self.classes - 1).bit_length()} label bits, got {self.bits}")
+        check(0 <= self.compare <= MAX_COMPARE, f"argmax compare bit {self.compare} outside 0..{MAX_COMPARE}")
 
 
 class Argmax(Layer):
@@ -52,10 +64,23 @@ class Argmax(Layer):
 
     def specs(self, op: Op, in_shapes: list[tuple[int, ...]], batch: int, circ: Circuit) -> list[MatSpec]:
         n = batch * math.prod(op.shape)
-        return [select_spec(p * n, 0, circ) for p in tournament(op.params.classes)]
+        return tournament_specs(op.params.classes, n, circ, compare=op.params.compare)
 
     def online(self, rt: Runtime, i: int, op: Op, ins: list[np.ndarray], mat: OpMaterial) -> Proto:
-        return P.argmax(rt.party, op.params.classes, op.params.bits, _with_zero(op, ins[0]), mat.mats, rt.circuit)
+        p: ArgmaxParams = op.params
+        return P.argmax(rt.party, p.classes, p.bits, _with_zero(op, ins[0]), mat.mats, rt.circuit, p.compare)
+
+    def calibrate(self, op: Op, i: int, cal: Calibration, ops: tuple[Op, ...]) -> Params:
+        """``compare`` = the label bits plus the bits the input carries below its source activations'
+        resolution (a head conv's fw)."""
+        return replace(op.params, compare=op.params.bits + _extra_bits(ops[op.inputs[0]], op.inputs[0], cal.scale, ops))
+
+    def validate_inputs(self, op: Op, srcs: list[Op]) -> None:
+        src = srcs[0]
+        most = op.params.bits + (int(src.params.fw) if src.layer.weighted else 0)
+        if op.params.compare > most:
+            raise UsageError(f"argmax {op.name!r}: compare bit {op.params.compare} is coarser than its input "
+                             f"({src.kind}) allows ({most}): labels could differ from the argmax by more than an LSB")
 
     def reference(self, op: Op, ins: list[np.ndarray], weights: Any = None) -> np.ndarray:
         return np.argmax(_with_zero(op, ins[0]), axis=1)
@@ -70,6 +95,11 @@ class Argmax(Layer):
 
     def input_headroom(self, op: Op) -> int:
         return int(op.params.bits)
+
+
+def _extra_bits(src: Op, j: int, scale: Any, ops: tuple[Op, ...]) -> int:
+    """Fraction bits value ``j`` (made by ``src``) carries beyond the activations it is computed from."""
+    return int(scale(j) - scale(src.inputs[0])) if src.layer.weighted else 0
 
 
 def _with_zero(op: Op, x: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """SecMaxPool: a k^d window max as a tournament of comparisons (2x2: 2 depths, 3 comparisons per
-output, each a select with s = 0). A max-pool of a truncating ReLU's output (shift s) compares values
-known to lie in [0, 2^(30-s)) (``bound_bits``, set by calibration, checked against the input op by
-:meth:`MaxPool.validate_inputs`): 30 - s bits, one AND level from 18 bits down, 3 rounds per depth.
+output, each a select with s = 0; depths run in pairs, the second speculatively:
+:func:`~blindseg.protocols.tournament_max`). A max-pool of a truncating ReLU's output (shift s) compares
+values known to lie in [0, 2^(30-s)) (``bound_bits``, set by calibration, checked against the input op by
+:meth:`MaxPool.validate_inputs`): 30 - s bits, one AND level from 18 bits down: 2x2 in 4 rounds.
 Average pooling is a local window sum (``avgsum``) followed by a ``rescale`` that divides (see
 :mod:`.local`)."""
 
@@ -16,7 +17,7 @@ import numpy as np
 from .. import protocols as P
 from ..circuit import WIDTH, Circuit
 from ..errors import UsageError
-from ..preprocessing import MatSpec, select_spec, tournament
+from ..preprocessing import MatSpec, tournament_specs
 from .base import Calibration, Layer, OpMaterial, Params, Runtime, check, pooled_shape, windows
 from .rescale import RescaleParams
 
@@ -61,8 +62,7 @@ class MaxPool(Layer):
 
     def specs(self, op: Op, in_shapes: list[tuple[int, ...]], batch: int, circ: Circuit) -> list[MatSpec]:
         n = batch * math.prod(op.shape)
-        return [select_spec(p * n, 0, circ, op.params.bound_bits)
-                for p in tournament(op.params.kernel ** (len(op.shape) - 1))]
+        return tournament_specs(op.params.kernel ** (len(op.shape) - 1), n, circ, op.params.bound_bits)
 
     def online(self, rt: Runtime, i: int, op: Op, ins: list[np.ndarray], mat: OpMaterial) -> Proto:
         cands = [np.ascontiguousarray(w) for w in windows(ins[0], op.params.kernel, op.params.stride)]
