@@ -6,13 +6,16 @@ slow Python-int reference in the tests). Layouts follow torch: activations
 N x C x H x W, conv weights Cout x Cin x kh x kw, transposed-conv weights
 Cin x Cout x kh x kw.
 
-- conv2d: direct loops; one output row of 8 output channels is held in L1
-  while every (input channel, ky, kx) tap streams over it, the 8 weights in
-  registers so each input element is loaded once for 8 multiply-adds (AVX2
-  vpmulld). Strided convs read phase-de-interleaved columns, so every tap is a
-  contiguous run. 1-4x a float32 conv here (was 13-30x with one channel per pass). Outputs narrower
-  than 33 columns (the U-Net's bottom) go through im2col and the same 8-row register blocking as a
-  GEMM: the direct kernel's short rows made an 8 x 8 output 45x a float32 conv, the GEMM 5-10x.
+- matmul and most convs: one blocked GEMM (:func:`_gemm_kernel`): tasks of 64 output rows x 256
+  columns, K in blocks of 64 so the right operand's tile is read from L1 by every row of the task, 4 rows'
+  weights in registers per sweep so LLVM vectorises the multiply-adds. 25-50 GMAC/s on 2 cores here,
+  2.3-3.5x a float32 conv (session 11; the 8-row form before stayed scalar: 4-13x). Convs reach it
+  through im2col, built a chunk of output rows at a time (64 MB) so a 512^2 layer never holds its whole
+  patch matrix.
+- conv2d, direct loops, for the convs im2col does not pay for (fewer than 64 taps, e.g. the first
+  conv of a one-channel scan; or few output channels over many taps): one output row of 8 output
+  channels is held in L1 while every (input channel, ky, kx) tap streams over it, the 8 weights in
+  registers. Strided convs read phase-de-interleaved columns, so every tap is a contiguous run.
 - conv_transpose2d: per-pixel matmul Cin -> Cout*kh*kw, then a public
   rearrangement: a pixel shuffle when kernel == stride (the U-Net k2s2 case,
   no zero insertion ever), else an exact col2im scatter-add.
@@ -70,59 +73,64 @@ def _conv2d_kernel(x, w, out, stride, dil):  # pragma: no cover - numba
 
 
 _GEMM_COLS = 256  # output columns per task of the blocked GEMM
-_DIRECT_MIN_WIDTH = 33  # narrower outputs go through im2col + GEMM (the direct kernel's row loop is too short)
+_GEMM_ROWS = 64  # output rows per task: their accumulators (64 KB) stay in L2
+_GEMM_K = 64  # the K block: a (64 x 256) tile of the right operand stays in L1 while every row of the task uses it
+_GEMM_R = 4  # rows per register sweep (M is padded to a multiple)
+_DIRECT_MIN_K = 64  # convs with fewer (Cin * kh * kw) taps keep the direct kernel (a K this short starves the GEMM)
+# few output channels over many taps (64 -> 16 at 128^2): building the patch matrix costs more than the GEMM saves
+_GEMM_MIN_COUT, _GEMM_SMALL_K = 32, 256
+_DIRECT_MIN_WIDTH = 33  # narrower output rows than this are too short for the direct kernel's inner loop
+_IM2COL_BYTES = 64 << 20  # im2col chunk: the patch matrix is built for this many bytes of output rows at a time
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-def _gemm8_kernel(w, cols, out):  # pragma: no cover - numba
-    # out (M x N) = w (M x K) @ cols (K x N), M a multiple of 8: like the direct conv, 8 rows of w in
-    # registers per sweep so each column element is loaded once for 8 multiply-adds. The inner block is
-    # written out here and in _conv2d_kernel on purpose: one shared inline helper (slices or row/offset
-    # arguments) measured 1.4-1.8x slower on the U-Net's narrow convs.
+def _gemm_kernel(w, cols, out):  # pragma: no cover - numba
+    # out (M x N) = w (M x K) @ cols (K x N) mod 2^32, M a multiple of 4. Tasks are (64 rows x 256 columns);
+    # K runs in blocks of 64 so the cols tile is read from L1 by all 64 rows; each sweep keeps 4 rows'
+    # weights in registers and reads one cols row once for 4 vectorised multiply-adds (4 accumulator rows
+    # and one input row: few enough pointers for LLVM to vectorise behind its runtime alias checks; the
+    # earlier 8-row form stayed scalar: 7-20 GMAC/s against 30-50 here).
     m, k = w.shape
     n = cols.shape[1]
     nnb = (n + _GEMM_COLS - 1) // _GEMM_COLS
-    for t in nb.prange((m // _COB) * nnb):
-        r0 = (t // nnb) * _COB
+    nrb = (m + _GEMM_ROWS - 1) // _GEMM_ROWS
+    for t in nb.prange(nrb * nnb):
+        r0 = (t // nnb) * _GEMM_ROWS
+        r1 = min(r0 + _GEMM_ROWS, m)
         j0 = (t % nnb) * _GEMM_COLS
         nj = min(j0 + _GEMM_COLS, n) - j0
-        acc = np.zeros((_COB, nj), dtype=np.uint32)
-        for kk in range(k):
-            w0 = w[r0, kk]
-            w1 = w[r0 + 1, kk]
-            w2 = w[r0 + 2, kk]
-            w3 = w[r0 + 3, kk]
-            w4 = w[r0 + 4, kk]
-            w5 = w[r0 + 5, kk]
-            w6 = w[r0 + 6, kk]
-            w7 = w[r0 + 7, kk]
-            for j in range(nj):
-                r = cols[kk, j0 + j]
-                acc[0, j] += w0 * r
-                acc[1, j] += w1 * r
-                acc[2, j] += w2 * r
-                acc[3, j] += w3 * r
-                acc[4, j] += w4 * r
-                acc[5, j] += w5 * r
-                acc[6, j] += w6 * r
-                acc[7, j] += w7 * r
-        for c in range(_COB):
-            for j in range(nj):
-                out[r0 + c, j0 + j] = acc[c, j]
+        acc = np.zeros((_GEMM_ROWS, _GEMM_COLS), dtype=np.uint32)
+        for k0 in range(0, k, _GEMM_K):
+            k1 = min(k0 + _GEMM_K, k)
+            for r in range(r0, r1, _GEMM_R):
+                a0 = acc[r - r0]
+                a1 = acc[r - r0 + 1]
+                a2 = acc[r - r0 + 2]
+                a3 = acc[r - r0 + 3]
+                for kk in range(k0, k1):
+                    w0 = w[r, kk]
+                    w1 = w[r + 1, kk]
+                    w2 = w[r + 2, kk]
+                    w3 = w[r + 3, kk]
+                    row = cols[kk, j0 : j0 + nj]
+                    for j in range(nj):
+                        v = row[j]
+                        a0[j] += w0 * v
+                        a1[j] += w1 * v
+                        a2[j] += w2 * v
+                        a3[j] += w3 * v
+        for r in range(r0, r1):
+            out[r, j0 : j0 + nj] = acc[r - r0, :nj]
 
 
-@nb.njit(parallel=True, cache=True, nogil=True)
-def _matmul_kernel(a, b, out):  # pragma: no cover - numba
-    m, k = a.shape
-    n = b.shape[1]
-    for i in nb.prange(m):
-        acc = np.zeros(n, dtype=np.uint32)
-        for kk in range(k):
-            av = a[i, kk]
-            brow = b[kk]
-            for j in range(n):
-                acc[j] += av * brow[j]
-        out[i, :] = acc
+def _gemm(w: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(M x K) @ (K x N) mod 2^32 by :func:`_gemm_kernel` (rows padded to a multiple of 4 and cut again)."""
+    m = w.shape[0]
+    if m % _GEMM_R:
+        w = np.concatenate([w, np.zeros((_GEMM_R - m % _GEMM_R, w.shape[1]), dtype=np.uint32)])
+    out = np.empty((w.shape[0], cols.shape[1]), dtype=np.uint32)
+    _gemm_kernel(np.ascontiguousarray(w), np.ascontiguousarray(cols), out)
+    return out if out.shape[0] == m else out[:m]
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
@@ -148,9 +156,7 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = _u32(a), _u32(b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul shapes do not agree: {a.shape} @ {b.shape}")
-    out = np.empty((a.shape[0], b.shape[1]), dtype=np.uint32)
-    _matmul_kernel(a, b, out)
-    return out
+    return np.ascontiguousarray(_gemm(a, b))
 
 
 def conv2d_out_hw(h: int, w: int, k: tuple[int, int], stride: int, padding: int, dilation: int) -> tuple[int, int]:
@@ -172,6 +178,23 @@ def _im2col(x: np.ndarray, kh: int, kw: int, ho: int, wo: int, stride: int, dil:
     return cols.reshape(c * kh * kw, n * ho * wo)
 
 
+def _conv2d_gemm(x: np.ndarray, w: np.ndarray, ho: int, wo: int, stride: int, dil: int) -> np.ndarray:
+    """A padded input's conv as im2col + :func:`_gemm`, a chunk of output rows at a time (the patch matrix
+    of a 512^2 layer would be gigabytes)."""
+    n, cout = x.shape[0], w.shape[0]
+    k = w[0].size
+    wm = np.ascontiguousarray(w.reshape(cout, k))
+    out = np.empty((n, cout, ho, wo), dtype=np.uint32)
+    rows = max(1, min(ho, _IM2COL_BYTES // (4 * k * wo)))  # output rows per chunk, per sample
+    for b in range(n):
+        for y0 in range(0, ho, rows):
+            y1 = min(ho, y0 + rows)
+            part = x[b : b + 1, :, y0 * stride : (y1 - 1) * stride + dil * (w.shape[2] - 1) + 1]
+            res = _gemm(wm, _im2col(part, w.shape[2], w.shape[3], y1 - y0, wo, stride, dil))
+            out[b, :, y0:y1] = res.reshape(cout, y1 - y0, wo)
+    return out
+
+
 def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, padding: int = 0, dilation: int = 1) -> np.ndarray:
     """Exact ring conv2d (groups=1, zero padding, no bias)."""
     x, w = _u32(x), _u32(w)
@@ -183,13 +206,11 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, padding: int = 0, dila
     if padding:
         x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
     cout = w.shape[0]
+    k = w[0].size
+    if k >= _DIRECT_MIN_K and (cout >= _GEMM_MIN_COUT or k <= _GEMM_SMALL_K or wo < _DIRECT_MIN_WIDTH):
+        return _conv2d_gemm(x, w, ho, wo, stride, dilation)
     if cout % _COB:
         w = np.concatenate([w, np.zeros((_COB - cout % _COB, *w.shape[1:]), dtype=np.uint32)])
-    if wo < _DIRECT_MIN_WIDTH:
-        out = np.empty((w.shape[0], x.shape[0] * ho * wo), dtype=np.uint32)
-        _gemm8_kernel(np.ascontiguousarray(w.reshape(w.shape[0], -1)), _im2col(x, w.shape[2], w.shape[3], ho, wo,
-                                                                                 stride, dilation), out)
-        return np.ascontiguousarray(out.reshape(w.shape[0], x.shape[0], ho, wo)[:cout].transpose(1, 0, 2, 3))
     if stride == 1:
         xs = x[:, :, :, None, :]
     else:  # de-interleave columns by phase: column q*stride + p goes to [..., p, q]

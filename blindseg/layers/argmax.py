@@ -8,8 +8,9 @@ byte per voxel, two above 256 classes), and the data owner maps them back.
 Resolution (``compare``, set by calibration): the comparisons read the lifted differences from bit
 ``compare`` up, i.e. the logits at the resolution of the activations the head conv reads (2^-s for
 activations at scale s; the conv's fw bits below that are rounding noise of those activations already).
-Ties are exact (a tie compares the class indices, which always read as >= 0); only a class whose logit
-is within one such LSB below the maximum can win instead. The comparison is then 30 - compare bits
+Ties are exact (a tie compares the class indices, which always read as >= 0) and a class that leads
+every other by one such LSB always wins; otherwise the label's logit is within one LSB below the
+maximum per tournament depth (one for two classes). The comparison is then 30 - compare bits
 wide, one AND level from compare >= 12: 3 rounds for two classes instead of 4.
 """
 
