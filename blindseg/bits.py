@@ -137,3 +137,54 @@ def select_output(party: int, c: np.ndarray, ew: np.ndarray, mat: dict[str, np.n
     _select_kernel(np.ascontiguousarray(c, dtype=np.uint32), np.ascontiguousarray(ew, dtype=np.uint64),
                    mat["u"], mat["v"], mat["rho_a"], mat["rho_u"], mat["rho_v"], s, party == 0, out, value)
     return out, value
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _pick_kernel(e1w, n, rows_x, rows_y, ge, rho, c, u, v, ra, ru, rv, c_o, u_o, v_o, ra_o, ru_o, rv_o, e2w, ey_o
+                 ):  # pragma: no cover - numba
+    # one output word (64 elements) per task: the word of e2 bits is built without sharing it between threads
+    n2 = c_o.size
+    one = np.uint64(1)
+    for w in nb.prange(e2w.size):
+        word = np.uint64(0)
+        for b in range(min(64, n2 - w * 64)):
+            i = w * 64 + b
+            j = i // n
+            pos = i - j * n
+            k = 0
+            if rows_x[j] >= 0:
+                ix = rows_x[j] * n + pos
+                k = 2 * np.int64((e1w[ix >> 6] >> np.uint64(ix & 63)) & one)
+            ey = 0
+            if rows_y[j] >= 0:
+                iy = rows_y[j] * n + pos
+                ey = np.int64((e1w[iy >> 6] >> np.uint64(iy & 63)) & one)
+            src = (k + ey) * n2 + i
+            c_o[i] = c[src]
+            u_o[i] = u[src]
+            v_o[i] = v[src]
+            ra_o[i] = ra[src]
+            ru_o[i] = ru[src]
+            rv_o[i] = rv[src]
+            word |= (((ge[src >> 6] ^ rho[src >> 6]) >> np.uint64(src & 63)) & one) << np.uint64(b)
+            ey_o[i] = ey
+        e2w[w] = word
+
+
+def pick_candidates(e1w: np.ndarray, n: int, rows_x: np.ndarray, rows_y: np.ndarray, ge: np.ndarray, c: np.ndarray,
+                    mat: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The speculative tournament level's pick (:func:`blindseg.protocols._speculative_pair`), in one pass.
+
+    Candidate (i, j) of second-level element e (pair e // n) sits at (2i + j) * n2 + e of ``c``, ``ge`` (the
+    comparison's sign shares, bit-sliced) and ``mat``; i and j are the first level's opened e bits (words
+    ``e1w``, n elements per row) of rows ``rows_x`` / ``rows_y`` of the pair (-1: a pass-through operand,
+    always 0). Returns the picked c, the picked select material, the words of e2 = sign ^ rho to open, and
+    j per element (which Y candidate is real)."""
+    n2 = c.size // 4
+    out = {name: np.empty(n2, dtype=mat[name].dtype) for name in ("u", "v", "rho_a", "rho_u", "rho_v")}
+    c_o = np.empty(n2, dtype=np.uint32)
+    e2w = np.empty(nwords(n2), dtype=np.uint64)
+    ey = np.empty(n2, dtype=np.uint8)
+    _pick_kernel(e1w, n, rows_x, rows_y, ge, mat["rho"], c, mat["u"], mat["v"], mat["rho_a"], mat["rho_u"],
+                 mat["rho_v"], c_o, out["u"], out["v"], out["rho_a"], out["rho_u"], out["rho_v"], e2w, ey)
+    return c_o, out, e2w, ey

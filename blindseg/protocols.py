@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from . import circuit as cc
-from .bits import bitslice, nwords, select_output, unslice
+from .bits import bitslice, nwords, pick_candidates, select_output, unslice
 from .preprocessing import Material, tournament_steps
 
 
@@ -290,23 +290,17 @@ def _speculative_pair(party: int, cands: list[np.ndarray], step: tuple[int, ...]
                       ((0, 0), (0, 1), (1, 0), (1, 1)))
     z2 = np.concatenate([(u - v).reshape(-1) for u in (x0, x1) for v in (y0, y1)])  # candidate i * 2 + j
     ew1, (c2, ge2) = yield from parallel(_sign_then_e(party, c1, mat1, circ), _open_then_sign(party, z2, mat2, circ))
-    e1 = unslice(ew1, c1.size).reshape(a.shape)
-    rest = np.zeros(a.shape[1:], dtype=np.uint32)
-    es = [e1[i] for i in range(p1)] + [rest] * (len(first) - p1)
-    ex = np.stack([es[2 * j] for j in range(p2)]).reshape(-1)
-    ey = np.stack([es[2 * j + 1] for j in range(p2)]).reshape(-1)
-    n2 = ex.size
-    pick_at = (ex.astype(np.intp) * 2 + ey, np.arange(n2))
-
-    def pick(arr: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(arr.reshape(4, n2)[pick_at])
-
-    sel = {name: pick(mat2[name]) for name in ("u", "v", "rho_a", "rho_u", "rho_v")}
-    e2 = pick(unslice(ge2, 4 * n2)) ^ pick(unslice(mat2["rho"], 4 * n2))
-    _, (ew2,) = yield Open(boolean=[bitslice(e2, 0, 1)[0]])
-    out, _ = select_output(party, pick(c2), ew2, sel, 0)
+    n = a[0].size
+    rows_x = np.array([2 * j if 2 * j < p1 else -1 for j in range(p2)], dtype=np.int64)
+    rows_y = np.array([2 * j + 1 if 2 * j + 1 < p1 else -1 for j in range(p2)], dtype=np.int64)
+    c2_sel, sel, e2, ey = pick_candidates(ew1, n, rows_x, rows_y, ge2, c2, mat2)
+    _, (ew2,) = yield Open(boolean=[e2])
+    out, _ = select_output(party, c2_sel, ew2, sel, 0)
     winners = np.where(ey.reshape(y0.shape).astype(bool), y1, y0) + out.reshape(y0.shape)
-    tail = [np.where(e.astype(bool), hi_, lo_) for (lo_, hi_), e in zip(first[2 * p2 :], es[2 * p2 :], strict=True)]
+    tail = [lo_ for lo_, _ in first[2 * p2 :]]
+    if 2 * p2 < p1:  # a first-level winner that skips the second level (an odd count of them)
+        e1 = unslice(ew1, c1.size).reshape(a.shape).astype(bool)
+        tail[: p1 - 2 * p2] = [np.where(e1[r], hi[r], lo[r]) for r in range(2 * p2, p1)]
     return list(winners) + tail
 
 
