@@ -433,6 +433,8 @@ async def run_mqtt_bench(model_name: str, size: int, net: str = "none", repeats:
         "mqtt_over_inprocess": cost["online_seconds"] / local.stats["online_seconds"],
         "inprocess_online_bytes_per_server": local.stats["online_bytes_per_server"],
         "pixel_agreement": float(np.mean(mask == ref)), "agreement_with_inprocess": float(np.mean(mask == local.mask)),
+        # where a server's online time goes: its own protocol steps, the rest waiting on its peer and the link
+        "server_run_seconds": cost["server_run_seconds"], "server_compute_seconds": cost["server_compute_seconds"],
     }
 
 
@@ -450,6 +452,8 @@ def format_report(r: dict[str, Any]) -> str:
                 f"offline  {r['offline_seconds']:.3f} s   {r['offline_bytes_per_server'] / mb:.2f} MB/server\n"
                 f"in-process online {r['inprocess_online_seconds']:.3f} s   MQTT/in-process "
                 f"{r['mqtt_over_inprocess']:.2f}x   (medians of {r['repeats']} jobs each)\n"
+                f"servers (0 / 1): rounds {' / '.join(f'{v:.3f}' for v in r['server_run_seconds'])} s, of which "
+                f"computing {' / '.join(f'{v:.3f}' for v in r['server_compute_seconds'])} s\n"
                 f"pixel agreement with float {100 * r['pixel_agreement']:.3f}%")
     lines = [f"{'op':>4} {'kind':8} {'name':26} {'online s':>9} {'online MB':>10} {'rounds':>6} {'offline MB':>10}"]
     for L in r["layers"]:

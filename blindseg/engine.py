@@ -171,6 +171,8 @@ async def _one_job(comp: Compiled, x: np.ndarray, servers: list[ServerService], 
         "net": net.name,
         "round_log": cost["round_log"],
         "io_frames": cost["io_frames"],
+        "server_run_seconds": cost["server_run_seconds"],
+        "server_compute_seconds": cost["server_compute_seconds"],
     }
     if plan.output == "mask":
         return SegmentResult(result, None, st, plan)

@@ -353,7 +353,8 @@ class Error(Message):
 class Output(Message):
     """server -> data_owner (label ``<job>:output``): the output share and the job's costs at that server.
     ``ops``: per op [index, seconds, bytes, rounds]; ``log``: per frame to the peer [label, bytes];
-    ``wait_seconds``: from the job's arrival to its first round (bundle agreement, waiting for the dealer)."""
+    ``wait_seconds``: from the job's arrival to its first round (bundle agreement, waiting for the dealer);
+    ``run_seconds``: its rounds, of which ``compute_seconds`` in this server's own protocol steps."""
 
     T = "output"
     ARRAYS = (1, 1)
@@ -366,6 +367,8 @@ class Output(Message):
     ops: list[Any] = field(default_factory=list)
     log: list[Any] = field(default_factory=list)
     arrays: tuple[np.ndarray, ...] = ()
+    run_seconds: float = 0.0
+    compute_seconds: float = 0.0
 
 
 @dataclass(frozen=True, repr=False)

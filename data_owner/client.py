@@ -206,6 +206,8 @@ class Client:
                     "server_bytes": [o.bytes for o in outs_], "offline_bytes": [o.offline_bytes for o in outs_],
                     "offline_seconds": max(o.offline_seconds for o in outs_), "round_log": logs,
                     "wait_seconds": max(o.wait_seconds for o in outs_),
+                    "server_run_seconds": [o.run_seconds for o in outs_],
+                    "server_compute_seconds": [o.compute_seconds for o in outs_],
                     "io_frames": [sent_in, len(frames[0])], "output_bytes": [len(f) for f in frames],
                     "clipped_voxels": clipped, "pair": pair_label(pair)}
             return mask, cost

@@ -86,6 +86,7 @@ class OpStats:
 class RunStats:
     rounds: int = 0
     bytes_sent: int = 0
+    compute_seconds: float = 0.0  # in this server's protocol steps (the rest of a run waits on the peer and the link)
     per_op: dict[int, OpStats] = field(default_factory=dict)
 
 
@@ -238,6 +239,7 @@ async def drive(gen: Step, peer: Endpoint, job: str, stats: RunStats | None = No
             done, item, took = _step(gen, value)
         else:
             done, item, took = await asyncio.to_thread(_step, gen, value)
+        stats.compute_seconds += took
         if costs is not None:
             costs[k:k + 1] = [took]
         k += 1

@@ -430,21 +430,23 @@ class ServerService:
             t_run = time.perf_counter()
             out = await drive(core.run(prep, x), peer, job, stats, self.settings.round_timeout, on_op=progress,
                               costs=core.step_costs.setdefault(batch, []) if self.settings.inline_steps else None)
-            log.info("%s: job %s of %s: %.3f s to start (bundle %s, %s), %.3f s for %d rounds", self.name, job[:8],
-                     tenant, t_run - t_start, bid[:8], "warm" if warm is not None else "cold",
-                     time.perf_counter() - t_run, stats.rounds)
+            t_done = time.perf_counter()
+            log.info("%s: job %s of %s: %.3f s to start (bundle %s, %s), %.3f s for %d rounds (%.3f s computing)",
+                     self.name, job[:8], tenant, t_run - t_start, bid[:8], "warm" if warm is not None else "cold",
+                     t_done - t_run, stats.rounds, stats.compute_seconds)
             off_bytes, off_seconds = self._offline.pop(bid, (0, 0.0))
             h = self.health
             h.jobs.labels("ok").inc()
             h.job_seconds.labels("wait").observe(t_run - t_start)
-            h.job_seconds.labels("online").observe(time.perf_counter() - t_run)
+            h.job_seconds.labels("online").observe(t_done - t_run)
             h.rounds.inc(stats.rounds)
             h.bytes.inc(stats.bytes_sent)
             h.offline_bytes.inc(off_bytes)
             await self.node.link(tenant).send(f"{job}:output", Output(  # only to the requester's own topic
                 job, stats.rounds, stats.bytes_sent, off_bytes, off_seconds, t_run - t_start,
                 [[i, s.seconds, s.bytes_sent, s.rounds] for i, s in sorted(stats.per_op.items())],
-                [list(e) for e in peer.counters.log[log_start:]], (np.ascontiguousarray(out),)).encode())
+                [list(e) for e in peer.counters.log[log_start:]], (np.ascontiguousarray(out),),
+                run_seconds=t_done - t_run, compute_seconds=stats.compute_seconds).encode())
         finally:
             self.pool.release(bid)
             self.pool.schedule_warm(key, batch)

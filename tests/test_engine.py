@@ -240,6 +240,9 @@ def test_two_jobs_on_one_deployment_each_use_a_fresh_bundle() -> None:
     with torch.no_grad():
         assert_faithful(res.mask, model(torch.tensor(x, dtype=torch.float32)).numpy())
     assert res.stats["offline_bytes"][0] < 200 and res.stats["dealer_seconds"] > 0
+    # each server reports how much of its rounds' time it spent in its own protocol steps
+    for run, comp_s in zip(res.stats["server_run_seconds"], res.stats["server_compute_seconds"], strict=True):
+        assert 0 < comp_s <= run <= res.stats["online_seconds"]
 
 
 def test_steps_short_in_the_last_job_run_without_a_thread_handoff(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,3 +288,5 @@ def test_service_bench_on_the_embedded_broker_matches_the_in_process_run() -> No
     assert r["broker"] == "embedded" and r["agreement_with_inprocess"] >= 0.99 and r["pixel_agreement"] >= 0.98
     assert r["rounds"] == r["inprocess_rounds"] > 0
     assert r["online_bytes_per_server"] >= r["inprocess_online_bytes_per_server"]
+    assert all(0 < c <= t <= r["online_seconds"] for c, t in zip(r["server_compute_seconds"], r["server_run_seconds"],
+                                                                 strict=True))
