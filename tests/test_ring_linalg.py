@@ -89,6 +89,33 @@ def test_conv_transpose2d_bit_exact(rng: np.random.Generator, shape: tuple[int, 
     assert got.shape == tuple(ref.shape)
 
 
+@pytest.mark.parametrize("shape,cout,k,stride,pad,dil,chunk", [
+    ((2, 8, 9, 11), 33, 3, 1, 1, 1, None),  # K = 72 taps, 33 output channels (rows padded to 4): the GEMM
+    ((1, 8, 10, 12), 32, 3, 2, 1, 1, None),  # strided
+    ((1, 7, 11, 9), 6, 3, 1, 2, 2, None),  # few channels, K = 63 < 64: the direct kernel
+    ((1, 16, 8, 8), 4, 3, 1, 1, 1, None),  # few channels over 144 taps: still the GEMM (K <= 256)
+    ((1, 8, 13, 10), 36, 3, 1, 1, 1, 4 * 72 * 10 * 3),  # im2col in chunks of 3 output rows
+])
+def test_conv2d_gemm_path_bit_exact(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...],
+                                    cout: int, k: int, stride: int, pad: int, dil: int, chunk: int | None) -> None:
+    """Convs with 64 taps or more go through im2col + the blocked GEMM (K blocks of 64, 64 x 256 tasks,
+    4-row sweeps), built a chunk of output rows at a time: bit-exact against Python ints."""
+    if chunk is not None:
+        monkeypatch.setattr(linalg, "_IM2COL_BYTES", chunk)
+    x = rand_u32(rng, shape)
+    w = rand_u32(rng, (cout, shape[1], k, k))
+    np.testing.assert_array_equal(linalg.conv2d(x, w, stride, pad, dil), slow_conv2d(x, w, stride, pad, dil))
+
+
+@pytest.mark.parametrize("m,k,n", [(67, 130, 300), (4, 64, 256), (1, 1, 1), (130, 7, 513)])
+def test_gemm_blocks_and_edges(rng: np.random.Generator, m: int, k: int, n: int) -> None:
+    """matmul across the GEMM's row padding, K blocks and column tiles, against uint64 products (exact mod
+    2^32: 2^32 divides the 2^64 they wrap at)."""
+    a, b = rand_u32(rng, (m, k)), rand_u32(rng, (k, n))
+    want = ((a.astype(np.uint64) @ b.astype(np.uint64)) & np.uint64(M - 1)).astype(np.uint32)
+    np.testing.assert_array_equal(linalg.matmul(a, b), want)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 9), st.integers(1, 7), st.integers(0, 2**32 - 1))
 def test_matmul_property(m: int, k: int, n: int, seed: int) -> None:
