@@ -123,14 +123,17 @@ def _gemm_kernel(w, cols, out):  # pragma: no cover - numba
             out[r, j0 : j0 + nj] = acc[r - r0, :nj]
 
 
+def _pad_rows(w: np.ndarray, multiple: int) -> np.ndarray:
+    """``w`` with zero rows (first axis) appended up to a multiple of ``multiple``."""
+    extra = -w.shape[0] % multiple
+    return np.concatenate([w, np.zeros((extra, *w.shape[1:]), dtype=np.uint32)]) if extra else w
+
+
 def _gemm(w: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """(M x K) @ (K x N) mod 2^32 by :func:`_gemm_kernel` (rows padded to a multiple of 4 and cut again)."""
-    m = w.shape[0]
-    if m % _GEMM_R:
-        w = np.concatenate([w, np.zeros((_GEMM_R - m % _GEMM_R, w.shape[1]), dtype=np.uint32)])
+    """(M x K) @ (K x N) mod 2^32 by :func:`_gemm_kernel`; ``w``'s rows a multiple of 4 (:func:`_pad_rows`)."""
     out = np.empty((w.shape[0], cols.shape[1]), dtype=np.uint32)
     _gemm_kernel(np.ascontiguousarray(w), np.ascontiguousarray(cols), out)
-    return out if out.shape[0] == m else out[:m]
+    return out
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
@@ -156,7 +159,7 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = _u32(a), _u32(b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul shapes do not agree: {a.shape} @ {b.shape}")
-    return np.ascontiguousarray(_gemm(a, b))
+    return _gemm(_pad_rows(a, _GEMM_R), b)[: a.shape[0]]
 
 
 def conv2d_out_hw(h: int, w: int, k: tuple[int, int], stride: int, padding: int, dilation: int) -> tuple[int, int]:
@@ -183,7 +186,7 @@ def _conv2d_gemm(x: np.ndarray, w: np.ndarray, ho: int, wo: int, stride: int, di
     of a 512^2 layer would be gigabytes)."""
     n, cout = x.shape[0], w.shape[0]
     k = w[0].size
-    wm = np.ascontiguousarray(w.reshape(cout, k))
+    wm = np.ascontiguousarray(_pad_rows(w.reshape(cout, k), _GEMM_R))  # padded once, not per chunk
     out = np.empty((n, cout, ho, wo), dtype=np.uint32)
     rows = max(1, min(ho, _IM2COL_BYTES // (4 * k * wo)))  # output rows per chunk, per sample
     for b in range(n):
@@ -191,7 +194,7 @@ def _conv2d_gemm(x: np.ndarray, w: np.ndarray, ho: int, wo: int, stride: int, di
             y1 = min(ho, y0 + rows)
             part = x[b : b + 1, :, y0 * stride : (y1 - 1) * stride + dil * (w.shape[2] - 1) + 1]
             res = _gemm(wm, _im2col(part, w.shape[2], w.shape[3], y1 - y0, wo, stride, dil))
-            out[b, :, y0:y1] = res.reshape(cout, y1 - y0, wo)
+            out[b, :, y0:y1] = res[:cout].reshape(cout, y1 - y0, wo)
     return out
 
 
@@ -209,8 +212,7 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, padding: int = 0, dila
     k = w[0].size
     if k >= _DIRECT_MIN_K and (cout >= _GEMM_MIN_COUT or k <= _GEMM_SMALL_K or wo < _DIRECT_MIN_WIDTH):
         return _conv2d_gemm(x, w, ho, wo, stride, dilation)
-    if cout % _COB:
-        w = np.concatenate([w, np.zeros((_COB - cout % _COB, *w.shape[1:]), dtype=np.uint32)])
+    w = _pad_rows(w, _COB)
     if stride == 1:
         xs = x[:, :, :, None, :]
     else:  # de-interleave columns by phase: column q*stride + p goes to [..., p, q]

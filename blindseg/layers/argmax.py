@@ -72,13 +72,13 @@ class Argmax(Layer):
         return P.argmax(rt.party, p.classes, p.bits, _with_zero(op, ins[0]), mat.mats, rt.circuit, p.compare)
 
     def calibrate(self, op: Op, i: int, cal: Calibration, ops: tuple[Op, ...]) -> Params:
-        """``compare`` = the label bits plus the bits the input carries below its source activations'
-        resolution (a head conv's fw)."""
-        return replace(op.params, compare=op.params.bits + _extra_bits(ops[op.inputs[0]], op.inputs[0], cal.scale, ops))
+        """``compare`` = the coarsest its input allows (:func:`_coarsest`), with the fw calibration chose."""
+        j = op.inputs[0]
+        return replace(op.params, compare=_coarsest(op.params, ops[j], cal.fw.get(j, 0)))
 
     def validate_inputs(self, op: Op, srcs: list[Op]) -> None:
         src = srcs[0]
-        most = op.params.bits + (int(src.params.fw) if src.layer.weighted else 0)
+        most = _coarsest(op.params, src, int(src.params.fw) if src.layer.weighted else 0)
         if op.params.compare > most:
             raise UsageError(f"argmax {op.name!r}: compare bit {op.params.compare} is coarser than its input "
                              f"({src.kind}) allows ({most}): labels could differ from the argmax by more than an LSB")
@@ -98,9 +98,10 @@ class Argmax(Layer):
         return int(op.params.bits)
 
 
-def _extra_bits(src: Op, j: int, scale: Any, ops: tuple[Op, ...]) -> int:
-    """Fraction bits value ``j`` (made by ``src``) carries beyond the activations it is computed from."""
-    return int(scale(j) - scale(src.inputs[0])) if src.layer.weighted else 0
+def _coarsest(p: ArgmaxParams, src: Op, fw: int) -> int:
+    """The highest compare bit the input allows: the label bits, plus the weight bits ``fw`` a weighted
+    input op (the head conv) carries below the resolution of the activations it reads."""
+    return p.bits + (fw if src.layer.weighted else 0)
 
 
 def _with_zero(op: Op, x: np.ndarray) -> np.ndarray:
