@@ -433,7 +433,9 @@ async def test_the_pool_grows_when_jobs_use_bundles_faster_than_they_are_made(tm
         want = dealer.target(key)
         assert want <= dealer.max_pool
         await _until(lambda: min(len(s.store.ready(key[1], 1)) for s in servers) >= want, f"{want} ready bundles")
-        assert dealer.health.info("test")["pool_targets"][f"{key[1]} batch 1"] == want
+        # the target follows the measured bundle time, which moves as these bundles are made: compare
+        # the health report with the target of the same moment
+        assert dealer.health.info("test")["pool_targets"][f"{key[1]} batch 1"] == dealer.target(key) > 1
         dealer.max_pool_bytes = 2 * dealer._bundle_bytes[key[1:]]  # room for two bundles at server1
         assert want > 2 and dealer.target(key) == 2
         dealer.max_pool = 1  # what `python -m dealer --max-pool 1` sets: a fixed pool, whatever the rate
