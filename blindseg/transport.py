@@ -47,6 +47,7 @@ import socket
 import ssl
 import struct
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,7 +211,9 @@ class MqttTransport:
 
     async def start(self) -> None:
         """Connect (retrying with backoff in the background) and wait for the first connection."""
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_socket_teardown_handler(loop.get_exception_handler()))
+        self._task = loop.create_task(self._run())
         waits = [asyncio.ensure_future(self._connected.wait()), asyncio.ensure_future(self._failed.wait())]
         try:
             await asyncio.wait(waits, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -478,6 +481,31 @@ class MqttTransport:
             raise ConnectionLost(f"publish failed: {e}") from None
         if e is not None:
             raise e
+
+
+_TEARDOWN_FRAMES = frozenset({"_add_writer", "_add_reader"})
+
+
+def _socket_teardown_handler(previous: Any) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """A loop exception handler for one known race: when the broker drops the connection, paho can ask
+    aiomqtt to watch a socket that is already closed, and the event loop's add_writer / add_reader raises
+    inside a callback. The reconnect loop already handles the lost connection, so that one error is a
+    warning line, not a traceback; every other error goes to the previous (or default) handler."""
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, ValueError | OSError | KeyError) and exc.__traceback__ is not None and any(
+                f.name in _TEARDOWN_FRAMES for f in traceback.extract_tb(exc.__traceback__)):
+            log.warning("MQTT socket closed while the client registered it (%s: %s); reconnecting",
+                        type(exc).__name__, exc)
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handle.blindseg_teardown = True  # type: ignore[attr-defined]
+    return previous if getattr(previous, "blindseg_teardown", False) else handle
 
 
 class MqttEndpoint(Endpoint):

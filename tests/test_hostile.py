@@ -396,3 +396,32 @@ def test_non_finite_float_parameters_are_refused(field: str, value: object) -> N
     d["ops"][2] = {**d["ops"][2], "params": {**d["ops"][2]["params"], field: value}}
     with pytest.raises(UsageError, match=field):
         Plan.from_dict(d)
+
+
+def test_a_socket_closed_under_the_mqtt_client_is_a_warning_not_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """The broker drops the connection while paho asks the loop to watch its (closed) socket: the loop's
+    add_writer raises inside a callback. A started transport logs that one error as a warning line; any
+    other callback error still reaches the loop's own handler (with its traceback)."""
+    import asyncio
+    import logging
+    import socket
+
+    from blindseg.transport import _socket_teardown_handler
+
+    async def main() -> list[dict]:
+        loop = asyncio.get_running_loop()
+        seen: list[dict] = []
+        loop.set_exception_handler(lambda lp, ctx: seen.append(ctx))
+        loop.set_exception_handler(_socket_teardown_handler(loop.get_exception_handler()))
+        loop.set_exception_handler(_socket_teardown_handler(loop.get_exception_handler()))  # a second start
+        sock = socket.socket()
+        sock.close()
+        loop.call_soon(loop.add_writer, sock, lambda: None)  # the race: a closed socket registered
+        loop.call_soon(lambda: 1 / 0)  # anything else
+        await asyncio.sleep(0.05)
+        return seen
+
+    with caplog.at_level(logging.WARNING, logger="blindseg.transport"):
+        seen = asyncio.run(main())
+    assert [type(c.get("exception")) for c in seen] == [ZeroDivisionError]
+    assert any("closed while the client registered it" in r.getMessage() for r in caplog.records)
