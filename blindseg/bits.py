@@ -85,6 +85,35 @@ def _unslice_few_kernel(words, n, out):  # pragma: no cover - numba
             out[e0 + e] = acc
 
 
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _select_material_kernel(r, rho_w, s, u, v, rho_a, rho_u, rho_v):  # pragma: no cover - numba
+    # the dealer's plain u, v, rho, rho*u, rho*v in one pass (v and rho*v cut to their item's width)
+    mask31 = np.uint32(0x7FFFFFFF)
+    s32 = np.uint32(s)
+    for i in nb.prange(r.size):
+        ri = r[i]
+        ui = np.uint32(0) - ((ri & mask31) >> s32)
+        m = ri >> np.uint32(31)
+        rh = np.uint32((rho_w[i >> 6] >> np.uint64(i & 63)) & np.uint64(1))
+        u[i] = ui
+        v[i] = m
+        rho_a[i] = rh
+        rho_u[i] = rh * ui
+        rho_v[i] = rh * m
+
+
+def select_material(r: np.ndarray, rho_words: np.ndarray, s: int, v_dtype: object
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Dealer side of a truncating select, from the plain r (uint32) and rho (one bit-sliced row): u =
+    -((r mod 2^31) >> s), v = msb(r), rho, rho*u, rho*v (v and rho*v as ``v_dtype``), one pass."""
+    n = r.size
+    u, rho_a, rho_u = (np.empty(n, dtype=np.uint32) for _ in range(3))
+    v, rho_v = np.empty(n, dtype=v_dtype), np.empty(n, dtype=v_dtype)  # type: ignore[call-overload]
+    _select_material_kernel(np.ascontiguousarray(r, dtype=np.uint32), np.ascontiguousarray(rho_words, dtype=np.uint64),
+                            s, u, v, rho_a, rho_u, rho_v)
+    return u, v, rho_a, rho_u, rho_v
+
+
 def bitslice(x: np.ndarray, lo: int, nbits: int) -> np.ndarray:
     """Bits lo .. lo+nbits-1 of uint32 elements, sliced into (nbits, nwords) uint64."""
     flat = np.ascontiguousarray(x, dtype=np.uint32).reshape(-1)

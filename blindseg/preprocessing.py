@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .bits import nwords, unslice
+from .bits import nwords, select_material, unslice
 from .circuit import WIDTH, Circuit, compare_circuit, group_products, mask_products
 from .errors import ProtocolError, UsageError
 from .prg import Prg
@@ -179,10 +179,8 @@ def derive_material(ms: MatSpec, rand: dict[str, np.ndarray], circ: Circuit) -> 
         return {"C": rand["A"] * rand["A"]}
     s = ms.shift
     r = rand["r"] if ms.kind == "trunc" else unslice(rand["rbits"], ms.n)
-    u = np.uint32(0) - ((r & np.uint32(0x7FFFFFFF)) >> np.uint32(s))
-    msb = r >> np.uint32(31)  # v's items carry msb(r) mod 2^(s+1); the server shifts by 31 - s
-    if ms.kind == "trunc":
-        return {"u": u, "v": msb}
+    if ms.kind == "trunc":  # v's items carry msb(r) mod 2^(s+1); the server shifts by 31 - s
+        return {"u": np.uint32(0) - ((r & np.uint32(0x7FFFFFFF)) >> np.uint32(s)), "v": r >> np.uint32(31)}
     if ms.kind not in ("select", "sign"):
         raise UsageError(f"material kind {ms.kind!r} has no generic derivation")
     rb = rand["rbits"]
@@ -190,11 +188,12 @@ def derive_material(ms: MatSpec, rand: dict[str, np.ndarray], circ: Circuit) -> 
     out = {"rprods": group_products(circ, rb[circ.lo:circ.top])}
     for k, level in enumerate(circ.levels):
         out[f"prod{k}"] = mask_products(level, rand[f"mask{k}"])
-    rho = unslice(rand["rho"], ms.n)
     if ms.kind == "sign":
-        out.update(r=r, rho_a=rho)
+        out.update(r=r, rho_a=unslice(rand["rho"], ms.n))
         return out
-    out.update(r=r, u=u, v=msb, rho_a=rho, rho_u=rho * u, rho_v=rho * msb)
+    v_dtype = next(it.dtype for it in ms.items if it.name == "v")
+    u, msb, rho, rho_u, rho_v = select_material(r, rand["rho"], s, v_dtype)
+    out.update(r=r, u=u, v=msb, rho_a=rho, rho_u=rho_u, rho_v=rho_v)
     return out
 
 
@@ -213,15 +212,16 @@ def deal_op(specs: tuple[MatSpec, ...] | list[MatSpec], seed0: bytes, seed1: byt
         rand: dict[str, np.ndarray] = {}
         for it in ms.items:
             if not it.derived:
-                a0, a1 = draw(prg0, it), draw(prg1, it)
-                rand[it.name] = a0 + a1 if it.kind == "arith" else a0 ^ a1
+                a0, a1 = draw(prg0, it), draw(prg1, it)  # fresh arrays: combined in place
+                rand[it.name] = np.add(a0, a1, out=a0) if it.kind == "arith" else np.bitwise_xor(a0, a1, out=a0)
         values = derive(ms, rand)
         del rand
         for it in ms.items:
             if by_correction(it, 1):
-                share0 = draw(prg0, it)
-                val = values[it.name].astype(it.dtype)
-                out.append(val - share0 if it.kind == "arith" else val ^ share0)
+                share0 = draw(prg0, it)  # a fresh array: the correction is written over it
+                val = values[it.name].astype(it.dtype, copy=False)
+                out.append(np.subtract(val, share0, out=share0) if it.kind == "arith"
+                           else np.bitwise_xor(val, share0, out=share0))
     return out
 
 

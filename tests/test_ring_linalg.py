@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blindseg import linalg
-from blindseg.bits import bitslice, unslice
+from blindseg.bits import bitslice, select_material, unslice
 from blindseg.errors import ScaleOverflowError, UsageError
 from blindseg.prg import Prg
 from blindseg.ring import decode, encode, reconstruct, share
@@ -162,6 +162,25 @@ def test_bitslice_matches_the_layout_written_out(n: int, lo: int, nbits: int, se
         np.bitwise_or.at(want[j], e // 64, bit)
     np.testing.assert_array_equal(bitslice(x, lo, nbits), want)
     np.testing.assert_array_equal(unslice(want, n), (x >> np.uint32(lo)) & np.uint32((1 << nbits) - 1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 700), st.integers(0, 20), st.sampled_from([np.uint8, np.uint16, np.uint32]),
+       st.integers(0, 2**32 - 1))
+def test_select_material_matches_python_ints(n: int, s: int, v_dtype: type, seed: int) -> None:
+    """The dealer's fused pass: u = -((r mod 2^31) >> s), v = msb(r), rho, rho*u, rho*v per element,
+    against Python integers (v and rho*v mod 2^width of their dtype)."""
+    rng = np.random.default_rng(seed)
+    r = rand_u32(rng, (n,))
+    rho_words = rng.integers(0, 2**64, (n + 63) // 64, dtype=np.uint64)
+    u, v, rho_a, rho_u, rho_v = select_material(r, rho_words, s, v_dtype)
+    vmod = 1 << (8 * np.dtype(v_dtype).itemsize)
+    for i in range(n):
+        ri, rho = int(r[i]), (int(rho_words[i // 64]) >> (i % 64)) & 1
+        ui = (-((ri % 2**31) >> s)) % 2**32
+        assert (int(u[i]), int(v[i]), int(rho_a[i])) == (ui, ri >> 31, rho)
+        assert (int(rho_u[i]), int(rho_v[i])) == (rho * ui, (rho * (ri >> 31)) % vmod)
+    assert v.dtype == rho_v.dtype == v_dtype
 
 
 def test_encode_refuses_bad_values() -> None:

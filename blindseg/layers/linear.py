@@ -105,7 +105,8 @@ class Linear(Layer):
         """F_i = C_i + f(A_i, E) (+ bias_i): everything that does not depend on the image."""
         (mat,) = mats
         st: ModelShare = rt.model[i]
-        f = mat["C"] + self.apply(op, mat["A"], st.e)
+        f = self.apply(op, mat["A"], st.e)
+        f += mat["C"]
         if st.bias is not None:
             f += st.bias.reshape(1, -1, *([1] * (f.ndim - 2)))
         return [f]
